@@ -1,0 +1,143 @@
+// Python bindings of the CPU core. Pointers arrive as integers (tensor.data_ptr()); the Python
+// side has already checked shapes, dtypes, devices and contiguity. The GIL is released while
+// a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+bool is_double(const std::string& dtype) {
+  if (dtype == "float64") return true;
+  if (dtype == "float32") return false;
+  throw std::invalid_argument("gradreg_fast._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gradreg_fast CPU core (C++17 + OpenMP, no libtorch)";
+  py::call_guard<py::gil_scoped_release> nogil;
+
+  m.def(
+      "gradient_magnitude_forward",
+      [](const std::string& dtype, uintptr_t vol, uintptr_t out, int64_t NC, int64_t D, int64_t H, int64_t W,
+         double eps, int threads) {
+        if (is_double(dtype))
+          gradreg::cpu::gradient_magnitude_forward(ptr<const double>(vol), ptr<double>(out), NC, D, H, W, eps, threads);
+        else
+          gradreg::cpu::gradient_magnitude_forward(ptr<const float>(vol), ptr<float>(out), NC, D, H, W, float(eps),
+                                                   threads);
+      },
+      nogil);
+  m.def(
+      "gradient_magnitude_backward",
+      [](const std::string& dtype, uintptr_t grad_out, uintptr_t vol, uintptr_t out, uintptr_t grad_vol, int64_t NC,
+         int64_t D, int64_t H, int64_t W, int threads) {
+        if (is_double(dtype))
+          gradreg::cpu::gradient_magnitude_backward(ptr<const double>(grad_out), ptr<const double>(vol),
+                                                    ptr<const double>(out), ptr<double>(grad_vol), NC, D, H, W, threads);
+        else
+          gradreg::cpu::gradient_magnitude_backward(ptr<const float>(grad_out), ptr<const float>(vol),
+                                                    ptr<const float>(out), ptr<float>(grad_vol), NC, D, H, W, threads);
+      },
+      nogil);
+  m.def(
+      "warp_forward",
+      [](const std::string& dtype, uintptr_t image, uintptr_t flow, uintptr_t out, int64_t N, int64_t C, int64_t D,
+         int64_t H, int64_t W, bool nearest, int padding, int threads) {
+        if (is_double(dtype))
+          gradreg::cpu::warp_forward(ptr<const double>(image), ptr<const double>(flow), ptr<double>(out), N, C, D, H,
+                                     W, nearest, padding, threads);
+        else
+          gradreg::cpu::warp_forward(ptr<const float>(image), ptr<const float>(flow), ptr<float>(out), N, C, D, H, W,
+                                     nearest, padding, threads);
+      },
+      nogil);
+  m.def(
+      "warp_backward",
+      [](const std::string& dtype, uintptr_t grad_out, uintptr_t image, uintptr_t flow, uintptr_t grad_image,
+         uintptr_t grad_flow, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads) {
+        if (is_double(dtype))
+          gradreg::cpu::warp_backward(ptr<const double>(grad_out), ptr<const double>(image), ptr<const double>(flow),
+                                      ptr<double>(grad_image), ptr<double>(grad_flow), N, C, D, H, W, padding, threads);
+        else
+          gradreg::cpu::warp_backward(ptr<const float>(grad_out), ptr<const float>(image), ptr<const float>(flow),
+                                      ptr<float>(grad_image), ptr<float>(grad_flow), N, C, D, H, W, padding, threads);
+      },
+      nogil);
+  m.def(
+      "descriptor_forward",
+      [](const std::string& dtype, uintptr_t vol, uintptr_t out, uintptr_t variance, uintptr_t flags, int64_t N,
+         int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius, int dilation, bool subtract_min,
+         bool per_item, int threads) {
+        const int K = static_cast<int>(pairs.size() / 6);
+        if (is_double(dtype))
+          gradreg::cpu::descriptor_forward(ptr<const double>(vol), ptr<double>(out), ptr<double>(variance),
+                                           ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
+                                           subtract_min, per_item, threads);
+        else
+          gradreg::cpu::descriptor_forward(ptr<const float>(vol), ptr<float>(out), ptr<float>(variance),
+                                           ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
+                                           subtract_min, per_item, threads);
+      },
+      nogil);
+  m.def(
+      "descriptor_backward",
+      [](const std::string& dtype, uintptr_t grad_out, uintptr_t out, uintptr_t vol, uintptr_t variance,
+         uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
+         const std::vector<int>& pairs, int radius, int dilation, bool subtract_min, int threads) {
+        const int K = static_cast<int>(pairs.size() / 6);
+        if (is_double(dtype))
+          gradreg::cpu::descriptor_backward(ptr<const double>(grad_out), ptr<const double>(out),
+                                            ptr<const double>(vol), ptr<const double>(variance),
+                                            ptr<const uint8_t>(flags), ptr<double>(grad_vol), N, D, H, W,
+                                            pairs.data(), K, radius, dilation, subtract_min, threads);
+        else
+          gradreg::cpu::descriptor_backward(ptr<const float>(grad_out), ptr<const float>(out), ptr<const float>(vol),
+                                            ptr<const float>(variance), ptr<const uint8_t>(flags),
+                                            ptr<float>(grad_vol), N, D, H, W, pairs.data(), K, radius, dilation,
+                                            subtract_min, threads);
+      },
+      nogil);
+  m.def(
+      "descriptor_loss_backward",
+      [](const std::string& dtype, double scale, bool squared, uintptr_t target, uintptr_t out, uintptr_t vol,
+         uintptr_t variance, uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
+         const std::vector<int>& pairs, int radius, int dilation, bool subtract_min, int threads) {
+        const int K = static_cast<int>(pairs.size() / 6);
+        if (is_double(dtype))
+          gradreg::cpu::descriptor_loss_backward(scale, squared, ptr<const double>(target), ptr<const double>(out),
+                                                 ptr<const double>(vol), ptr<const double>(variance),
+                                                 ptr<const uint8_t>(flags), ptr<double>(grad_vol), N, D, H, W,
+                                                 pairs.data(), K, radius, dilation, subtract_min, threads);
+        else
+          gradreg::cpu::descriptor_loss_backward(float(scale), squared, ptr<const float>(target),
+                                                 ptr<const float>(out), ptr<const float>(vol),
+                                                 ptr<const float>(variance), ptr<const uint8_t>(flags),
+                                                 ptr<float>(grad_vol), N, D, H, W, pairs.data(), K, radius,
+                                                 dilation, subtract_min, threads);
+      },
+      nogil);
+  m.def(
+      "penalty_sum",
+      [](const std::string& dtype, uintptr_t a, uintptr_t b, int64_t numel, bool squared, int threads) {
+        if (is_double(dtype))
+          return gradreg::cpu::penalty_sum(ptr<const double>(a), ptr<const double>(b), numel, squared, threads);
+        return gradreg::cpu::penalty_sum(ptr<const float>(a), ptr<const float>(b), numel, squared, threads);
+      },
+      nogil);
+}

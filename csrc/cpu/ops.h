@@ -1,0 +1,41 @@
+// Entry points of the CPU core: raw pointers to contiguous buffers plus sizes.
+#pragma once
+
+#include <cstdint>
+
+namespace gradreg {
+namespace cpu {
+
+template <typename T>
+void gradient_magnitude_forward(const T* vol, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, T eps,
+                                int threads);
+template <typename T>
+void gradient_magnitude_backward(const T* grad_out, const T* vol, const T* out, T* grad_vol, int64_t NC,
+                                 int64_t D, int64_t H, int64_t W, int threads);
+
+template <typename T>
+void warp_forward(const T* image, const T* flow, T* out, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W,
+                  bool nearest, int padding, int threads);
+// grad_image or grad_flow may be null when not needed.
+template <typename T>
+void warp_backward(const T* grad_out, const T* image, const T* flow, T* grad_image, T* grad_flow, int64_t N,
+                   int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads);
+
+template <typename T>
+void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64_t N, int64_t D, int64_t H,
+                        int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
+                        bool per_item, int threads);
+template <typename T>
+void descriptor_backward(const T* grad_out, const T* out, const T* vol, const T* variance, const uint8_t* flags,
+                         T* grad_vol, int64_t N, int64_t D, int64_t H, int64_t W, const int* pairs, int K,
+                         int radius, int dilation, bool subtract_min, int threads);
+template <typename T>
+void descriptor_loss_backward(T scale, bool squared, const T* target, const T* out, const T* vol,
+                              const T* variance, const uint8_t* flags, T* grad_vol, int64_t N, int64_t D,
+                              int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                              bool subtract_min, int threads);
+template <typename T>
+double penalty_sum(const T* a, const T* b, int64_t numel, bool squared, int threads);
+
+}  // namespace cpu
+}  // namespace gradreg

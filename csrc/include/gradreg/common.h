@@ -1,0 +1,35 @@
+// Definitions shared by the host (C++/OpenMP) and device (CUDA) builds.
+// Nothing here includes torch: every kernel sees raw pointers and sizes.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GR_HD __host__ __device__ __forceinline__
+#define GR_UNROLL _Pragma("unroll")
+#else
+#define GR_HD inline
+#define GR_UNROLL
+#endif
+
+namespace gradreg {
+
+#if !defined(__CUDACC__)
+// nvcc provides float and double overloads of these in the global namespace; g++ needs std's.
+using std::exp;
+using std::floor;
+using std::isfinite;
+using std::log;
+using std::nearbyint;
+using std::sqrt;
+#endif
+
+GR_HD int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
+
+// Distance to the previous / next voxel along an axis, 0 at the edge: replicate padding
+// without a padded copy.
+GR_HD int64_t step_back(int64_t c, int64_t stride) { return c > 0 ? stride : 0; }
+GR_HD int64_t step_forward(int64_t c, int64_t n, int64_t stride) { return c < n - 1 ? stride : 0; }
+
+}  // namespace gradreg

@@ -1,0 +1,123 @@
+// Per-voxel math of the self-similarity descriptors MIND (Heinrich 2012, six-neighbourhood)
+// and MIND-SSC (Heinrich 2013), written once for the CPU and CUDA cores.
+//
+// A descriptor is a table of K offset pairs (a_k, b_k), in units of `dilation`. Channel k is
+//   patch_k(x) = box mean over (2r+1)^3 of (I[clamp(x + d*a_k)] - I[clamp(x + d*b_k)])^2
+// with the box replicate-padded, then (SSC only) minus its minimum over k, divided by
+//   Vc(x) = clamp(mean_k patch_k(x), 0.001 m, 1000 m),  m = mean of that mean over the volume,
+// and mapped through exp(-x). m is held constant in the backward, as in the .item()-based
+// reference. For the 12 SSC channels only 6 distinct squared-difference maps exist (each pair
+// is a shifted copy of (I[y + d(a-b)] - I[y])^2), but we never store them: recomputing a
+// squared difference costs two loads, loading a stored one costs one load from a far larger
+// working set. The box filter is separable, so its cost grows with r, not r^3.
+#pragma once
+
+#include "common.h"
+
+namespace gradreg {
+
+constexpr int kMaxDescriptorChannels = 12;
+// Bit 7 of the per-voxel flag byte: mean_k patch_k(x) was inside the clamp range, so the
+// gradient flows through the variance. Bits 0..6: the argmin channel (SSC).
+constexpr uint8_t kInClampRange = 0x80;
+
+template <typename T>
+GR_HD T descriptor_squared_difference(const T* vol, int64_t z, int64_t y, int64_t x, int64_t D,
+                                      int64_t H, int64_t W, const int* pair, int dilation) {
+  const int64_t ia = (clamp_index(z + dilation * pair[0], D) * H + clamp_index(y + dilation * pair[1], H)) * W +
+                     clamp_index(x + dilation * pair[2], W);
+  const int64_t ib = (clamp_index(z + dilation * pair[3], D) * H + clamp_index(y + dilation * pair[4], H)) * W +
+                     clamp_index(x + dilation * pair[5], W);
+  const T diff = vol[ia] - vol[ib];
+  return diff * diff;
+}
+
+// In place over the K box sums of one voxel (channel stride cs): scales them to means,
+// subtracts the minimum if asked, and returns their mean (the local variance estimate).
+template <typename T>
+GR_HD T descriptor_center(T* values, int64_t cs, int K, T inv_box, bool subtract_min, uint8_t& argmin) {
+  T lowest = values[0] * inv_box;
+  argmin = 0;
+  for (int k = 1; k < K; ++k) {
+    const T v = values[k * cs] * inv_box;
+    if (v < lowest) {  // first index wins ties, as torch.min
+      lowest = v;
+      argmin = static_cast<uint8_t>(k);
+    }
+  }
+  const T shift = subtract_min ? lowest : T(0);
+  T sum = T(0);
+  for (int k = 0; k < K; ++k) {
+    const T v = values[k * cs] * inv_box - shift;
+    values[k * cs] = v;
+    sum += v;
+  }
+  return sum / T(K);
+}
+
+// The clamped variance; `tiny` (the dtype's smallest normal) only matters on a constant
+// volume, where m = 0 and every patch distance is 0: exp(-0 / tiny) = 1 instead of 0/0.
+template <typename T>
+GR_HD T descriptor_clamped_variance(T variance, T m, T tiny, uint8_t& flag) {
+  const T lo = T(0.001) * m, hi = T(1000) * m;
+  T vc = variance;
+  if (variance < lo) vc = lo;
+  else if (variance > hi) vc = hi;
+  else flag |= kInClampRange;
+  return vc > tiny ? vc : tiny;
+}
+
+template <typename T>
+GR_HD void descriptor_finish(T* values, int64_t cs, int K, T vc) {
+  for (int k = 0; k < K; ++k) values[k * cs] = exp(-values[k * cs] / vc);
+}
+
+// Upstream gradient of the descriptor: a tensor, or the fused loss's penalty derivative.
+template <typename T>
+struct UpstreamFromTensor {
+  const T* grad;
+  GR_HD T operator()(int64_t i, T) const { return grad[i]; }
+};
+
+template <typename T>
+struct UpstreamFromPenalty {
+  const T* target;  // the fixed image's descriptor
+  T scale;          // upstream scalar / number of elements averaged
+  bool squared;
+  GR_HD T operator()(int64_t i, T out) const {
+    const T d = out - target[i];
+    if (squared) return scale * T(2) * d;
+    return d > T(0) ? scale : (d < T(0) ? -scale : T(0));
+  }
+};
+
+// Gradient w.r.t. the K box sums of one voxel, from the descriptor values `out`, the clamped
+// variance and the flag byte. The patch distances are recovered as -vc * log(out); where out
+// underflowed to 0 its terms are 0 anyway (out * log(out) -> 0).
+template <typename T, typename Upstream>
+GR_HD void descriptor_backward_voxel(const T* out, int64_t p, int64_t cs, int K, T vc, uint8_t flag,
+                                     T tiny, T inv_box, bool subtract_min, const Upstream& upstream,
+                                     T* grad_box) {
+  if (!(vc > tiny)) {  // constant volume: the descriptor is locally constant
+    for (int k = 0; k < K; ++k) grad_box[p + k * cs] = T(0);
+    return;
+  }
+  T g[kMaxDescriptorChannels];
+  T dvar = T(0);
+  for (int k = 0; k < K; ++k) {
+    const T o = out[p + k * cs];
+    const T t = upstream(p + k * cs, o) * o;
+    g[k] = -t / vc;
+    if (o > T(0)) dvar -= t * log(o) / vc;
+  }
+  if (!(flag & kInClampRange)) dvar = T(0);
+  T total = T(0);
+  for (int k = 0; k < K; ++k) {
+    g[k] += dvar / T(K);
+    total += g[k];
+  }
+  if (subtract_min) g[flag & 0x7F] -= total;
+  for (int k = 0; k < K; ++k) grad_box[p + k * cs] = g[k] * inv_box;
+}
+
+}  // namespace gradreg

@@ -1,0 +1,110 @@
+// Per-voxel math of warp(image, flow): sample `image` at x + flow(x) (voxel units, channel k
+// along spatial axis k), trilinear or nearest, with zeros or border padding. Matches
+// grid_sample(align_corners=True), including its "borders are out of bounds" rule for the
+// gradient of clipped coordinates.
+#pragma once
+
+#include "common.h"
+
+namespace gradreg {
+
+enum class Padding : int { Zeros = 0, Border = 1 };
+
+// One axis of a trilinear sample: the two neighbouring indices, their weights, whether each
+// lies inside the volume, and d(coordinate)/d(flow) (0 where border padding clipped it).
+template <typename T>
+struct LinearAxis {
+  int64_t lo;
+  T frac;
+  bool lo_in, hi_in;
+  T dcoord;
+};
+
+template <typename T>
+GR_HD LinearAxis<T> linear_axis(T coord, int64_t n, Padding padding) {
+  LinearAxis<T> a;
+  a.dcoord = T(1);
+  if (!isfinite(coord)) {  // never turn a NaN or inf into an index
+    a.lo = 0;
+    a.frac = T(0);
+    a.lo_in = a.hi_in = false;
+    a.dcoord = T(0);
+    return a;
+  }
+  if (padding == Padding::Border) {
+    const T last = T(n - 1);
+    if (coord <= T(0)) {
+      coord = T(0);
+      a.dcoord = T(0);
+    } else if (coord >= last) {
+      coord = last;
+      a.dcoord = T(0);
+    }
+  } else {
+    // Far outside, every corner is outside: clamping here keeps the int64 cast defined
+    // without changing any value or gradient.
+    if (coord < T(-2)) coord = T(-2);
+    if (coord > T(n + 1)) coord = T(n + 1);
+  }
+  const T f = floor(coord);
+  a.lo = static_cast<int64_t>(f);
+  a.frac = coord - f;
+  a.lo_in = a.lo >= 0 && a.lo < n;
+  a.hi_in = a.lo + 1 >= 0 && a.lo + 1 < n;
+  return a;
+}
+
+// Calls visit(index, weight, dweight_dz, dweight_dy, dweight_dx) for each in-bounds corner.
+template <typename T, typename Visit>
+GR_HD void for_each_corner(const LinearAxis<T>& az, const LinearAxis<T>& ay,
+                           const LinearAxis<T>& ax, int64_t H, int64_t W, Visit&& visit) {
+GR_UNROLL
+  for (int corner = 0; corner < 8; ++corner) {
+    const int hz = (corner >> 2) & 1, hy = (corner >> 1) & 1, hx = corner & 1;
+    if (!(hz ? az.hi_in : az.lo_in) || !(hy ? ay.hi_in : ay.lo_in) || !(hx ? ax.hi_in : ax.lo_in))
+      continue;
+    const T wz = hz ? az.frac : T(1) - az.frac;
+    const T wy = hy ? ay.frac : T(1) - ay.frac;
+    const T wx = hx ? ax.frac : T(1) - ax.frac;
+    const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
+    const int64_t idx = ((az.lo + hz) * H + (ay.lo + hy)) * W + (ax.lo + hx);
+    visit(idx, wz * wy * wx, sz * wy * wx, wz * sy * wx, wz * wy * sx);
+  }
+}
+
+template <typename T>
+GR_HD T trilinear_sample(const T* img, const LinearAxis<T>& az, const LinearAxis<T>& ay,
+                         const LinearAxis<T>& ax, int64_t H, int64_t W) {
+  T acc = T(0);
+  for_each_corner(az, ay, ax, H, W, [&](int64_t idx, T w, T, T, T) { acc += w * img[idx]; });
+  return acc;
+}
+
+// Adds grad_out * d(sample)/d(coordinate) to g_z, g_y, g_x (zero where border padding clipped).
+template <typename T>
+GR_HD void trilinear_coord_grad(const T* img, T grad_out, const LinearAxis<T>& az,
+                                const LinearAxis<T>& ay, const LinearAxis<T>& ax, int64_t H,
+                                int64_t W, T& g_z, T& g_y, T& g_x) {
+  T dz = T(0), dy = T(0), dx = T(0);
+  for_each_corner(az, ay, ax, H, W, [&](int64_t idx, T, T wdz, T wdy, T wdx) {
+    const T v = img[idx];
+    dz += wdz * v;
+    dy += wdy * v;
+    dx += wdx * v;
+  });
+  g_z += grad_out * dz * az.dcoord;
+  g_y += grad_out * dy * ay.dcoord;
+  g_x += grad_out * dx * ax.dcoord;
+}
+
+// Nearest neighbour, rounding half to even as grid_sample does. Returns -1 when outside.
+template <typename T>
+GR_HD int64_t nearest_axis(T coord, int64_t n, Padding padding) {
+  if (!isfinite(coord)) return -1;
+  if (padding == Padding::Border) coord = coord < T(0) ? T(0) : (coord > T(n - 1) ? T(n - 1) : coord);
+  if (coord < T(-1) || coord > T(n)) return -1;
+  const int64_t i = static_cast<int64_t>(nearbyint(coord));
+  return (i >= 0 && i < n) ? i : -1;
+}
+
+}  // namespace gradreg

@@ -1,0 +1,6 @@
+from .gradient_magnitude import gradient_magnitude
+from .mind import mind, mind_ssc
+from .mind_loss import MINDLoss, mind_loss
+from .warp import warp
+
+__all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_loss", "MINDLoss"]

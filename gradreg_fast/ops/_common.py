@@ -1,0 +1,92 @@
+"""Argument checks and launch helpers shared by the op files."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_volume(op: str, name: str, t, channels: int | None = None) -> None:
+    """Raise a clear error unless ``t`` is a non-empty floating (N, C, D, H, W) tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 5:
+        raise ValueError(f"{op}: `{name}` must have 5 dimensions (N, C, D, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{op}: `{name}` must be a floating-point tensor (float32 or float64; float16 and bfloat16 are "
+            f"computed in float32), got {t.dtype}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"{op}: `{name}` must not be empty, got shape {tuple(t.shape)}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{op}: `{name}` must have {channels} channel(s) in dim 1, got shape {tuple(t.shape)}")
+
+
+def check_same(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor, spatial_only=False) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: `{names[0]}` is on {a.device} but `{names[1]}` is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: `{names[0]}` is {a.dtype} but `{names[1]}` is {b.dtype}; use one dtype")
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:] or (not spatial_only and a.shape != b.shape):
+        what = "batch and spatial shapes" if spatial_only else "shapes"
+        raise ValueError(
+            f"{op}: `{names[0]}` and `{names[1]}` must have the same {what}, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_backend(backend) -> str:
+    """The backend string carried into the custom op ("" = the global default)."""
+    if backend is None:
+        return ""
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"`backend` must be one of {_backend.BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 (and cast back); float32/float64 as they are."""
+    return torch.float32 if t.dtype in _UPCAST_DTYPES else t.dtype
+
+
+def resolve(backend: str, t: torch.Tensor, op: str) -> str:
+    return _backend.resolve(backend or None, t.device, op)
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return "float64" if t.dtype == torch.float64 else "float32"
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+def stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def raise_cuda_error(op: str, err: str) -> None:
+    if err:
+        raise RuntimeError(f"gradreg_fast.{op}: CUDA kernel failed: {err}")
+
+
+def reference_vjp(fn, inputs, grad_outputs, needs):
+    """Gradients of ``fn(*inputs)`` by autograd through the reference (None where not needed)."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
+        out = fn(*leaves)
+        wrt = [x for x, need in zip(leaves, needs) if need]
+        grads = iter(torch.autograd.grad(out, wrt, grad_outputs, allow_unused=True)) if wrt else iter(())
+        result = []
+        for x, need in zip(leaves, needs):
+            g = next(grads) if need else None
+            result.append(torch.zeros_like(x) if need and g is None else g)
+        return result
+
+
+cpu_core = _backend.cpu_core
+cuda_core = _backend.cuda_core

@@ -1,0 +1,146 @@
+"""mind_loss / MINDLoss: the fused loss op (``torch.ops.gradreg.mind_loss``), fake, autograd, dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _common as c
+from .mind import KINDS, _descriptor_op, check_descriptor_args, descriptor_backward, descriptor_forward
+
+OP = "mind_loss"
+_DEFAULTS = {"ssc": (2, 2), "mind": (1, 1)}  # radius, dilation
+_PENALTIES = ("l1", "l2")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _penalty_sum(a, b, squared, name):
+    if name == "cpu":
+        return torch.tensor(c.cpu_core().penalty_sum(c.dtype_name(a), a.data_ptr(), b.data_ptr(), a.numel(), squared,
+                                                     c.threads()), dtype=a.dtype)
+    diff = a - b
+    return (diff * diff if squared else diff.abs()).sum()
+
+
+@torch.library.custom_op("gradreg::mind_loss", mutates_args=())
+def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, radius: int, dilation: int, squared: bool,
+                  per_item: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    """(sum of penalties, warped descriptor, its variance, its flags, fixed descriptor)."""
+    out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
+    target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0]
+    name = c.resolve(backend, warped, "mind")
+    return _penalty_sum(out.contiguous(), target.contiguous(), squared, name), out, variance, flags, target
+
+
+@_mind_loss_op.register_fake
+def _(warped, fixed, kind, radius, dilation, squared, per_item, backend):
+    n, _, d, h, w = warped.shape
+    k = len(KINDS[kind][0])
+    return (warped.new_empty(()), warped.new_empty((n, k, d, h, w)), warped.new_empty((n, 1, d, h, w)),
+            warped.new_empty((n, 1, d, h, w), dtype=torch.uint8), warped.new_empty((n, k, d, h, w)))
+
+
+@torch.library.custom_op("gradreg::mind_loss_backward", mutates_args=())
+def _mind_loss_backward_op(grad_sum: torch.Tensor, out: torch.Tensor, warped: torch.Tensor, variance: torch.Tensor,
+                           flags: torch.Tensor, target: torch.Tensor, kind: str, radius: int, dilation: int,
+                           squared: bool, per_item: bool, backend: str) -> torch.Tensor:
+    # The penalty's derivative is formed per voxel inside the kernel: no descriptor-sized gradient exists.
+    return descriptor_backward(grad_sum, out, warped, variance, flags, kind, radius, dilation, per_item, backend,
+                               target=target, squared=squared)
+
+
+@_mind_loss_backward_op.register_fake
+def _(grad_sum, out, warped, variance, flags, target, kind, radius, dilation, squared, per_item, backend):
+    return warped.new_empty(warped.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    warped, fixed, kind, radius, dilation, squared, per_item, backend = inputs
+    _, out, variance, flags, target = output
+    ctx.mark_non_differentiable(out, variance, flags, target)
+    ctx.save_for_backward(warped, out, variance, flags, target)
+    ctx.args = (kind, radius, dilation, squared, per_item, backend)
+
+
+def _backward(ctx, grad_sum, *_):
+    warped, out, variance, flags, target = ctx.saved_tensors
+    grad = _mind_loss_backward_op(grad_sum, out, warped, variance, flags, target, *ctx.args)
+    return grad, None, None, None, None, None, None, None
+
+
+_mind_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, descriptor: str = "ssc", penalty: str = "l1",
+              radius: int | None = None, dilation: int | None = None, reduction: str = "mean",
+              per_item: bool = False, backend: str | None = None) -> torch.Tensor:
+    """MIND similarity loss: the penalty between the descriptors of ``warped`` and ``fixed``.
+
+    ``mean(|mind_ssc(warped) - mind_ssc(fixed)|)`` with the defaults; ``penalty="l2"`` squares instead
+    (TransMorph's choice). When ``fixed`` needs no gradient and ``reduction`` is "mean" or "sum", one fused
+    op computes it: the fixed descriptor is computed without autograd, and the backward forms the
+    penalty's derivative per voxel inside the descriptor kernel, so no descriptor-sized gradient is
+    ever allocated. Otherwise both descriptors go through :func:`mind_ssc` / :func:`mind` with autograd.
+
+    Args:
+        warped, fixed: (N, 1, D, H, W), same shape, dtype and device.
+        descriptor: ``"ssc"`` (MIND-SSC, 12 channels; radius 2, dilation 2 by default) or ``"mind"``
+            (six-neighbourhood MIND, 6 channels; radius 1, dilation 1 by default).
+        penalty: ``"l1"`` or ``"l2"``.
+        reduction: ``"mean"`` (over every element), ``"sum"``, or ``"none"``: the (N, K, D, H, W) map.
+        per_item: see :func:`gradreg_fast.mind_ssc`.
+
+    Returns:
+        A scalar, or the (N, K, D, H, W) map for ``reduction="none"``.
+    """
+    if descriptor not in KINDS:
+        raise ValueError(f"{OP}: `descriptor` must be one of {tuple(KINDS)}, got {descriptor!r}")
+    if penalty not in _PENALTIES:
+        raise ValueError(f"{OP}: `penalty` must be one of {_PENALTIES}, got {penalty!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{OP}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    radius = _DEFAULTS[descriptor][0] if radius is None else radius
+    dilation = _DEFAULTS[descriptor][1] if dilation is None else dilation
+    check_descriptor_args(OP, "warped", warped, radius, dilation)
+    check_descriptor_args(OP, "fixed", fixed, radius, dilation)
+    c.check_same(OP, ("warped", "fixed"), warped, fixed)
+    backend = c.check_backend(backend)
+    dtype = c.compute_dtype(warped)
+    squared = penalty == "l2"
+    if reduction == "none" or fixed.requires_grad:
+        desc = lambda v: _descriptor_op(v.to(dtype), descriptor, radius, dilation, bool(per_item), backend)[0]  # noqa: E731
+        diff = desc(warped) - desc(fixed)
+        loss = diff * diff if squared else diff.abs()
+        loss = loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
+        return loss.to(warped.dtype)
+    total = _mind_loss_op(warped.to(dtype), fixed.to(dtype).detach(), descriptor, radius, dilation, squared,
+                          bool(per_item), backend)[0]
+    if reduction == "mean":
+        n, _, d, h, w = warped.shape
+        total = total / (n * len(KINDS[descriptor][0]) * d * h * w)
+    return total.to(warped.dtype)
+
+
+class MINDLoss(torch.nn.Module):
+    """Module form of :func:`mind_loss`, a drop-in for MONAI/VoxelMorph/TransMorph similarity losses.
+
+    Example::
+
+        loss_fn = MINDLoss()              # MIND-SSC, L1, mean
+        loss = loss_fn(warped, fixed)     # (N, 1, D, H, W) each
+    """
+
+    def __init__(self, descriptor: str = "ssc", penalty: str = "l1", radius: int | None = None,
+                 dilation: int | None = None, reduction: str = "mean", per_item: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        self.descriptor, self.penalty, self.radius, self.dilation = descriptor, penalty, radius, dilation
+        self.reduction, self.per_item, self.backend = reduction, per_item, backend
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return mind_loss(warped, fixed, self.descriptor, self.penalty, self.radius, self.dilation, self.reduction,
+                         self.per_item, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"descriptor={self.descriptor!r}, penalty={self.penalty!r}, radius={self.radius}, "
+                f"dilation={self.dilation}, reduction={self.reduction!r}")

@@ -1,0 +1,14 @@
+"""Naive PyTorch references for every op.
+
+These are written for clarity, not speed. They define the exact semantics
+that the fused CPU, CUDA and Triton kernels are tested against, and they are
+the fallback when no compiled core is available. They use only differentiable
+torch operations, so autograd gives their backward.
+"""
+
+from .gradient_magnitude import gradient_magnitude
+from .warp import warp
+from .mind import mind, mind_ssc, mind_ssc_convexadam
+from .mind_loss import mind_loss
+
+__all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss"]

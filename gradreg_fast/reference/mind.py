@@ -1,0 +1,81 @@
+"""Naive references for the MIND and MIND-SSC descriptors.
+
+Both descriptors are "self-similarity" descriptors built from a table of
+offset pairs (a, b): channel k is the box mean, over a (2*radius+1)^3 patch
+with replicate edges, of ``(I[clamp(x + dilation*a_k)] - I[clamp(x + dilation*b_k)])**2``.
+The tables and the normalisation are defined in :mod:`gradreg_fast.ops.mind_tables`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.mind_tables import MIND_PAIRS, SSC_PAIRS, SSC_OFFSETS_3X3X3, SSC_PERMUTATION
+
+
+def _shift(vol: torch.Tensor, offset, dilation: int) -> torch.Tensor:
+    """``vol[clamp(x + dilation * offset)]`` for every voxel x (replicate edges)."""
+    d, h, w = vol.shape[2:]
+    padded = F.pad(vol, (dilation,) * 6, mode="replicate")
+    z, y, x = (dilation + dilation * o for o in offset)
+    return padded[:, :, z : z + d, y : y + h, x : x + w]
+
+
+def _box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius == 0:
+        return x
+    return F.avg_pool3d(F.pad(x, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+
+
+def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False):
+    """Shared reference pipeline of :func:`mind` and :func:`mind_ssc`."""
+    patch = torch.cat(
+        [_box_mean((_shift(vol, a, dilation) - _shift(vol, b, dilation)) ** 2, radius) for a, b in pairs], dim=1
+    )
+    if subtract_min:
+        patch = patch - patch.min(dim=1, keepdim=True).values
+    variance = patch.mean(dim=1, keepdim=True)
+    dims = tuple(range(1, variance.dim())) if per_item else tuple(range(variance.dim()))
+    m = variance.detach().mean(dim=dims, keepdim=True)
+    clamped = torch.minimum(torch.maximum(variance, 0.001 * m), 1000 * m)
+    clamped = clamped.clamp_min(torch.finfo(vol.dtype).tiny)
+    return torch.exp(-patch / clamped)
+
+
+def mind_ssc(vol: torch.Tensor, radius: int = 2, dilation: int = 2, per_item: bool = False) -> torch.Tensor:
+    """Reference MIND-SSC, (N, 1, D, H, W) -> (N, 12, D, H, W). See :func:`gradreg_fast.mind_ssc`."""
+    return self_similarity(vol, SSC_PAIRS, radius, dilation, subtract_min=True, per_item=per_item)
+
+
+def mind(vol: torch.Tensor, radius: int = 1, dilation: int = 1, per_item: bool = False) -> torch.Tensor:
+    """Reference MIND with the six-neighbourhood, (N, 1, D, H, W) -> (N, 6, D, H, W)."""
+    return self_similarity(vol, MIND_PAIRS, radius, dilation, subtract_min=False, per_item=per_item)
+
+
+def mind_ssc_convexadam(img: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """The de-facto MIND-SSC of ConvexAdam / TransMorph / Learn2Reg baselines, rebuilt from its published
+    description (shift kernels as conv3d, avg_pool3d, a global variance clamp taken with ``.item()``).
+
+    Kept only to prove that :func:`mind_ssc` and the fused kernels reproduce it, and as the naive
+    baseline of the benchmarks. It returns NaN on a constant volume, as the original does.
+    """
+    device, dtype = img.device, img.dtype
+    six = torch.tensor(SSC_OFFSETS_3X3X3, dtype=torch.long, device=device)
+    dist = ((six.unsqueeze(1) - six.unsqueeze(0)) ** 2).sum(-1)
+    x, y = torch.meshgrid(torch.arange(6, device=device), torch.arange(6, device=device), indexing="ij")
+    mask = (x > y).reshape(-1) & (dist == 2).reshape(-1)
+    first = six.unsqueeze(1).repeat(1, 6, 1).reshape(-1, 3)[mask]
+    second = six.unsqueeze(0).repeat(6, 1, 1).reshape(-1, 3)[mask]
+    kernel1 = torch.zeros(12, 1, 3, 3, 3, dtype=dtype, device=device)
+    kernel2 = torch.zeros(12, 1, 3, 3, 3, dtype=dtype, device=device)
+    ar = torch.arange(12, device=device)
+    kernel1.view(-1)[ar * 27 + first[:, 0] * 9 + first[:, 1] * 3 + first[:, 2]] = 1
+    kernel2.view(-1)[ar * 27 + second[:, 0] * 9 + second[:, 1] * 3 + second[:, 2]] = 1
+    padded = F.pad(img, (dilation,) * 6, mode="replicate")
+    diff = F.conv3d(padded, kernel1, dilation=dilation) - F.conv3d(padded, kernel2, dilation=dilation)
+    ssd = F.avg_pool3d(F.pad(diff**2, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+    out = ssd - ssd.min(dim=1, keepdim=True).values
+    var = out.mean(dim=1, keepdim=True)
+    m = var.mean().item()
+    var = torch.clamp(var, m * 0.001, m * 1000)
+    out = torch.exp(-out / var)
+    return out[:, torch.tensor(SSC_PERMUTATION, device=device)]

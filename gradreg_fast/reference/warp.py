@@ -1,0 +1,57 @@
+import torch
+
+
+def _corner_weights(coord: torch.Tensor, size: int, padding_mode: str):
+    """Floor index, fractional weight and in-bounds masks along one axis."""
+    if padding_mode == "border":
+        coord = coord.clamp(0, size - 1)
+    lo = torch.floor(coord)
+    frac = coord - lo
+    lo = lo.long()
+    hi = lo + 1
+    return lo, hi, frac
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Reference for :func:`gradreg_fast.warp`, written as an explicit 8-corner gather.
+
+    The sample point of output voxel p is ``p + flow[:, :, p]`` in voxel units
+    (channel k along spatial axis k, D/H/W order).  This equals ``grid_sample``
+    with ``align_corners=True`` whenever every spatial size is > 1; it is also
+    defined for sizes of 1, where ``grid_sample``'s normalisation is not.
+    """
+    n, c, *spatial = image.shape
+    base = torch.meshgrid(*[torch.arange(s, device=image.device, dtype=flow.dtype) for s in spatial], indexing="ij")
+    coords = [base[k].unsqueeze(0) + flow[:, k] for k in range(3)]  # each (N, D, H, W)
+    flat = image.reshape(n, c, -1)
+    strides = (spatial[1] * spatial[2], spatial[2], 1)
+
+    if mode == "nearest":
+        idx = torch.zeros_like(coords[0], dtype=torch.long)
+        valid = torch.ones_like(coords[0], dtype=torch.bool)
+        for k in range(3):
+            coord = coords[k]
+            if padding_mode == "border":
+                coord = coord.clamp(0, spatial[k] - 1)
+            r = torch.round(coord).long()  # round half to even, as grid_sample
+            valid &= (r >= 0) & (r < spatial[k])
+            idx = idx + r.clamp(0, spatial[k] - 1) * strides[k]
+        out = torch.gather(flat, 2, idx.reshape(n, 1, -1).expand(n, c, -1))
+        return (out * valid.reshape(n, 1, -1).to(out.dtype)).reshape(image.shape)
+
+    axes = [_corner_weights(coords[k], spatial[k], padding_mode) for k in range(3)]
+    out = torch.zeros_like(image).reshape(n, c, -1)
+    for corner in range(8):
+        weight = torch.ones_like(coords[0])
+        idx = torch.zeros_like(coords[0], dtype=torch.long)
+        valid = torch.ones_like(coords[0], dtype=torch.bool)
+        for k in range(3):
+            lo, hi, frac = axes[k]
+            use_hi = (corner >> (2 - k)) & 1
+            i = hi if use_hi else lo
+            weight = weight * (frac if use_hi else 1 - frac)
+            valid &= (i >= 0) & (i < spatial[k])
+            idx = idx + i.clamp(0, spatial[k] - 1) * strides[k]
+        values = torch.gather(flat, 2, idx.reshape(n, 1, -1).expand(n, c, -1))
+        out = out + values * (weight * valid.to(weight.dtype)).reshape(n, 1, -1)
+    return out.reshape(image.shape)
