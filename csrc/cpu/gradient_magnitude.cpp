@@ -1,5 +1,8 @@
 #include "gradreg/gradient_magnitude.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "ops.h"
 #include "parallel.h"
 
@@ -32,16 +35,31 @@ void gradient_magnitude_forward(const T* vol, T* out, int64_t NC, int64_t D, int
 template <typename T>
 void gradient_magnitude_backward(const T* grad_out, const T* vol, const T* out, T* grad_vol, int64_t NC,
                                  int64_t D, int64_t H, int64_t W, int threads) {
-  const int64_t DHW = D * H * W;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t nc = 0; nc < NC; ++nc) {
-    for (int64_t z = 0; z < D; ++z) {
-      const int64_t base = nc * DHW;
-      for (int64_t y = 0; y < H; ++y) {
-        const int64_t row = (z * H + y) * W;
-        for (int64_t x = 0; x < W; ++x)
-          grad_vol[base + row + x] =
-              grad_mag_backward(vol + base, grad_out + base, out + base, row + x, z, y, x, D, H, W);
+  const int64_t DHW = D * H * W, HW = H * W;
+  // grad_out / out once per voxel into grad_vol's own storage would alias the result, so a
+  // separate buffer: the gather below reads each scale six times.
+  std::vector<T> scale(NC * DHW);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < NC * DHW; ++i) scale[i] = grad_mag_scale(grad_out[i], out[i]);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t nc = 0; nc < NC; ++nc) {
+      for (int64_t z = 0; z < D; ++z) {
+        const T* v = vol + nc * DHW;
+        const T* r = scale.data() + nc * DHW;
+        T* g = grad_vol + nc * DHW;
+        const bool z_inside = z >= 2 && z <= D - 3;
+        for (int64_t y = 0; y < H; ++y) {
+          const int64_t row = (z * H + y) * W;
+          const bool row_inside = z_inside && y >= 2 && y <= H - 3;
+          const int64_t x_lo = row_inside ? std::min<int64_t>(2, W) : W;
+          const int64_t x_hi = row_inside ? std::max<int64_t>(x_lo, W - 2) : W;
+          for (int64_t x = 0; x < x_lo; ++x) g[row + x] = grad_mag_backward(v, r, row + x, z, y, x, D, H, W);
+#pragma omp simd
+          for (int64_t x = x_lo; x < x_hi; ++x) g[row + x] = grad_mag_backward_interior(v, r, row + x, HW, W);
+          for (int64_t x = x_hi; x < W; ++x) g[row + x] = grad_mag_backward(v, r, row + x, z, y, x, D, H, W);
+        }
       }
     }
   }

@@ -26,86 +26,159 @@ void box_sum_lines(const T* in, T* out, int64_t n, int64_t width, int radius) {
   }
 }
 
-// The adjoint of box_sum_lines: out[q] = sum_i in[i] * #{t : clamp(i + t) = q}.
+// Row q of the adjoint of box_sum_lines: out[x] = sum_i in[i, x] * #{t : clamp(i + t) = q}, i.e.
+// the sum over the padded positions j that replicate q of the window sums around j.
 template <typename T>
-void box_sum_lines_adjoint(const T* in, T* out, int64_t n, int64_t width, int radius) {
-  std::fill(out, out + n * width, T(0));
-  for (int64_t j = -radius; j < n + radius; ++j) {  // j: position on the padded line
-    T* o = out + clamp_index(j, n) * width;
+void box_sum_lines_adjoint_at(const T* in, T* out, int64_t q, int64_t n, int64_t width, int radius) {
+  std::fill(out, out + width, T(0));
+  const int64_t j_first = q == 0 ? -radius : q, j_last = q == n - 1 ? n - 1 + radius : q;
+  for (int64_t j = j_first; j <= j_last; ++j) {
     for (int64_t i = std::max<int64_t>(0, j - radius); i <= std::min<int64_t>(n - 1, j + radius); ++i) {
       const T* src = in + i * width;
 #pragma omp simd
-      for (int64_t x = 0; x < width; ++x) o[x] += src[x];
+      for (int64_t x = 0; x < width; ++x) out[x] += src[x];
     }
   }
+}
+
+template <typename T>
+void box_sum_lines_adjoint(const T* in, T* out, int64_t n, int64_t width, int radius) {
+  for (int64_t q = 0; q < n; ++q) box_sum_lines_adjoint_at(in, out + q * width, q, n, width, radius);
 }
 
 // Per-thread scratch of the separable box filter of one channel.
 template <typename T>
 struct BoxScratch {
-  std::vector<T> line, plane, block, block_out;
-  BoxScratch(int64_t D, int64_t H, int64_t W, int radius)
-      : line(W + 2 * radius), plane(H * W), block(D * W), block_out(D * W) {}
+  std::vector<T> line, line_grad, plane, plane_grad, ring;
+  BoxScratch(int64_t H, int64_t W, int radius)
+      : line(W), line_grad(W), plane(H * W), plane_grad(H * W), ring((2 * radius + 1) * H * W) {}
 };
 
-// dst[z, y, x] = sum over the (2r+1)^3 box (replicate edges) of the squared difference of pair k.
+// [lo, hi): the x for which x + shift stays inside [0, W) for both shifts.
+inline void inside_range(int64_t W, int64_t shift_a, int64_t shift_b, int64_t& lo, int64_t& hi) {
+  lo = std::min<int64_t>(W, std::max<int64_t>({0, -shift_a, -shift_b}));
+  hi = std::max<int64_t>(lo, std::min<int64_t>({W, W - shift_a, W - shift_b}));
+}
+
+// The x- and y-box sums of the squared difference of one pair on plane z (the z-box is summed
+// by the caller over these planes).
 template <typename T>
-void box_filtered_channel(const T* vol, T* dst, int64_t D, int64_t H, int64_t W, const int* pair, int radius,
-                          int dilation, BoxScratch<T>& s) {
+void xy_box_plane(const T* vol, T* plane, int64_t z, int64_t D, int64_t H, int64_t W, const int* pair, int radius,
+                  int dilation, BoxScratch<T>& s) {
   const int64_t HW = H * W;
-  for (int64_t z = 0; z < D; ++z) {
-    for (int64_t y = 0; y < H; ++y) {
-      for (int64_t j = 0; j < W + 2 * radius; ++j)
-        s.line[j] = descriptor_squared_difference(vol, z, y, clamp_index(j - radius, W), D, H, W, pair, dilation);
-      T* row = s.plane.data() + y * W;
-      for (int64_t x = 0; x < W; ++x) {
-        T acc = T(0);
-        for (int t = 0; t <= 2 * radius; ++t) acc += s.line[x + t];
-        row[x] = acc;
-      }
+  const int64_t shift_a = int64_t(dilation) * pair[2], shift_b = int64_t(dilation) * pair[5];
+  int64_t lo, hi;
+  inside_range(W, shift_a, shift_b, lo, hi);
+  T* sq = s.line.data();
+  for (int64_t y = 0; y < H; ++y) {
+    const T* row_a = vol + clamp_index(z + dilation * pair[0], D) * HW + clamp_index(y + dilation * pair[1], H) * W;
+    const T* row_b = vol + clamp_index(z + dilation * pair[3], D) * HW + clamp_index(y + dilation * pair[4], H) * W;
+    for (int64_t x = 0; x < lo; ++x)
+      sq[x] = descriptor_squared_difference(vol, z, y, x, D, H, W, pair, dilation);
+#pragma omp simd
+    for (int64_t x = lo; x < hi; ++x) {
+      const T d = row_a[x + shift_a] - row_b[x + shift_b];
+      sq[x] = d * d;
     }
-    box_sum_lines(s.plane.data(), dst + z * HW, H, W, radius);
+    for (int64_t x = hi; x < W; ++x)
+      sq[x] = descriptor_squared_difference(vol, z, y, x, D, H, W, pair, dilation);
+    T* row = s.plane.data() + y * W;
+    const int64_t x_lo = std::min<int64_t>(radius, W), x_hi = std::max<int64_t>(x_lo, W - radius);
+    for (int64_t x = 0; x < x_lo; ++x) {
+      T acc = T(0);
+      for (int t = -radius; t <= radius; ++t) acc += sq[clamp_index(x + t, W)];
+      row[x] = acc;
+    }
+#pragma omp simd
+    for (int64_t x = x_lo; x < x_hi; ++x) {
+      T acc = T(0);
+      for (int t = -radius; t <= radius; ++t) acc += sq[x + t];
+      row[x] = acc;
+    }
+    for (int64_t x = x_hi; x < W; ++x) {
+      T acc = T(0);
+      for (int t = -radius; t <= radius; ++t) acc += sq[clamp_index(x + t, W)];
+      row[x] = acc;
+    }
   }
-  for (int64_t y = 0; y < H; ++y) {  // along z, one (z, x) block per row y
-    for (int64_t z = 0; z < D; ++z) std::copy(dst + z * HW + y * W, dst + z * HW + (y + 1) * W, s.block.data() + z * W);
-    box_sum_lines(s.block.data(), s.block_out.data(), D, W, radius);
-    for (int64_t z = 0; z < D; ++z)
-      std::copy(s.block_out.data() + z * W, s.block_out.data() + (z + 1) * W, dst + z * HW + y * W);
+  box_sum_lines(s.plane.data(), plane, H, W, radius);
+}
+
+// dst[z] for z in [z_begin, z_end): box sums of the squared difference of one pair. The xy-summed
+// planes stream through a ring of 2r+1 planes, so each is computed once and dst is written once.
+template <typename T>
+void box_filtered_channel(const T* vol, T* dst, int64_t z_begin, int64_t z_end, int64_t D, int64_t H, int64_t W,
+                          const int* pair, int radius, int dilation, BoxScratch<T>& s) {
+  const int64_t HW = H * W, slots = 2 * radius + 1;
+  int64_t computed = std::max<int64_t>(0, z_begin - radius) - 1;
+  for (int64_t z = z_begin; z < z_end; ++z) {
+    for (const int64_t last = std::min<int64_t>(D - 1, z + radius); computed < last;) {
+      ++computed;
+      xy_box_plane(vol, s.ring.data() + (computed % slots) * HW, computed, D, H, W, pair, radius, dilation, s);
+    }
+    T* o = dst + z * HW;
+    std::fill(o, o + HW, T(0));
+    for (int t = -radius; t <= radius; ++t) {
+      const T* src = s.ring.data() + (clamp_index(z + t, D) % slots) * HW;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) o[i] += src[i];
+    }
   }
 }
 
-// grad_vol += d/dvol of sum(grad_box * box_filtered_channel); grad_box is overwritten.
+// grad_vol += d/dvol of sum over z in [z_begin, z_end) of the adjoint-box-filtered grad_box
+// times the squared difference of one pair: each plane of the adjoint is formed on the fly
+// (z, then y, then x), then scattered into the two voxels the squared difference read.
 template <typename T>
-void box_filtered_channel_backward(const T* vol, T* grad_box, T* grad_vol, int64_t D, int64_t H, int64_t W,
-                                   const int* pair, int radius, int dilation, BoxScratch<T>& s) {
+void box_filtered_channel_backward(const T* vol, const T* grad_box, T* grad_vol, int64_t z_begin, int64_t z_end,
+                                   int64_t D, int64_t H, int64_t W, const int* pair, int radius, int dilation,
+                                   BoxScratch<T>& s) {
   const int64_t HW = H * W;
-  for (int64_t y = 0; y < H; ++y) {
-    for (int64_t z = 0; z < D; ++z)
-      std::copy(grad_box + z * HW + y * W, grad_box + z * HW + (y + 1) * W, s.block.data() + z * W);
-    box_sum_lines_adjoint(s.block.data(), s.block_out.data(), D, W, radius);
-    for (int64_t z = 0; z < D; ++z)
-      std::copy(s.block_out.data() + z * W, s.block_out.data() + (z + 1) * W, grad_box + z * HW + y * W);
-  }
-  std::vector<T>& line_grad = s.line;
-  for (int64_t z = 0; z < D; ++z) {
-    box_sum_lines_adjoint(grad_box + z * HW, s.plane.data(), H, W, radius);
+  const int64_t shift_a = int64_t(dilation) * pair[2], shift_b = int64_t(dilation) * pair[5];
+  int64_t lo, hi;
+  inside_range(W, shift_a, shift_b, lo, hi);
+  const int64_t x_lo = std::min<int64_t>(radius + 1, W), x_hi = std::max<int64_t>(x_lo, W - radius - 1);
+  for (int64_t z = z_begin; z < z_end; ++z) {
+    box_sum_lines_adjoint_at(grad_box, s.plane.data(), z, D, HW, radius);
+    box_sum_lines_adjoint(s.plane.data(), s.plane_grad.data(), H, W, radius);
     for (int64_t y = 0; y < H; ++y) {
-      const T* g = s.plane.data() + y * W;
-      std::fill(line_grad.begin(), line_grad.begin() + W, T(0));
-      for (int64_t j = -radius; j < W + radius; ++j) {
+      const T* g = s.plane_grad.data() + y * W;
+      T* gx = s.line_grad.data();
+      for (int64_t x = 0; x < x_lo; ++x) box_sum_lines_adjoint_at(g, gx + x, x, W, 1, radius);
+#pragma omp simd
+      for (int64_t x = x_lo; x < x_hi; ++x) {  // away from both ends: a plain window sum
         T acc = T(0);
-        for (int64_t i = std::max<int64_t>(0, j - radius); i <= std::min<int64_t>(W - 1, j + radius); ++i) acc += g[i];
-        line_grad[clamp_index(j, W)] += acc;
+        for (int t = -radius; t <= radius; ++t) acc += g[x + t];
+        gx[x] = acc;
       }
-      const int64_t za = clamp_index(z + dilation * pair[0], D) * HW + clamp_index(y + dilation * pair[1], H) * W;
-      const int64_t zb = clamp_index(z + dilation * pair[3], D) * HW + clamp_index(y + dilation * pair[4], H) * W;
+      for (int64_t x = x_hi; x < W; ++x) box_sum_lines_adjoint_at(g, gx + x, x, W, 1, radius);
+
+      const int64_t off_a = clamp_index(z + dilation * pair[0], D) * HW + clamp_index(y + dilation * pair[1], H) * W;
+      const int64_t off_b = clamp_index(z + dilation * pair[3], D) * HW + clamp_index(y + dilation * pair[4], H) * W;
+      const T* row_a = vol + off_a;
+      const T* row_b = vol + off_b;
+      T* d2 = s.line.data();  // 2 * (I[a] - I[b]) * upstream
       for (int64_t x = 0; x < W; ++x) {
-        const int64_t ia = za + clamp_index(x + dilation * pair[2], W);
-        const int64_t ib = zb + clamp_index(x + dilation * pair[5], W);
-        const T g2 = T(2) * (vol[ia] - vol[ib]) * line_grad[x];
-        grad_vol[ia] += g2;
-        grad_vol[ib] -= g2;
+        if (x == lo && hi > lo) {
+#pragma omp simd
+          for (int64_t i = lo; i < hi; ++i) d2[i] = T(2) * (row_a[i + shift_a] - row_b[i + shift_b]) * gx[i];
+          x = hi - 1;
+          continue;
+        }
+        const int64_t xa = clamp_index(x + shift_a, W), xb = clamp_index(x + shift_b, W);
+        d2[x] = T(2) * (row_a[xa] - row_b[xb]) * gx[x];
       }
+      // Two passes, since a and b may share a row: each is then a contiguous update inside.
+      T* ga = grad_vol + off_a;
+      T* gb = grad_vol + off_b;
+      for (int64_t x = 0; x < lo; ++x) ga[clamp_index(x + shift_a, W)] += d2[x];
+#pragma omp simd
+      for (int64_t x = lo; x < hi; ++x) ga[x + shift_a] += d2[x];
+      for (int64_t x = hi; x < W; ++x) ga[clamp_index(x + shift_a, W)] += d2[x];
+      for (int64_t x = 0; x < lo; ++x) gb[clamp_index(x + shift_b, W)] -= d2[x];
+#pragma omp simd
+      for (int64_t x = lo; x < hi; ++x) gb[x + shift_b] -= d2[x];
+      for (int64_t x = hi; x < W; ++x) gb[clamp_index(x + shift_b, W)] -= d2[x];
     }
   }
 }
@@ -117,27 +190,40 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
                         int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
                         bool per_item, int threads) {
   const int64_t DHW = D * H * W;
-  const T box = T((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1));
+  const T inv_box = T(1) / T((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1));
+  // Tasks are (item, channel, z-chunk): enough of them to keep every thread busy even for one item.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (2 * threads + N * K - 1) / (N * K)));
 #pragma omp parallel num_threads(threads)
   {
-    BoxScratch<T> scratch(D, H, W, radius);
+    BoxScratch<T> scratch(H, W, radius);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t nk = 0; nk < N * K; ++nk) {
-      const int64_t n = nk / K, k = nk % K;
-      box_filtered_channel(vol + n * DHW, out + nk * DHW, D, H, W, pairs + 6 * k, radius, dilation, scratch);
+    for (int64_t task = 0; task < N * K * chunks; ++task) {
+      const int64_t nk = task / chunks, chunk = task % chunks;
+      int64_t z_begin, z_end;
+      static_chunk(D, static_cast<int>(chunk), static_cast<int>(chunks), z_begin, z_end);
+      box_filtered_channel(vol + (nk / K) * DHW, out + nk * DHW, z_begin, z_end, D, H, W, pairs + 6 * (nk % K),
+                           radius, dilation, scratch);
     }
   }
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks = (DHW + kBlock - 1) / kBlock;
   std::vector<double> item_sums(N, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     T* o = out + n * K * DHW;
     double sum = 0.0;
 #pragma omp parallel for reduction(+ : sum) schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < DHW; ++p) {
-      uint8_t argmin;
-      const T v = descriptor_center(o + p, DHW, K, T(1) / box, subtract_min, argmin);
-      variance[n * DHW + p] = v;
-      flags[n * DHW + p] = argmin;
-      sum += v;
+    for (int64_t b = 0; b < blocks; ++b) {
+      T block_sum = T(0);  // float partial sums over 4096 voxels, then double across blocks
+      const int64_t end = std::min(DHW, (b + 1) * kBlock);
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t p = b * kBlock; p < end; ++p) {
+        uint8_t argmin;
+        const T v = descriptor_center(o + p, DHW, K, inv_box, subtract_min, argmin);
+        variance[n * DHW + p] = v;
+        flags[n * DHW + p] = argmin;
+        block_sum += v;
+      }
+      sum += double(block_sum);
     }
     item_sums[n] = sum;
   }
@@ -148,10 +234,14 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
     const T m = per_item ? T(item_sums[n] / double(DHW)) : T(total / double(N * DHW));
     T* o = out + n * K * DHW;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < DHW; ++p) {
-      const T vc = descriptor_clamped_variance(variance[n * DHW + p], m, tiny, flags[n * DHW + p]);
-      variance[n * DHW + p] = vc;
-      descriptor_finish(o + p, DHW, K, vc);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t end = std::min(DHW, (b + 1) * kBlock);
+#pragma omp simd
+      for (int64_t p = b * kBlock; p < end; ++p) {
+        const T vc = descriptor_clamped_variance(variance[n * DHW + p], m, tiny, flags[n * DHW + p]);
+        variance[n * DHW + p] = vc;
+        descriptor_finish(o + p, DHW, K, vc);
+      }
     }
   }
 }
@@ -168,26 +258,32 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
   for (int64_t n = 0; n < N; ++n) {
     const T* o = out + n * K * DHW;
     T* gb = grad_box.data() + n * K * DHW;
-    const Upstream& up = upstream_per_item[n];
-#pragma omp parallel for schedule(static) num_threads(threads)
+    const Upstream up = upstream_per_item[n];
+    const T* var = variance + n * DHW;
+    const uint8_t* flag = flags + n * DHW;
+#pragma omp parallel for simd schedule(static) num_threads(threads)
     for (int64_t p = 0; p < DHW; ++p)
-      descriptor_backward_voxel(o, p, DHW, K, variance[n * DHW + p], flags[n * DHW + p], tiny, inv_box,
-                                subtract_min, up, gb);
+      descriptor_backward_voxel(o, p, DHW, K, var[p], flag[p], tiny, inv_box, subtract_min, up, gb);
   }
-  // Channels run in parallel and scatter into per-thread volumes, summed in thread order.
-  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N * K)));
-  std::vector<std::vector<T>> private_grads(parts, std::vector<T>());
+  // Tasks (item, channel, z-chunk) scatter into per-thread volumes, summed in thread order: the
+  // result does not depend on scheduling, only on the thread count.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (2 * threads + N * K - 1) / (N * K)));
+  const int64_t tasks = N * K * chunks;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+  std::vector<std::vector<T>> private_grads(parts);
 #pragma omp parallel num_threads(parts)
   {
     const int tid = thread_id(), team = team_size();
     private_grads[tid].assign(N * DHW, T(0));
-    BoxScratch<T> scratch(D, H, W, radius);
+    BoxScratch<T> scratch(H, W, radius);
     int64_t begin, end;
-    static_chunk(N * K, tid, team, begin, end);
-    for (int64_t nk = begin; nk < end; ++nk) {
-      const int64_t n = nk / K, k = nk % K;
+    static_chunk(tasks, tid, team, begin, end);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nk = task / chunks, n = nk / K, k = nk % K;
+      int64_t z_begin, z_end;
+      static_chunk(D, static_cast<int>(task % chunks), static_cast<int>(chunks), z_begin, z_end);
       box_filtered_channel_backward(vol + n * DHW, grad_box.data() + nk * DHW, private_grads[tid].data() + n * DHW,
-                                    D, H, W, pairs + 6 * k, radius, dilation, scratch);
+                                    z_begin, z_end, D, H, W, pairs + 6 * k, radius, dilation, scratch);
     }
 #pragma omp barrier
     int64_t b, e;

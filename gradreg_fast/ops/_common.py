@@ -75,17 +75,14 @@ def raise_cuda_error(op: str, err: str) -> None:
 
 
 def reference_vjp(fn, inputs, grad_outputs, needs):
-    """Gradients of ``fn(*inputs)`` by autograd through the reference (None where not needed)."""
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
-        out = fn(*leaves)
-        wrt = [x for x, need in zip(leaves, needs) if need]
-        grads = iter(torch.autograd.grad(out, wrt, grad_outputs, allow_unused=True)) if wrt else iter(())
-        result = []
-        for x, need in zip(leaves, needs):
-            g = next(grads) if need else None
-            result.append(torch.zeros_like(x) if need and g is None else g)
-        return result
+    """Gradients of ``fn(*inputs)`` through the reference (None where not needed).
+
+    torch.func.vjp, not torch.autograd.grad: inside a custom op's implementation the autograd
+    dispatch key is excluded, and only functorch's transform re-enables differentiation there.
+    """
+    _, vjp = torch.func.vjp(fn, *inputs)
+    grads = vjp(grad_outputs)
+    return [g if need else None for g, need in zip(grads, needs)]
 
 
 cpu_core = _backend.cpu_core

@@ -60,11 +60,12 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
         fn = _reference(kind, radius, dilation, per_item)
         if target is None:
             return c.reference_vjp(fn, [vol], upstream, [True])[0]
-        with torch.enable_grad():
-            leaf = vol.detach().requires_grad_()
-            diff = fn(leaf) - target
-            loss = (diff * diff if squared else diff.abs()).sum() * upstream
-            return torch.autograd.grad(loss, leaf)[0]
+
+        def penalty_sum(v):
+            diff = fn(v) - target
+            return (diff * diff if squared else diff.abs()).sum()
+
+        return c.reference_vjp(penalty_sum, [vol], upstream, [True])[0]
     vol, out = vol.contiguous(), out.contiguous()
     pairs, subtract_min = KINDS[kind]
     if name == "triton":

@@ -16,34 +16,32 @@ GR_HD T grad_mag_forward(const T* v, int64_t i, int64_t back_z, int64_t fwd_z, i
   return sqrt(gz * gz + gy * gy + gx * gx + eps);
 }
 
-// d(out)/d(g_a) * upstream, i.e. grad_out / out; 0 where out == 0 (only possible with eps == 0),
-// which picks the zero subgradient of sqrt at 0 instead of a NaN.
+// grad_out / out: the derivative of the loss w.r.t. each g_a is this times g_a. 0 where out == 0
+// (only possible with eps == 0), which picks the zero subgradient of sqrt at 0 instead of a NaN.
 template <typename T>
-GR_HD T grad_mag_scale(const T* grad_out, const T* out, int64_t p) {
-  return out[p] > T(0) ? grad_out[p] / out[p] : T(0);
+GR_HD T grad_mag_scale(T grad_out, T out) {
+  return out > T(0) ? grad_out / out : T(0);
 }
 
-// Contribution to d(loss)/dV[q] of the central differences along one axis of coordinate c
-// (of n) and element stride s. It gathers from the voxels whose difference reads q, so the
-// backward needs no scatter: voxel q-s reads q as its forward neighbour, q+s as its backward
-// neighbour, and an edge voxel reads itself.
+// Contribution to d(loss)/dV[q] of the central differences along one axis, at coordinate c (of
+// n) with element stride s; scale[p] = grad_mag_scale at voxel p. It gathers from the voxels
+// whose difference reads q, so the backward needs no scatter: voxel q-s reads q as its forward
+// neighbour, q+s as its backward neighbour, and an edge voxel reads itself.
 template <typename T>
-GR_HD T grad_mag_backward_axis(const T* v, const T* grad_out, const T* out, int64_t q, int64_t c,
-                               int64_t n, int64_t s) {
+GR_HD T grad_mag_backward_axis(const T* v, const T* scale, int64_t q, int64_t c, int64_t n, int64_t s) {
   T acc = T(0);
   if (c >= 1) {
     const int64_t p = q - s;
-    acc += grad_mag_scale(grad_out, out, p) * (v[q] - v[p - step_back(c - 1, s)]);
+    acc += scale[p] * (v[q] - v[p - step_back(c - 1, s)]);
   }
   if (c <= n - 2) {
     const int64_t p = q + s;
-    acc -= grad_mag_scale(grad_out, out, p) * (v[p + step_forward(c + 1, n, s)] - v[q]);
+    acc -= scale[p] * (v[p + step_forward(c + 1, n, s)] - v[q]);
   }
   if (c == n - 1 || c == 0) {
-    // The edge voxel is its own missing neighbour; its difference along this axis is
-    // v[q + fwd] - v[q - back], and q appears with + (if at the far edge) and - (near edge).
-    const T self = grad_mag_scale(grad_out, out, q) *
-                   (v[q + step_forward(c, n, s)] - v[q - step_back(c, s)]);
+    // The edge voxel is its own missing neighbour: it enters its own difference with + at the
+    // far edge and - at the near edge (both, cancelling, when n == 1).
+    const T self = scale[q] * (v[q + step_forward(c, n, s)] - v[q - step_back(c, s)]);
     if (c == n - 1) acc += self;
     if (c == 0) acc -= self;
   }
@@ -51,11 +49,23 @@ GR_HD T grad_mag_backward_axis(const T* v, const T* grad_out, const T* out, int6
 }
 
 template <typename T>
-GR_HD T grad_mag_backward(const T* v, const T* grad_out, const T* out, int64_t q, int64_t z,
-                          int64_t y, int64_t x, int64_t D, int64_t H, int64_t W) {
-  return grad_mag_backward_axis(v, grad_out, out, q, z, D, H * W) +
-         grad_mag_backward_axis(v, grad_out, out, q, y, H, W) +
-         grad_mag_backward_axis(v, grad_out, out, q, x, W, int64_t(1));
+GR_HD T grad_mag_backward(const T* v, const T* scale, int64_t q, int64_t z, int64_t y, int64_t x, int64_t D,
+                          int64_t H, int64_t W) {
+  return grad_mag_backward_axis(v, scale, q, z, D, H * W) + grad_mag_backward_axis(v, scale, q, y, H, W) +
+         grad_mag_backward_axis(v, scale, q, x, W, int64_t(1));
+}
+
+// The same where every neighbour used above is 2 voxels or more from an edge along each axis
+// (2 <= c <= n-3): branch-free, so the CPU loop vectorises.
+template <typename T>
+GR_HD T grad_mag_backward_interior(const T* v, const T* scale, int64_t q, int64_t HW, int64_t W) {
+  T acc = T(0);
+  const int64_t strides[3] = {HW, W, 1};
+  for (int a = 0; a < 3; ++a) {
+    const int64_t s = strides[a];
+    acc += scale[q - s] * (v[q] - v[q - 2 * s]) - scale[q + s] * (v[q + 2 * s] - v[q]);
+  }
+  return acc;
 }
 
 }  // namespace gradreg

@@ -67,9 +67,40 @@ GR_HD T descriptor_clamped_variance(T variance, T m, T tiny, uint8_t& flag) {
   return vc > tiny ? vc : tiny;
 }
 
+// exp(x) for x <= 0, the only range the descriptor maps. On the host, float uses a branch-free
+// Cephes-style polynomial (relative error < 2e-7) because std::exp does not vectorise without
+// -ffast-math, which would also drop our NaN checks; below -87.3 it returns 0.
+template <typename T>
+GR_HD T exp_nonpositive(T x) {
+  return exp(x);
+}
+
+#if !defined(__CUDA_ARCH__)
+template <>
+inline float exp_nonpositive<float>(float x) {
+  const bool underflow = x < -87.3f;
+  x = underflow ? -87.3f : x;
+  const float n = floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : y * scale;
+}
+#endif
+
 template <typename T>
 GR_HD void descriptor_finish(T* values, int64_t cs, int K, T vc) {
-  for (int k = 0; k < K; ++k) values[k * cs] = exp(-values[k * cs] / vc);
+  for (int k = 0; k < K; ++k) values[k * cs] = exp_nonpositive(-values[k * cs] / vc);
 }
 
 // Upstream gradient of the descriptor: a tensor, or the fused loss's penalty derivative.
