@@ -6,9 +6,11 @@ Rule of ``backend="auto"`` (documented in the README):
 * CUDA tensors: the CUDA core if it was built and supports the device's compute capability,
   else Triton if it imports, else the reference.
 
-The compiled CPU and CUDA cores were measured faster than Triton and the reference on every op
-(benchmarks/RESULTS.md), so no run-time tuning is needed. A missing core gives one warning that
-says why; a backend asked for explicitly that cannot run raises.
+On the CPU the compiled core is the measured fastest (benchmarks/RESULTS.md; Triton runs on CPU
+tensors only in its interpreter). On CUDA the rule prefers the CUDA core, which shares its per-voxel
+math with the CPU core; benchmarks/gpu_benchmark.py times both, and this rule is to be revisited
+with its figures. A missing core gives one warning that says why; a backend asked for explicitly
+that cannot run raises.
 
 The choice can be set per call (``backend=``), globally (:func:`set_backend`), or with the
 environment variable ``GRADREG_BACKEND``.

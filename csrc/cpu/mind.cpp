@@ -235,12 +235,14 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
     T* o = out + n * K * DHW;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t end = std::min(DHW, (b + 1) * kBlock);
+      const int64_t begin = b * kBlock, end = std::min(DHW, (b + 1) * kBlock);
+      T* vc = variance + n * DHW;
 #pragma omp simd
-      for (int64_t p = b * kBlock; p < end; ++p) {
-        const T vc = descriptor_clamped_variance(variance[n * DHW + p], m, tiny, flags[n * DHW + p]);
-        variance[n * DHW + p] = vc;
-        descriptor_finish(o + p, DHW, K, vc);
+      for (int64_t p = begin; p < end; ++p) vc[p] = descriptor_clamped_variance(vc[p], m, tiny, flags[n * DHW + p]);
+      for (int k = 0; k < K; ++k) {  // channel-outer, so the exp vectorises
+        T* ok = o + k * DHW;
+#pragma omp simd
+        for (int64_t p = begin; p < end; ++p) ok[p] = descriptor_value(ok[p], vc[p]);
       }
     }
   }
@@ -261,8 +263,13 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
     const Upstream up = upstream_per_item[n];
     const T* var = variance + n * DHW;
     const uint8_t* flag = flags + n * DHW;
-#pragma omp parallel for simd schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < DHW; ++p)
+    constexpr int kLanes = 64;
+    const int64_t full = DHW / kLanes;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < full; ++b)
+      descriptor_backward_block<kLanes>(o, b * kLanes, DHW, K, var + b * kLanes, flag + b * kLanes, tiny, inv_box,
+                                        subtract_min, up, gb);
+    for (int64_t p = full * kLanes; p < DHW; ++p)
       descriptor_backward_voxel(o, p, DHW, K, var[p], flag[p], tiny, inv_box, subtract_min, up, gb);
   }
   // Tasks (item, channel, z-chunk) scatter into per-thread volumes, summed in thread order: the

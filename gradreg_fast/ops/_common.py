@@ -69,6 +69,13 @@ def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def workspace(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """Scratch memory for a CUDA kernel from torch's caching allocator (so it shows in torch's memory
+    statistics). Dropping it right after the launch is safe: the allocator reuses the block only for
+    work queued later on the same stream."""
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=t.device)
+
+
 def raise_cuda_error(op: str, err: str) -> None:
     if err:
         raise RuntimeError(f"gradreg_fast.{op}: CUDA kernel failed: {err}")

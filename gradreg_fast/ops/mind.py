@@ -45,8 +45,10 @@ def descriptor_forward(vol, kind, radius, dilation, per_item, backend):
     if name == "cpu":
         c.cpu_core().descriptor_forward(c.dtype_name(vol), vol.data_ptr(), *args, c.threads())
     else:
-        c.raise_cuda_error(OP, c.cuda_core().descriptor_forward(vol.dtype == torch.float64, vol.data_ptr(), *args,
-                                                                c.stream(vol)))
+        core = c.cuda_core()
+        scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, False))
+        c.raise_cuda_error(OP, core.descriptor_forward(vol.dtype == torch.float64, vol.data_ptr(), *args,
+                                                       scratch.data_ptr(), c.stream(vol)))
     return out, variance, flags
 
 
@@ -83,7 +85,9 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
     if name == "cpu":
         core, extra, dtype = c.cpu_core(), (c.threads(),), c.dtype_name(vol)
     else:
-        core, extra, dtype = c.cuda_core(), (c.stream(vol),), vol.dtype == torch.float64
+        core, dtype = c.cuda_core(), vol.dtype == torch.float64
+        scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, True))
+        extra = (scratch.data_ptr(), c.stream(vol))
     if target is None:
         result = core.descriptor_backward(dtype, upstream.contiguous().data_ptr(), *tail, *extra)
     else:

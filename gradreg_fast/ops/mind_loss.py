@@ -17,6 +17,13 @@ def _penalty_sum(a, b, squared, name):
     if name == "cpu":
         return torch.tensor(c.cpu_core().penalty_sum(c.dtype_name(a), a.data_ptr(), b.data_ptr(), a.numel(), squared,
                                                      c.threads()), dtype=a.dtype)
+    if name == "cuda" and hasattr(c.cuda_core(), "penalty_sum"):
+        core = c.cuda_core()
+        total = a.new_empty(())
+        scratch = c.workspace(a, core.penalty_workspace_bytes(a.numel()))
+        c.raise_cuda_error(OP, core.penalty_sum(a.dtype == torch.float64, a.data_ptr(), b.data_ptr(), a.numel(),
+                                                squared, total.data_ptr(), scratch.data_ptr(), c.stream(a)))
+        return total
     diff = a - b
     return (diff * diff if squared else diff.abs()).sum()
 

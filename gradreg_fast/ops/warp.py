@@ -65,9 +65,11 @@ def _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, n
             ptr(grad_flow), n, ch, d, h, w, padding, c.threads(),
         )
     else:
-        err = c.cuda_core().warp_backward(
+        core = c.cuda_core()
+        scratch = c.workspace(image, core.warp_workspace_bytes(n, ch, d, h, w, deterministic))
+        err = core.warp_backward(
             image.dtype == torch.float64, grad_out.data_ptr(), image.data_ptr(), flow.data_ptr(), ptr(grad_image),
-            ptr(grad_flow), n, ch, d, h, w, padding, deterministic, c.stream(image),
+            ptr(grad_flow), n, ch, d, h, w, padding, deterministic, scratch.data_ptr(), c.stream(image),
         )
         c.raise_cuda_error(OP, err)
     return grad_image, grad_flow

@@ -67,18 +67,22 @@ GR_HD T descriptor_clamped_variance(T variance, T m, T tiny, uint8_t& flag) {
   return vc > tiny ? vc : tiny;
 }
 
-// exp(x) for x <= 0, the only range the descriptor maps. On the host, float uses a branch-free
-// Cephes-style polynomial (relative error < 2e-7) because std::exp does not vectorise without
-// -ffast-math, which would also drop our NaN checks; below -87.3 it returns 0.
+// exp(x) for x <= 0 and log(x) for x > 0, the only ranges the descriptor needs. On the host,
+// float uses branch-free Cephes-style polynomials (relative error < 2e-7) because std::exp and
+// std::log do not vectorise without -ffast-math, which would also drop our NaN checks.
 template <typename T>
 GR_HD T exp_nonpositive(T x) {
   return exp(x);
+}
+template <typename T>
+GR_HD T log_positive(T x) {
+  return log(x);
 }
 
 #if !defined(__CUDA_ARCH__)
 template <>
 inline float exp_nonpositive<float>(float x) {
-  const bool underflow = x < -87.3f;
+  const bool underflow = x < -87.3f;  // exp(-87.3) is the smallest normal float: return 0 below
   x = underflow ? -87.3f : x;
   const float n = floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
@@ -96,11 +100,45 @@ inline float exp_nonpositive<float>(float x) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return underflow ? 0.0f : y * scale;
 }
+
+// For normal x > 0 (the caller never passes denormals).
+template <>
+inline float log_positive<float>(float x) {
+  int32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  __builtin_memcpy(&m, &bits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
 #endif
+
+// Descriptor value of one channel from its (min-subtracted) patch distance.
+template <typename T>
+GR_HD T descriptor_value(T patch, T vc) {
+  return exp_nonpositive(-patch / vc);
+}
 
 template <typename T>
 GR_HD void descriptor_finish(T* values, int64_t cs, int K, T vc) {
-  for (int k = 0; k < K; ++k) values[k * cs] = exp_nonpositive(-values[k * cs] / vc);
+  for (int k = 0; k < K; ++k) values[k * cs] = descriptor_value(values[k * cs], vc);
 }
 
 // Upstream gradient of the descriptor: a tensor, or the fused loss's penalty derivative.
@@ -122,33 +160,48 @@ struct UpstreamFromPenalty {
   }
 };
 
-// Gradient w.r.t. the K box sums of one voxel, from the descriptor values `out`, the clamped
-// variance and the flag byte. The patch distances are recovered as -vc * log(out); where out
-// underflowed to 0 its terms are 0 anyway (out * log(out) -> 0).
+// Gradient w.r.t. the K box sums of the B voxels p0 .. p0+B-1 (channel stride cs), from the
+// descriptor values `out`, the clamped variances and the flag bytes. B = 1 on the GPU (a thread
+// per voxel); the CPU passes blocks so that its channel-outer loops vectorise. The patch distances
+// are recovered as -vc * log(out); where out underflowed to 0 their terms vanish (out log out -> 0).
+template <int B, typename T, typename Upstream>
+GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K, const T* vc, const uint8_t* flag,
+                                     T tiny, T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box) {
+  T dvar[B], total[B];
+  for (int i = 0; i < B; ++i) dvar[i] = total[i] = T(0);
+  for (int k = 0; k < K; ++k) {
+    for (int i = 0; i < B; ++i) {
+      const int64_t e = p0 + i + k * cs;
+      const T o = out[e];
+      const T t = upstream(e, o) * o;
+      grad_box[e] = -t / vc[i];
+      // t * patch / vc^2 = -t * log(o) / vc; 0 for o below the smallest normal (then t ~ 0 too)
+      dvar[i] -= (o >= tiny ? t * log_positive(o >= tiny ? o : T(1)) : T(0)) / vc[i];
+    }
+  }
+  for (int i = 0; i < B; ++i) dvar[i] = (flag[i] & kInClampRange) ? dvar[i] / T(K) : T(0);
+  for (int k = 0; k < K; ++k) {
+    for (int i = 0; i < B; ++i) {
+      const int64_t e = p0 + i + k * cs;
+      grad_box[e] += dvar[i];
+      total[i] += grad_box[e];
+    }
+  }
+  if (subtract_min)
+    for (int i = 0; i < B; ++i) grad_box[p0 + i + (flag[i] & 0x7F) * cs] -= total[i];
+  for (int k = 0; k < K; ++k) {
+    for (int i = 0; i < B; ++i) {
+      const int64_t e = p0 + i + k * cs;
+      // vc <= tiny only on a constant volume, where the descriptor is locally constant
+      grad_box[e] = vc[i] > tiny ? grad_box[e] * inv_box : T(0);
+    }
+  }
+}
+
 template <typename T, typename Upstream>
-GR_HD void descriptor_backward_voxel(const T* out, int64_t p, int64_t cs, int K, T vc, uint8_t flag,
-                                     T tiny, T inv_box, bool subtract_min, const Upstream& upstream,
-                                     T* grad_box) {
-  if (!(vc > tiny)) {  // constant volume: the descriptor is locally constant
-    for (int k = 0; k < K; ++k) grad_box[p + k * cs] = T(0);
-    return;
-  }
-  T g[kMaxDescriptorChannels];
-  T dvar = T(0);
-  for (int k = 0; k < K; ++k) {
-    const T o = out[p + k * cs];
-    const T t = upstream(p + k * cs, o) * o;
-    g[k] = -t / vc;
-    if (o > T(0)) dvar -= t * log(o) / vc;
-  }
-  if (!(flag & kInClampRange)) dvar = T(0);
-  T total = T(0);
-  for (int k = 0; k < K; ++k) {
-    g[k] += dvar / T(K);
-    total += g[k];
-  }
-  if (subtract_min) g[flag & 0x7F] -= total;
-  for (int k = 0; k < K; ++k) grad_box[p + k * cs] = g[k] * inv_box;
+GR_HD void descriptor_backward_voxel(const T* out, int64_t p, int64_t cs, int K, T vc, uint8_t flag, T tiny,
+                                     T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box) {
+  descriptor_backward_block<1>(out, p, cs, K, &vc, &flag, tiny, inv_box, subtract_min, upstream, grad_box);
 }
 
 }  // namespace gradreg
