@@ -61,8 +61,14 @@ def dtype_name(t: torch.Tensor) -> str:
     return "float64" if t.dtype == torch.float64 else "float32"
 
 
-def threads() -> int:
-    return torch.get_num_threads()
+# Below this many elements, starting an OpenMP team costs more than the work (and much more on a
+# loaded machine), so small calls run on one thread.
+_PARALLEL_MIN_ELEMENTS = 32768
+
+
+def threads(numel: int) -> int:
+    """torch's thread setting, or 1 for small calls."""
+    return torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1
 
 
 def stream(t: torch.Tensor) -> int:

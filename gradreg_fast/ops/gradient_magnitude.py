@@ -23,7 +23,7 @@ def _launch_forward(vol: torch.Tensor, eps: float, backend: str) -> torch.Tensor
     n, ch, d, h, w = vol.shape
     if name == "cpu":
         c.cpu_core().gradient_magnitude_forward(
-            c.dtype_name(vol), vol.data_ptr(), out.data_ptr(), n * ch, d, h, w, eps, c.threads()
+            c.dtype_name(vol), vol.data_ptr(), out.data_ptr(), n * ch, d, h, w, eps, c.threads(vol.numel())
         )
     else:
         err = c.cuda_core().gradient_magnitude_forward(
@@ -49,7 +49,7 @@ def _launch_backward(grad_out, vol, out, eps, backend):
     if name == "cpu":
         c.cpu_core().gradient_magnitude_backward(
             c.dtype_name(vol), grad_out.data_ptr(), vol.data_ptr(), out.data_ptr(), grad_vol.data_ptr(),
-            n * ch, d, h, w, c.threads(),
+            n * ch, d, h, w, c.threads(vol.numel()),
         )
     else:
         err = c.cuda_core().gradient_magnitude_backward(

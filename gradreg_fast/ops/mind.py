@@ -43,7 +43,7 @@ def descriptor_forward(vol, kind, radius, dilation, per_item, backend):
     args = (out.data_ptr(), variance.data_ptr(), flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation,
             subtract_min, per_item)
     if name == "cpu":
-        c.cpu_core().descriptor_forward(c.dtype_name(vol), vol.data_ptr(), *args, c.threads())
+        c.cpu_core().descriptor_forward(c.dtype_name(vol), vol.data_ptr(), *args, c.threads(vol.numel()))
     else:
         core = c.cuda_core()
         scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, False))
@@ -83,17 +83,20 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
     tail = (out.data_ptr(), vol.data_ptr(), variance.data_ptr(), flags.data_ptr(), grad_vol.data_ptr(), n, d, h, w,
             _FLAT[kind], radius, dilation, subtract_min)
     if name == "cpu":
-        core, extra, dtype = c.cpu_core(), (c.threads(),), c.dtype_name(vol)
+        core, extra, dtype = c.cpu_core(), (c.threads(vol.numel()),), c.dtype_name(vol)
     else:
         core, dtype = c.cuda_core(), vol.dtype == torch.float64
         scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, True))
         extra = (scratch.data_ptr(), c.stream(vol))
+    # Every temporary whose pointer is passed stays bound to a name until the kernel has run.
     if target is None:
-        result = core.descriptor_backward(dtype, upstream.contiguous().data_ptr(), *tail, *extra)
+        upstream = upstream.contiguous()
+        result = core.descriptor_backward(dtype, upstream.data_ptr(), *tail, *extra)
     else:
         target = target.contiguous()
         # CUDA reads the scalar on the device (no sync); on CPU reading it is free.
-        scale = upstream.to(vol.dtype).contiguous().data_ptr() if name == "cuda" else float(upstream)
+        scale_tensor = upstream.to(vol.dtype).contiguous()
+        scale = scale_tensor.data_ptr() if name == "cuda" else float(upstream)
         result = core.descriptor_loss_backward(dtype, scale, squared, target.data_ptr(), *tail, *extra)
     if name == "cuda":
         c.raise_cuda_error(OP, result)

@@ -16,7 +16,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 def _penalty_sum(a, b, squared, name):
     if name == "cpu":
         return torch.tensor(c.cpu_core().penalty_sum(c.dtype_name(a), a.data_ptr(), b.data_ptr(), a.numel(), squared,
-                                                     c.threads()), dtype=a.dtype)
+                                                     c.threads(a.numel())), dtype=a.dtype)
     if name == "cuda" and hasattr(c.cuda_core(), "penalty_sum"):
         core = c.cuda_core()
         total = a.new_empty(())

@@ -27,7 +27,7 @@ def _launch_forward(image, flow, mode, padding_mode, backend):
     if name == "cpu":
         c.cpu_core().warp_forward(
             c.dtype_name(image), image.data_ptr(), flow.data_ptr(), out.data_ptr(), n, ch, d, h, w, nearest, padding,
-            c.threads(),
+            c.threads(image.numel() + flow.numel()),
         )
     else:
         err = c.cuda_core().warp_forward(
@@ -43,8 +43,16 @@ def _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, n
     if name == "cuda" and not hasattr(c.cuda_core(), "warp_backward"):
         name = "reference"
     if mode == "nearest":
-        # Piecewise constant in the flow: no flow gradient; the image gradient is a rare, cheap scatter.
-        name, need_flow = "reference", False
+        # Piecewise constant in the flow: no flow gradient. The image gradient is a plain scatter;
+        # index_put_ with accumulate sums duplicates in a fixed order on every device.
+        n, ch = image.shape[:2]
+        idx, valid = reference.warp_nearest_source(flow, padding_mode)
+        contributions = (grad_out.reshape(n, ch, -1) * valid.unsqueeze(1).to(grad_out.dtype))
+        grad_image = torch.zeros_like(image).reshape(n, ch, -1)
+        batch = torch.arange(n, device=image.device).view(n, 1, 1).expand(n, ch, idx.shape[1])
+        channel = torch.arange(ch, device=image.device).view(1, ch, 1).expand(n, ch, idx.shape[1])
+        grad_image.index_put_((batch, channel, idx.unsqueeze(1).expand(n, ch, -1)), contributions, accumulate=True)
+        return grad_image.reshape(image.shape), None
     if name == "reference":
         fn = lambda i, f: reference.warp(i, f, mode, padding_mode)  # noqa: E731
         return tuple(c.reference_vjp(fn, [image, flow], grad_out, [need_image, need_flow]))
@@ -62,7 +70,7 @@ def _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, n
         # One deterministic path: private per-thread accumulation, summed in thread order.
         c.cpu_core().warp_backward(
             c.dtype_name(image), grad_out.data_ptr(), image.data_ptr(), flow.data_ptr(), ptr(grad_image),
-            ptr(grad_flow), n, ch, d, h, w, padding, c.threads(),
+            ptr(grad_flow), n, ch, d, h, w, padding, c.threads(image.numel() + flow.numel()),
         )
     else:
         core = c.cuda_core()

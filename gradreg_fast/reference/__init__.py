@@ -7,8 +7,9 @@ torch operations, so autograd gives their backward.
 """
 
 from .gradient_magnitude import gradient_magnitude
+from .warp import nearest_source as warp_nearest_source
 from .warp import warp
 from .mind import mind, mind_ssc, mind_ssc_convexadam
 from .mind_loss import mind_loss
 
-__all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss"]
+__all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source"]

@@ -37,7 +37,11 @@ def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False):
     dims = tuple(range(1, variance.dim())) if per_item else tuple(range(variance.dim()))
     m = variance.detach().mean(dim=dims, keepdim=True)
     clamped = torch.minimum(torch.maximum(variance, 0.001 * m), 1000 * m)
-    clamped = clamped.clamp_min(torch.finfo(vol.dtype).tiny)
+    # As the fused kernels: at least the smallest normal number. Only a constant volume has m = 0,
+    # and then every patch distance is 0 too: dividing by 1 there gives the same value (1) and a
+    # finite (zero) gradient instead of 0/0.
+    tiny = torch.finfo(vol.dtype).tiny
+    clamped = torch.where(clamped > 0, clamped.clamp_min(tiny), torch.ones_like(clamped))
     return torch.exp(-patch / clamped)
 
 

@@ -12,6 +12,25 @@ def _corner_weights(coord: torch.Tensor, size: int, padding_mode: str):
     return lo, hi, frac
 
 
+def nearest_source(flow: torch.Tensor, padding_mode: str):
+    """For mode="nearest": the flat source index of each output voxel and whether it is inside,
+    each (N, D*H*W). Rounds half to even, as grid_sample does."""
+    n, _, *spatial = flow.shape
+    base = torch.meshgrid(*[torch.arange(s, device=flow.device, dtype=flow.dtype) for s in spatial], indexing="ij")
+    strides = (spatial[1] * spatial[2], spatial[2], 1)
+    idx = torch.zeros((n, *spatial), dtype=torch.long, device=flow.device)
+    valid = torch.ones((n, *spatial), dtype=torch.bool, device=flow.device)
+    for k in range(3):
+        coord = base[k].unsqueeze(0) + flow[:, k]
+        if padding_mode == "border":
+            coord = coord.clamp(0, spatial[k] - 1)
+        valid &= torch.isfinite(coord)
+        r = torch.round(torch.nan_to_num(coord, nan=-1.0).clamp(-1, spatial[k])).long()
+        valid &= (r >= 0) & (r < spatial[k])
+        idx += r.clamp(0, spatial[k] - 1) * strides[k]
+    return idx.reshape(n, -1), valid.reshape(n, -1)
+
+
 def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """Reference for :func:`gradreg_fast.warp`, written as an explicit 8-corner gather.
 
@@ -27,17 +46,9 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddin
     strides = (spatial[1] * spatial[2], spatial[2], 1)
 
     if mode == "nearest":
-        idx = torch.zeros_like(coords[0], dtype=torch.long)
-        valid = torch.ones_like(coords[0], dtype=torch.bool)
-        for k in range(3):
-            coord = coords[k]
-            if padding_mode == "border":
-                coord = coord.clamp(0, spatial[k] - 1)
-            r = torch.round(coord).long()  # round half to even, as grid_sample
-            valid &= (r >= 0) & (r < spatial[k])
-            idx = idx + r.clamp(0, spatial[k] - 1) * strides[k]
-        out = torch.gather(flat, 2, idx.reshape(n, 1, -1).expand(n, c, -1))
-        return (out * valid.reshape(n, 1, -1).to(out.dtype)).reshape(image.shape)
+        idx, valid = nearest_source(flow, padding_mode)
+        out = torch.gather(flat, 2, idx.unsqueeze(1).expand(n, c, -1))
+        return (out * valid.unsqueeze(1).to(out.dtype)).reshape(image.shape)
 
     axes = [_corner_weights(coords[k], spatial[k], padding_mode) for k in range(3)]
     out = torch.zeros_like(image).reshape(n, c, -1)

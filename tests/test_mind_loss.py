@@ -1,0 +1,225 @@
+"""mind_loss and MINDLoss: the fused loss against the reference, reductions, gradients to either
+image, dtypes and bad input."""
+
+import pytest
+import torch
+from conftest import make_volume, value_and_grads
+
+import gradreg_fast
+from gradreg_fast import reference
+
+CHANNELS = {"ssc": 12, "mind": 6}
+SHAPES = [(2, 1, 5, 4, 7), (1, 1, 1, 5, 6), (2, 1, 4, 1, 5), (1, 1, 3, 5, 1)]
+
+
+def _pair(shape, dtype, noncontiguous, gen):
+    return make_volume(shape, dtype, noncontiguous, gen), make_volume(shape, dtype, noncontiguous, gen)
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_matches_reference(descriptor, penalty, reduction, shape, dtype, gen):
+    # `fixed` needs no gradient and the reduction is a scalar: the fused op runs.
+    warped, fixed = _pair(shape, dtype, dtype == torch.float64, gen)
+    kwargs = dict(descriptor=descriptor, penalty=penalty, reduction=reduction)
+    loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed, backend="cpu", **kwargs), [warped])
+    ref_loss, (ref_grad,) = value_and_grads(lambda w: reference.mind_loss(w, fixed, **kwargs), [warped])
+    assert loss.shape == () and loss.dtype == dtype
+    tight = dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10 if tight else 1e-5, atol=0 if tight else 1e-6)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8 if tight else 1e-4, atol=(1e-10 if tight else 1e-4) * scale)
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("per_item", [False, True])
+@pytest.mark.parametrize("radius, dilation", [(None, None), (1, 2), (0, 1)])
+def test_options_reach_the_descriptor(descriptor, per_item, radius, dilation, gen):
+    # Items of very different scales, so that per_item changes the result.
+    warped = torch.cat([make_volume((1, 1, 5, 6, 4), generator=gen), make_volume((1, 1, 5, 6, 4), generator=gen) * 300])
+    fixed = torch.cat([make_volume((1, 1, 5, 6, 4), generator=gen), make_volume((1, 1, 5, 6, 4), generator=gen) * 300])
+    kwargs = dict(descriptor=descriptor, radius=radius, dilation=dilation, per_item=per_item)
+    loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed, backend="cpu", **kwargs), [warped])
+    ref_loss, (ref_grad,) = value_and_grads(lambda w: reference.mind_loss(w, fixed, **kwargs), [warped])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10 * ref_grad.abs().max().item())
+
+
+def test_defaults_are_mind_ssc_l1_mean(gen):
+    warped, fixed = _pair((2, 1, 5, 4, 6), torch.float64, False, gen)
+    expected = (gradreg_fast.mind_ssc(warped, 2, 2) - gradreg_fast.mind_ssc(fixed, 2, 2)).abs().mean()
+    torch.testing.assert_close(gradreg_fast.mind_loss(warped, fixed, backend="cpu"), expected, rtol=1e-12, atol=0)
+    expected = (gradreg_fast.mind(warped, 1, 1) - gradreg_fast.mind(fixed, 1, 1)).square().sum()
+    torch.testing.assert_close(gradreg_fast.mind_loss(warped, fixed, "mind", "l2", reduction="sum", backend="cpu"),
+                               expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_reductions_agree(descriptor, penalty, gen):
+    warped, fixed = _pair((2, 1, 5, 4, 3), torch.float64, True, gen)
+    kwargs = dict(descriptor=descriptor, penalty=penalty, backend="cpu")
+    per_element = gradreg_fast.mind_loss(warped, fixed, reduction="none", **kwargs)
+    assert per_element.shape == (2, CHANNELS[descriptor], 5, 4, 3)
+    torch.testing.assert_close(per_element, reference.mind_loss(warped, fixed, descriptor, penalty, reduction="none"),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradreg_fast.mind_loss(warped, fixed, reduction="mean", **kwargs), per_element.mean(),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(gradreg_fast.mind_loss(warped, fixed, reduction="sum", **kwargs), per_element.sum(),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_fused(descriptor, penalty, reduction, gen):
+    warped, fixed = _pair((1, 1, 5, 4, 6), torch.float64, False, gen)
+    warped.requires_grad_()
+
+    def loss(w):
+        return gradreg_fast.mind_loss(w, fixed, descriptor, penalty, reduction=reduction, backend="cpu")
+
+    assert torch.autograd.gradcheck(loss, (warped,))
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_both_inputs(descriptor, penalty, reduction, gen):
+    # `fixed` requires grad (or the reduction is "none"): the composed path, differentiable in both.
+    warped, fixed = _pair((1, 1, 4, 3, 5), torch.float64, True, gen)
+    warped.requires_grad_()
+    fixed.requires_grad_()
+
+    def loss(w, f):
+        return gradreg_fast.mind_loss(w, f, descriptor, penalty, reduction=reduction, backend="cpu")
+
+    assert torch.autograd.gradcheck(loss, (warped, fixed))
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+def test_fixed_gradient_matches_reference(descriptor, gen):
+    warped, fixed = _pair((2, 1, 5, 4, 3), torch.float64, False, gen)
+    fn = lambda w, f: gradreg_fast.mind_loss(w, f, descriptor, backend="cpu")  # noqa: E731
+    ref = lambda w, f: reference.mind_loss(w, f, descriptor)  # noqa: E731
+    loss, grads = value_and_grads(fn, [warped, fixed])
+    ref_loss, ref_grads = value_and_grads(ref, [warped, fixed])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_gradient_to_fixed_when_it_does_not_require_it(reduction, gen):
+    warped, fixed = _pair((1, 1, 4, 5, 3), torch.float64, False, gen)
+    warped.requires_grad_()
+    loss = gradreg_fast.mind_loss(warped, fixed, reduction=reduction, backend="cpu")
+    loss.sum().backward()
+    assert fixed.grad is None and not fixed.requires_grad
+    assert warped.grad is not None and warped.grad.abs().sum() > 0
+
+
+def test_fused_and_composed_paths_agree(gen):
+    warped, fixed = _pair((2, 1, 5, 4, 6), torch.float64, False, gen)
+    fused, (fused_grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed, backend="cpu"), [warped])
+    composed, (composed_grad, _) = value_and_grads(lambda w, f: gradreg_fast.mind_loss(w, f, backend="cpu"),
+                                                   [warped, fixed])
+    torch.testing.assert_close(fused, composed, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fused_grad, composed_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_identical_images_give_zero_loss(gen):
+    vol = make_volume((1, 1, 5, 4, 6), generator=gen)
+    for penalty in ("l1", "l2"):
+        assert gradreg_fast.mind_loss(vol, vol.clone(), penalty=penalty, backend="cpu").item() == 0.0
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_module_equals_functional(descriptor, reduction, gen):
+    warped, fixed = _pair((2, 1, 4, 5, 3), torch.float32, False, gen)
+    module = gradreg_fast.MINDLoss(descriptor, "l2", radius=1, dilation=2, reduction=reduction, per_item=True,
+                                   backend="cpu")
+    assert isinstance(module, torch.nn.Module) and "descriptor=" in repr(module)
+    expected = gradreg_fast.mind_loss(warped, fixed, descriptor, "l2", 1, 2, reduction, True, "cpu")
+    assert torch.equal(module(warped, fixed), expected)
+
+
+def test_module_default_is_the_functional_default(gen):
+    warped, fixed = _pair((1, 1, 4, 5, 3), torch.float64, False, gen)
+    assert torch.equal(gradreg_fast.MINDLoss()(warped, fixed), gradreg_fast.mind_loss(warped, fixed))
+
+
+def test_does_not_modify_inputs(gen):
+    warped, fixed = _pair((1, 1, 4, 5, 3), torch.float32, True, gen)
+    before = warped.clone(), fixed.clone()
+    gradreg_fast.mind_loss(warped.requires_grad_(), fixed, backend="cpu").backward()
+    assert torch.equal(warped.detach(), before[0]) and torch.equal(fixed, before[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype, gen):
+    warped, fixed = _pair((1, 1, 5, 4, 6), dtype, False, gen)
+    warped.requires_grad_()
+    loss = gradreg_fast.mind_loss(warped, fixed, backend="cpu")
+    assert loss.dtype == dtype
+    loss32, (grad32,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed.float(), backend="cpu"),
+                                        [warped.detach().float()])
+    torch.testing.assert_close(loss, loss32.to(dtype))
+    loss.backward()
+    assert warped.grad.dtype == dtype
+    torch.testing.assert_close(warped.grad, grad32.to(dtype))
+
+
+class TestBadInput:
+    vol = torch.ones(1, 1, 4, 5, 6)
+
+    def test_wrong_rank(self):
+        with pytest.raises(ValueError, match="`warped` must have 5 dimensions"):
+            gradreg_fast.mind_loss(self.vol[0], self.vol)
+        with pytest.raises(ValueError, match="`fixed` must have 5 dimensions"):
+            gradreg_fast.mind_loss(self.vol, self.vol[0])
+
+    def test_integer_dtype(self):
+        with pytest.raises(TypeError, match="`fixed` must be a floating-point tensor"):
+            gradreg_fast.mind_loss(self.vol, self.vol.long())
+
+    def test_different_dtypes(self):
+        with pytest.raises(TypeError, match="`warped` is torch.float32 but `fixed` is torch.float64"):
+            gradreg_fast.mind_loss(self.vol, self.vol.double())
+
+    def test_different_devices(self):
+        with pytest.raises(ValueError, match="`warped` is on cpu but `fixed` is on meta"):
+            gradreg_fast.mind_loss(self.vol, self.vol.to("meta"))
+
+    def test_empty(self):
+        with pytest.raises(ValueError, match="`warped` must not be empty"):
+            gradreg_fast.mind_loss(self.vol[..., :0], self.vol[..., :0])
+
+    def test_more_than_one_channel(self):
+        with pytest.raises(ValueError, match="`warped` must have 1 channel"):
+            gradreg_fast.mind_loss(torch.ones(1, 2, 4, 5, 6), torch.ones(1, 2, 4, 5, 6))
+
+    @pytest.mark.parametrize("other_shape", [(2, 1, 4, 5, 6), (1, 1, 4, 5, 7)])
+    def test_shape_mismatch(self, other_shape):
+        with pytest.raises(ValueError, match="`warped` and `fixed` must have the same shapes"):
+            gradreg_fast.mind_loss(self.vol, torch.ones(other_shape))
+
+    def test_bad_radius_and_dilation(self):
+        with pytest.raises(ValueError, match="`radius` must be an int >= 0"):
+            gradreg_fast.mind_loss(self.vol, self.vol, radius=-1)
+        with pytest.raises(ValueError, match="`dilation` must be an int >= 1"):
+            gradreg_fast.mind_loss(self.vol, self.vol, dilation=0)
+
+    @pytest.mark.parametrize("argument, value", [("descriptor", "mind-ssc"), ("penalty", "l3"),
+                                                 ("reduction", "max"), ("backend", "gpu")])
+    def test_bad_strings(self, argument, value):
+        with pytest.raises(ValueError, match=f"`{argument}` must be one of"):
+            gradreg_fast.mind_loss(self.vol, self.vol, **{argument: value})
+
+    def test_module_checks_on_call(self):
+        with pytest.raises(ValueError, match="`penalty` must be one of"):
+            gradreg_fast.MINDLoss(penalty="huber")(self.vol, self.vol)
