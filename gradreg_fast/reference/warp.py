@@ -2,14 +2,25 @@ import torch
 
 
 def _corner_weights(coord: torch.Tensor, size: int, padding_mode: str):
-    """Floor index, fractional weight and in-bounds masks along one axis."""
+    """Floor index, fractional weight and finiteness along one axis.
+
+    Border padding clips the coordinate, with a zero gradient on and beyond the border, as
+    grid_sample (torch.clamp would pass the gradient at the bounds themselves). A non-finite
+    coordinate samples nothing.
+    """
+    finite = torch.isfinite(coord)
+    coord = torch.where(finite, coord, torch.full_like(coord, -2.0))
     if padding_mode == "border":
-        coord = coord.clamp(0, size - 1)
-    lo = torch.floor(coord)
+        inside = (coord > 0) & (coord < size - 1)
+        coord = torch.where(inside, coord, coord.detach().clamp(0, size - 1))
+    else:  # far outside every corner is outside: bounding the coordinate keeps the weights finite
+        near = (coord >= -2) & (coord <= size + 1)
+        coord = torch.where(near, coord, coord.detach().clamp(-2, size + 1))
+    lo = torch.floor(coord.detach())
     frac = coord - lo
     lo = lo.long()
     hi = lo + 1
-    return lo, hi, frac
+    return lo, hi, frac, finite
 
 
 def nearest_source(flow: torch.Tensor, padding_mode: str):
@@ -57,7 +68,8 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddin
         idx = torch.zeros_like(coords[0], dtype=torch.long)
         valid = torch.ones_like(coords[0], dtype=torch.bool)
         for k in range(3):
-            lo, hi, frac = axes[k]
+            lo, hi, frac, finite = axes[k]
+            valid &= finite
             use_hi = (corner >> (2 - k)) & 1
             i = hi if use_hi else lo
             weight = weight * (frac if use_hi else 1 - frac)
