@@ -59,6 +59,10 @@ def _import(module: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
+# The CUDA core's forward entry point of an op, where it is not f"{op}_forward".
+_CUDA_ENTRY_POINTS = {"mind": "descriptor_forward"}
+
+
 def cpu_core():
     return _import("gradreg_fast._C")[0]
 
@@ -104,7 +108,7 @@ def problem(backend: str, device: torch.device, op: str) -> str | None:
         why = _cuda_device_problem(device.index if device.index is not None else torch.cuda.current_device())
         if why:
             return why
-        if not hasattr(cuda_core(), f"{op}_forward"):
+        if not hasattr(cuda_core(), _CUDA_ENTRY_POINTS.get(op, f"{op}_forward")):
             return f"the CUDA core has no kernel for {op} yet"
         return None
     if backend == "triton":

@@ -190,7 +190,7 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
                         int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
                         bool per_item, int threads) {
   const int64_t DHW = D * H * W;
-  const T inv_box = T(1) / T((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1));
+  const T inv_box = T(1) / T(double(2 * radius + 1) * double(2 * radius + 1) * double(2 * radius + 1));
   // Tasks are (item, channel, z-chunk): enough of them to keep every thread busy even for one item.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (2 * threads + N * K - 1) / (N * K)));
 #pragma omp parallel num_threads(threads)
@@ -254,7 +254,7 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
                                      int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                      bool subtract_min, int threads) {
   const int64_t DHW = D * H * W;
-  const T inv_box = T(1) / T((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1));
+  const T inv_box = T(1) / T(double(2 * radius + 1) * double(2 * radius + 1) * double(2 * radius + 1));
   const T tiny = std::numeric_limits<T>::min();
   std::vector<T> grad_box(N * K * DHW);
   for (int64_t n = 0; n < N; ++n) {

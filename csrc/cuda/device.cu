@@ -1,7 +1,6 @@
-#include <cuda_runtime.h>
-
 #include <string>
 
+#include "kernel_utils.cuh"
 #include "launch.h"
 
 namespace gradreg {

@@ -1,16 +1,57 @@
-// Host entry points of the CUDA core. Each takes raw device pointers, sizes and the caller's
-// stream (torch's current stream, passed as an integer), and returns the launch's error string
-// ("" on success) so that Python can raise it.
+// Host entry points of the CUDA core. Each takes raw device pointers (0 = "not needed" where an
+// argument is optional), sizes and the caller's stream (torch's current stream, as an integer),
+// launches asynchronously on that stream, and returns "" on success or an error string (bad
+// arguments, or the launch's CUDA error) for Python to raise. Nothing here synchronises with the
+// host or allocates device memory: scratch space comes from the caller's `workspace`, a buffer
+// of at least *_workspace_bytes(...) bytes (any alignment), whose size is passed along so that
+// a short one is reported instead of overrun. The *_workspace_bytes functions throw on bad sizes.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace gradreg {
 namespace cuda {
 
 std::string gradient_magnitude_forward(bool is_double, uintptr_t vol, uintptr_t out, int64_t NC, int64_t D,
                                        int64_t H, int64_t W, double eps, uintptr_t stream);
+std::string gradient_magnitude_backward(bool is_double, uintptr_t grad_out, uintptr_t vol, uintptr_t out,
+                                        uintptr_t grad_vol, int64_t NC, int64_t D, int64_t H, int64_t W,
+                                        uintptr_t stream);
+
+// padding: 0 zeros, 1 border. grad_image or grad_flow may be 0. The workspace is used only for
+// deterministic=True with grad_image (else pass 0, 0).
+std::string warp_forward(bool is_double, uintptr_t image, uintptr_t flow, uintptr_t out, int64_t N, int64_t C,
+                         int64_t D, int64_t H, int64_t W, bool nearest, int padding, uintptr_t stream);
+std::string warp_backward(bool is_double, uintptr_t grad_out, uintptr_t image, uintptr_t flow, uintptr_t grad_image,
+                          uintptr_t grad_flow, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding,
+                          bool deterministic, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t warp_workspace_bytes(int64_t N, int64_t D, int64_t H, int64_t W, bool deterministic);
+
+// pairs: 6 ints per channel (a_z, a_y, a_x, b_z, b_y, b_x), 1 to 12 channels. scale (loss
+// backward): a device pointer to one scalar of the compute dtype, read by the kernel.
+std::string descriptor_forward(bool is_double, uintptr_t vol, uintptr_t out, uintptr_t variance, uintptr_t flags,
+                               int64_t N, int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius,
+                               int dilation, bool subtract_min, bool per_item, uintptr_t workspace,
+                               int64_t workspace_bytes, uintptr_t stream);
+std::string descriptor_backward(bool is_double, uintptr_t grad_out, uintptr_t out, uintptr_t vol, uintptr_t variance,
+                                uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
+                                const std::vector<int>& pairs, int radius, int dilation, bool subtract_min,
+                                uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+std::string descriptor_loss_backward(bool is_double, uintptr_t scale, bool squared, uintptr_t target, uintptr_t out,
+                                     uintptr_t vol, uintptr_t variance, uintptr_t flags, uintptr_t grad_vol, int64_t N,
+                                     int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius,
+                                     int dilation, bool subtract_min, uintptr_t workspace, int64_t workspace_bytes,
+                                     uintptr_t stream);
+// K: channels; backward: size for descriptor_backward / descriptor_loss_backward, else forward.
+int64_t descriptor_workspace_bytes(bool is_double, int64_t N, int64_t D, int64_t H, int64_t W, int64_t K,
+                                   bool backward);
+
+// out: a device pointer to one scalar of the compute dtype.
+std::string penalty_sum(bool is_double, uintptr_t a, uintptr_t b, int64_t numel, bool squared, uintptr_t out,
+                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t penalty_workspace_bytes(int64_t numel);
 
 // Compute capabilities with SASS in this binary, and the PTX one (JIT-compiled on newer GPUs).
 int ptx_architecture();

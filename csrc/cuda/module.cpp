@@ -1,14 +1,47 @@
 // Python bindings of the CUDA core (compiled by the host compiler; kernels live in *.cu).
+// Pointers arrive as integers (tensor.data_ptr()); the Python side has already checked
+// shapes, dtypes, devices and contiguity. The GIL is released while the host code runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "launch.h"
 
 namespace py = pybind11;
+using namespace pybind11::literals;
 
-PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "gradreg_fast CUDA core (raw pointers, caller's stream, cudart linked statically)";
+// The module name can be overridden for the CPU-emulation build of the tests.
+#ifndef GRADREG_CUDA_MODULE
+#define GRADREG_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
+  namespace gc = gradreg::cuda;
+  m.doc() = "gradreg_fast CUDA core (raw pointers, caller's stream, caller's workspace, cudart linked statically)";
   py::call_guard<py::gil_scoped_release> nogil;
-  m.def("gradient_magnitude_forward", &gradreg::cuda::gradient_magnitude_forward, nogil);
-  m.def("ptx_architecture", &gradreg::cuda::ptx_architecture);
-  m.def("device_check", &gradreg::cuda::device_check, nogil);
+  m.def("gradient_magnitude_forward", &gc::gradient_magnitude_forward, "is_double"_a, "vol"_a, "out"_a, "NC"_a, "D"_a,
+        "H"_a, "W"_a, "eps"_a, "stream"_a, nogil);
+  m.def("gradient_magnitude_backward", &gc::gradient_magnitude_backward, "is_double"_a, "grad_out"_a, "vol"_a,
+        "out"_a, "grad_vol"_a, "NC"_a, "D"_a, "H"_a, "W"_a, "stream"_a, nogil);
+  m.def("warp_forward", &gc::warp_forward, "is_double"_a, "image"_a, "flow"_a, "out"_a, "N"_a, "C"_a, "D"_a, "H"_a,
+        "W"_a, "nearest"_a, "padding"_a, "stream"_a, nogil);
+  m.def("warp_backward", &gc::warp_backward, "is_double"_a, "grad_out"_a, "image"_a, "flow"_a, "grad_image"_a,
+        "grad_flow"_a, "N"_a, "C"_a, "D"_a, "H"_a, "W"_a, "padding"_a, "deterministic"_a, "workspace"_a,
+        "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("warp_workspace_bytes", &gc::warp_workspace_bytes, "N"_a, "D"_a, "H"_a, "W"_a, "deterministic"_a, nogil);
+  m.def("descriptor_forward", &gc::descriptor_forward, "is_double"_a, "vol"_a, "out"_a, "variance"_a, "flags"_a,
+        "N"_a, "D"_a, "H"_a, "W"_a, "pairs"_a, "radius"_a, "dilation"_a, "subtract_min"_a, "per_item"_a,
+        "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("descriptor_backward", &gc::descriptor_backward, "is_double"_a, "grad_out"_a, "out"_a, "vol"_a, "variance"_a,
+        "flags"_a, "grad_vol"_a, "N"_a, "D"_a, "H"_a, "W"_a, "pairs"_a, "radius"_a, "dilation"_a, "subtract_min"_a,
+        "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("descriptor_loss_backward", &gc::descriptor_loss_backward, "is_double"_a, "scale"_a, "squared"_a,
+        "target"_a, "out"_a, "vol"_a, "variance"_a, "flags"_a, "grad_vol"_a, "N"_a, "D"_a, "H"_a, "W"_a, "pairs"_a,
+        "radius"_a, "dilation"_a, "subtract_min"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("descriptor_workspace_bytes", &gc::descriptor_workspace_bytes, "is_double"_a, "N"_a, "D"_a, "H"_a, "W"_a,
+        "K"_a, "backward"_a, nogil);
+  m.def("penalty_sum", &gc::penalty_sum, "is_double"_a, "a"_a, "b"_a, "numel"_a, "squared"_a, "out"_a,
+        "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("penalty_workspace_bytes", &gc::penalty_workspace_bytes, "numel"_a, nogil);
+  m.def("ptx_architecture", &gc::ptx_architecture);
+  m.def("device_check", &gc::device_check, "device"_a, nogil);
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _backend
@@ -69,6 +71,11 @@ _PARALLEL_MIN_ELEMENTS = 32768
 def threads(numel: int) -> int:
     """torch's thread setting, or 1 for small calls."""
     return torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1
+
+
+def on_device_of(t: torch.Tensor):
+    """Make ``t``'s GPU current while a kernel is launched on it (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def stream(t: torch.Tensor) -> int:

@@ -62,7 +62,8 @@ def _launch_backward(grad_out, vol, out, eps, backend):
 
 @torch.library.custom_op("gradreg::gradient_magnitude", mutates_args=())
 def _gradient_magnitude_op(vol: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    return _launch_forward(vol, eps, backend)
+    with c.on_device_of(vol):
+        return _launch_forward(vol, eps, backend)
 
 
 @_gradient_magnitude_op.register_fake
@@ -74,7 +75,8 @@ def _(vol, eps, backend):
 def _gradient_magnitude_backward_op(
     grad_out: torch.Tensor, vol: torch.Tensor, out: torch.Tensor, eps: float, backend: str
 ) -> torch.Tensor:
-    return _launch_backward(grad_out, vol, out, eps, backend)
+    with c.on_device_of(vol):
+        return _launch_backward(grad_out, vol, out, eps, backend)
 
 
 @_gradient_magnitude_backward_op.register_fake

@@ -46,9 +46,11 @@ def descriptor_forward(vol, kind, radius, dilation, per_item, backend):
         c.cpu_core().descriptor_forward(c.dtype_name(vol), vol.data_ptr(), *args, c.threads(vol.numel()))
     else:
         core = c.cuda_core()
-        scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, False))
-        c.raise_cuda_error(OP, core.descriptor_forward(vol.dtype == torch.float64, vol.data_ptr(), *args,
-                                                       scratch.data_ptr(), c.stream(vol)))
+        is_double = vol.dtype == torch.float64
+        nbytes = core.descriptor_workspace_bytes(is_double, n, d, h, w, len(pairs), False)
+        scratch = c.workspace(vol, nbytes)
+        c.raise_cuda_error(OP, core.descriptor_forward(is_double, vol.data_ptr(), *args, scratch.data_ptr(), nbytes,
+                                                       c.stream(vol)))
     return out, variance, flags
 
 
@@ -86,8 +88,9 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
         core, extra, dtype = c.cpu_core(), (c.threads(vol.numel()),), c.dtype_name(vol)
     else:
         core, dtype = c.cuda_core(), vol.dtype == torch.float64
-        scratch = c.workspace(vol, core.descriptor_workspace_bytes(n, d, h, w, len(pairs), radius, True))
-        extra = (scratch.data_ptr(), c.stream(vol))
+        nbytes = core.descriptor_workspace_bytes(dtype, n, d, h, w, len(pairs), True)
+        scratch = c.workspace(vol, nbytes)
+        extra = (scratch.data_ptr(), nbytes, c.stream(vol))
     # Every temporary whose pointer is passed stays bound to a name until the kernel has run.
     if target is None:
         upstream = upstream.contiguous()
@@ -106,7 +109,8 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
 @torch.library.custom_op("gradreg::mind_descriptor", mutates_args=())
 def _descriptor_op(vol: torch.Tensor, kind: str, radius: int, dilation: int, per_item: bool,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return descriptor_forward(vol, kind, radius, dilation, per_item, backend)
+    with c.on_device_of(vol):
+        return descriptor_forward(vol, kind, radius, dilation, per_item, backend)
 
 
 @_descriptor_op.register_fake
@@ -120,7 +124,8 @@ def _(vol, kind, radius, dilation, per_item, backend):
 def _descriptor_backward_op(grad_out: torch.Tensor, out: torch.Tensor, vol: torch.Tensor, variance: torch.Tensor,
                             flags: torch.Tensor, kind: str, radius: int, dilation: int, per_item: bool,
                             backend: str) -> torch.Tensor:
-    return descriptor_backward(grad_out, out, vol, variance, flags, kind, radius, dilation, per_item, backend)
+    with c.on_device_of(vol):
+        return descriptor_backward(grad_out, out, vol, variance, flags, kind, radius, dilation, per_item, backend)
 
 
 @_descriptor_backward_op.register_fake

@@ -20,9 +20,10 @@ def _penalty_sum(a, b, squared, name):
     if name == "cuda" and hasattr(c.cuda_core(), "penalty_sum"):
         core = c.cuda_core()
         total = a.new_empty(())
-        scratch = c.workspace(a, core.penalty_workspace_bytes(a.numel()))
+        nbytes = core.penalty_workspace_bytes(a.numel())
+        scratch = c.workspace(a, nbytes)
         c.raise_cuda_error(OP, core.penalty_sum(a.dtype == torch.float64, a.data_ptr(), b.data_ptr(), a.numel(),
-                                                squared, total.data_ptr(), scratch.data_ptr(), c.stream(a)))
+                                                squared, total.data_ptr(), scratch.data_ptr(), nbytes, c.stream(a)))
         return total
     diff = a - b
     return (diff * diff if squared else diff.abs()).sum()
@@ -33,10 +34,11 @@ def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, radius: 
                   per_item: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor]:
     """(sum of penalties, warped descriptor, its variance, its flags, fixed descriptor)."""
-    out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
-    target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0]
-    name = c.resolve(backend, warped, "mind")
-    return _penalty_sum(out.contiguous(), target.contiguous(), squared, name), out, variance, flags, target
+    with c.on_device_of(warped):
+        out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
+        target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0]
+        name = c.resolve(backend, warped, "mind")
+        return _penalty_sum(out.contiguous(), target.contiguous(), squared, name), out, variance, flags, target
 
 
 @_mind_loss_op.register_fake
@@ -52,8 +54,9 @@ def _mind_loss_backward_op(grad_sum: torch.Tensor, out: torch.Tensor, warped: to
                            flags: torch.Tensor, target: torch.Tensor, kind: str, radius: int, dilation: int,
                            squared: bool, per_item: bool, backend: str) -> torch.Tensor:
     # The penalty's derivative is formed per voxel inside the kernel: no descriptor-sized gradient exists.
-    return descriptor_backward(grad_sum, out, warped, variance, flags, kind, radius, dilation, per_item, backend,
-                               target=target, squared=squared)
+    with c.on_device_of(warped):
+        return descriptor_backward(grad_sum, out, warped, variance, flags, kind, radius, dilation, per_item,
+                                   backend, target=target, squared=squared)
 
 
 @_mind_loss_backward_op.register_fake

@@ -74,10 +74,13 @@ def _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, n
         )
     else:
         core = c.cuda_core()
-        scratch = c.workspace(image, core.warp_workspace_bytes(n, ch, d, h, w, deterministic))
+        # Scratch only for the deterministic image gradient (sizing it asks CUB, on the current device).
+        with torch.cuda.device(image.device):
+            nbytes = core.warp_workspace_bytes(n, d, h, w, deterministic) if need_image else 0
+        scratch = c.workspace(image, nbytes)
         err = core.warp_backward(
             image.dtype == torch.float64, grad_out.data_ptr(), image.data_ptr(), flow.data_ptr(), ptr(grad_image),
-            ptr(grad_flow), n, ch, d, h, w, padding, deterministic, scratch.data_ptr(), c.stream(image),
+            ptr(grad_flow), n, ch, d, h, w, padding, deterministic, scratch.data_ptr(), nbytes, c.stream(image),
         )
         c.raise_cuda_error(OP, err)
     return grad_image, grad_flow
@@ -86,7 +89,8 @@ def _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, n
 @torch.library.custom_op("gradreg::warp", mutates_args=())
 def _warp_op(image: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str, deterministic: bool,
              backend: str) -> torch.Tensor:
-    return _launch_forward(image, flow, mode, padding_mode, backend)
+    with c.on_device_of(image):
+        return _launch_forward(image, flow, mode, padding_mode, backend)
 
 
 @_warp_op.register_fake
@@ -98,8 +102,9 @@ def _(image, flow, mode, padding_mode, deterministic, backend):
 def _warp_backward_op(grad_out: torch.Tensor, image: torch.Tensor, flow: torch.Tensor, mode: str,
                       padding_mode: str, deterministic: bool, need_image: bool, need_flow: bool,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    gi, gf = _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, need_image, need_flow,
-                              backend)
+    with c.on_device_of(image):
+        gi, gf = _launch_backward(grad_out, image, flow, mode, padding_mode, deterministic, need_image,
+                                  need_flow, backend)
     # A custom op returns tensors, not None: an unneeded gradient comes back empty.
     return (gi if gi is not None else image.new_empty(0)), (gf if gf is not None else flow.new_empty(0))
 
