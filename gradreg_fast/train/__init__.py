@@ -1,0 +1,25 @@
+"""Training: ``train(TrainConfig(...))``, ``python -m gradreg_fast.train`` / ``gradreg train``, and torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+from .checkpoint import load_checkpoint, read_checkpoint
+from .config import TrainConfig, build_parser, config_from_args
+from .trainer import Trainer, train
+
+__all__ = ["TrainConfig", "Trainer", "train", "load_checkpoint", "read_checkpoint", "cli_main", "build_parser"]
+
+
+def cli_main(argv: list[str]) -> int:
+    """``gradreg train`` / ``python -m gradreg_fast.train``: settings from ``--config`` and flags; 0 on success."""
+    try:
+        config = config_from_args(argv)
+    except SystemExit as exc:  # argparse: --help, or an unknown flag (its message is already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"gradreg train: error: {exc}", file=sys.stderr)
+        return 2
+    best = train(config)
+    print(f"best checkpoint: {best}")
+    return 0

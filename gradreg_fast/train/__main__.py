@@ -1,0 +1,5 @@
+import sys
+
+from . import cli_main
+
+raise SystemExit(cli_main(sys.argv[1:]))
