@@ -22,8 +22,8 @@ WORKER = textwrap.dedent("""
 
     out = sys.argv[1]
     config = TrainConfig(model="gated", enc=(4, 4, 4, 4), dec=4, refine=(), shape=(16, 16, 16), train_pairs=2,
-                         val_pairs=2, descriptor="mind", lr=1e-2, steps=16, log_every=1, val_every=8,
-                         checkpoint_every=8, num_workers=0, progress=False, device="cpu", out_dir=out + "/run")
+                         val_pairs=2, descriptor="mind", lr=1e-2, steps=24, log_every=1, val_every=12,
+                         checkpoint_every=12, num_workers=0, progress=False, device="cpu", out_dir=out + "/run")
     trainer = Trainer(config)
     assert trainer.world_size == 2 and trainer.network is not trainer.model  # wrapped in DDP
     first_epoch = (trainer.sampler.set_epoch(0), list(trainer.sampler))[1]
@@ -54,12 +54,12 @@ def test_two_cpu_processes_train_one_model(tmp_path):
 
     out = tmp_path / "run"
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 16
+    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 24
     for name, value in checkpoint["model"].items():  # rank 0 wrote the same weights
         assert torch.equal(value, rank0["params"][name]), name
     # Rank 0 alone wrote the logs (one row per step, each averaged over both processes).
     with open(out / "train_log.csv", newline="") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    assert len(losses) == 16
+    assert len(losses) == 24
     # Every step sees both pairs (one per process), so the logged losses are comparable step to step.
-    assert max(losses[-3:]) < min(losses[:3]), losses
+    assert sum(losses[-3:]) < 0.96 * sum(losses[:3]), losses

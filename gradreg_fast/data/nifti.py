@@ -32,7 +32,7 @@ def _find(case: Path, role: str) -> Path | None:
 class NiftiPairs(Dataset):
     """Cases of ``root`` in sorted order; item i is ``load_pair(...)``'s dict plus "case" (the folder
     name). Label entries are present only where the case has label files, so that the default
-    collate works on uniform folders.
+    collate works on uniform folders. Batches of more than one pair need cases of one size.
 
     Args:
         root: the folder holding one sub-folder per case.

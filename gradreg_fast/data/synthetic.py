@@ -13,12 +13,12 @@ One pair, from a seed:
 3. Rendering: the moving side CT-like, the fixed side MR-like. Each modality gives each label its own
    intensity: evenly spread levels in one fixed random order per modality (a tissue looks alike in
    every pair, up to a small jitter), chosen so that the CT-to-MR mapping is not monotonic (no
-   global intensity transform aligns them; MIND-like measures do). Both
-   get a faint smooth texture that moves with the anatomy, a Gaussian partial-volume blur and
-   Gaussian noise; the MR side also a smooth multiplicative bias field. Values are clipped to [0, 1].
+   global intensity transform aligns them; MIND-like measures do). Both get a faint smooth texture
+   that moves with the anatomy, a Gaussian partial-volume blur and Gaussian noise; the MR side also a
+   smooth multiplicative bias field. Values are clipped to [0, 1].
 
-Everything is drawn from one ``torch.Generator`` seeded with ``seed``, so a pair is a pure function
-of its arguments. Sizes are free (each axis >= 1); anatomy and deformation are defined relative to
+Everything else is drawn from one ``torch.Generator`` seeded with ``seed``, so a pair is a pure
+function of its arguments. Sizes are free (each axis >= 1); anatomy and deformation are defined relative to
 the volume, so a seed gives the same scene at any resolution.
 """
 
@@ -149,7 +149,7 @@ def _render(labels, texture, levels, blur, noise, gen, bias_field=None) -> torch
 
 def make_pair(seed: int, shape: Sequence[int] = (64, 64, 64), num_organs: int = 5, displacement: float = 0.08,
               control_points: int = 6, noise: float = 0.02, bias: float = 0.3,
-              blur: float = 0.6) -> dict[str, torch.Tensor]:
+              blur: float = 0.4) -> dict[str, torch.Tensor]:
     """One synthetic CT (moving) / MR (fixed) pair; see the module docstring for how it is made.
 
     Args:

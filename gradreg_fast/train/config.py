@@ -28,8 +28,7 @@ except ImportError:  # Python < 3.11
 
 def _option(default, kind: str, help: str):
     """A field with its coercion kind and help text (shown by ``--help``)."""
-    factory = {"default_factory": lambda: default} if isinstance(default, (list, tuple)) else {"default": default}
-    return field(**factory, metadata={"kind": kind, "help": help})
+    return field(default=default, metadata={"kind": kind, "help": help})
 
 
 @dataclass
@@ -78,6 +77,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        _choice("model", self.model, MODELS)
         # The constructors check their own arguments; building them here makes a bad value fail at once.
         build_model(**self.model_config())
         RegistrationLoss(**self.loss_config())
@@ -208,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML file of settings (keys as the flags, with underscores)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})"
         if f.metadata["kind"] == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)

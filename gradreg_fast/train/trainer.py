@@ -265,13 +265,14 @@ class Trainer:
                 progress = tqdm(total=config.steps, initial=self.step, disable=not config.progress, desc="train",
                                 dynamic_ncols=True)
             self._loop(logs, progress, tensorboard)
+            if self.world_size > 1:
+                dist.barrier()  # every rank returns once rank 0 has written its last file
         finally:
             for closable in (progress, tensorboard):
                 if closable is not None:
                     closable.close()
             _backend.set_backend(previous_backend)
             if self.owns_process_group:
-                dist.barrier()  # every rank leaves once rank 0 has written its last file
                 dist.destroy_process_group()
         return self.out_dir / "best.pt"
 

@@ -1,0 +1,467 @@
+"""NIfTI in and out, in physical space.
+
+Every volume is kept as its voxel array in NIfTI's own index order (i, j, k) together with its affine
+(voxel index -> world millimetres, NIfTI's RAS+ world). Tensors use the same order: a (1, D, H, W) tensor
+has D = i, H = j, W = k, so a flow channel k moves along index axis k, which is what
+:func:`gradreg_fast.warp` expects, and a result is written back with the grid's affine unchanged.
+
+Two scans are brought together by resampling both onto one :class:`Grid` through their affines (world
+coordinates), never by array index: a RAS and an LPS scan of the same object come out aligned. The
+default grid is the fixed image's own (its direction cosines and field of view) at a chosen spacing;
+a size and spacing can be given instead. The working grid is then padded (or cropped) to multiples of
+16 voxels per axis; :class:`Fit` records how to go back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+CT_WINDOW = (-200.0, 300.0)  # HU; an abdominal soft-tissue window (fat, organs and vessels keep contrast)
+MR_PERCENTILES = (0.5, 99.5)  # clip MR intensities to these percentiles before scaling to [0, 1]
+CT_AIR_HU = -500.0  # a scan whose minimum is at or below this is taken for CT (air is about -1000 HU)
+
+
+class NiftiError(ValueError):
+    """A file that cannot be used as a 3D NIfTI volume (corrupt, wrong dimensionality, bad affine)."""
+
+
+@dataclass
+class Scan:
+    """A 3D volume as read: the voxel array (NIfTI index order) and its voxel -> world affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return voxel_sizes(self.affine)
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each index axis: the norms of the affine's columns."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def _nifti_suffix(path: str | os.PathLike) -> str | None:
+    name = str(path).lower()
+    return next((s for s in sorted(NIFTI_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def read_nifti(path: str | os.PathLike, what: str = "image") -> Scan:
+    """Read a 3D NIfTI file (.nii or .nii.gz).
+
+    A trailing 4th axis of length 1 is dropped (a common export artefact); a 2D image, a single-slice
+    volume, a true 4D image, a corrupt file or a singular affine raise :class:`NiftiError` naming the
+    file, and a missing file raises FileNotFoundError.
+
+    Args:
+        path: the file.
+        what: how the file is named in error messages ("fixed image", "moving labels", ...).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: file not found: {path}")
+    if path.is_dir():
+        raise NiftiError(f"{what}: expected a NIfTI file, got a directory: {path}")
+    if _nifti_suffix(path) is None:
+        raise NiftiError(f"{what}: expected a NIfTI file ending in .nii or .nii.gz, got {path.name!r}")
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)  # the voxel data is only read here: a truncated file fails here
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel, gzip, zlib and EOF errors all mean the same to the user
+        raise NiftiError(f"{what}: {path} is not a readable NIfTI file (corrupt or truncated?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim < 3:
+        raise NiftiError(f"{what}: {path} is a {data.ndim}D image of shape {data.shape}; a 3D volume is needed")
+    if data.ndim > 3:
+        raise NiftiError(f"{what}: {path} is a {data.ndim}D image of shape {data.shape} (a time series or "
+                         "vector image?); a single 3D volume is needed")
+    if min(data.shape) < 2:
+        raise NiftiError(f"{what}: {path} has shape {data.shape}, a single slice (2D); a 3D volume is needed")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise NiftiError(f"{what}: {path} has voxel type {data.dtype}; real numbers are needed")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise NiftiError(f"{what}: {path} has an invalid (singular or non-finite) affine:\n{affine}")
+    if not np.all(np.isfinite(data)):
+        raise NiftiError(f"{what}: {path} contains NaN or infinite voxel values")
+    return Scan(np.asarray(data), affine, str(path))
+
+
+# ----------------------------------------------------------------------------------------------- intensity
+
+def guess_modality(data: np.ndarray) -> str:
+    """"ct" when the volume reaches air in Hounsfield units (<= -500), else "mr"."""
+    return "ct" if float(np.min(data)) <= CT_AIR_HU else "mr"
+
+
+def normalize_intensity(data: np.ndarray, modality: str = "auto", ct_window=CT_WINDOW,
+                        mr_percentiles=MR_PERCENTILES) -> np.ndarray:
+    """Scale a scan to [0, 1] per modality (float32).
+
+    CT: clip to the HU window ``ct_window`` and scale it to [0, 1]. MR (arbitrary units): clip to the
+    ``mr_percentiles`` percentiles of the volume and scale that range to [0, 1]. ``modality="auto"``
+    uses :func:`guess_modality`. A constant volume becomes all zeros.
+    """
+    if modality == "auto":
+        modality = guess_modality(data)
+    data = np.asarray(data, dtype=np.float64)
+    if modality == "ct":
+        low, high = float(ct_window[0]), float(ct_window[1])
+    elif modality == "mr":
+        low, high = (float(v) for v in np.percentile(data, mr_percentiles))
+    else:
+        raise ValueError(f"`modality` must be 'ct', 'mr' or 'auto', got {modality!r}")
+    if not high > low:
+        return np.zeros(data.shape, dtype=np.float32)
+    return ((np.clip(data, low, high) - low) / (high - low)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- grids
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare grids with np.allclose, not ==
+class Grid:
+    """A voxel grid in physical space: ``shape`` (i, j, k) and the voxel -> world ``affine``."""
+
+    shape: tuple
+    affine: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return voxel_sizes(self.affine)
+
+    @property
+    def center_world(self) -> np.ndarray:
+        return self.affine[:3, :3] @ ((np.asarray(self.shape) - 1) / 2.0) + self.affine[:3, 3]
+
+    @classmethod
+    def of_scan(cls, scan: Scan, spacing=None, size=None) -> "Grid":
+        """The scan's grid (its direction cosines), resampled to ``spacing`` (mm; one or three values).
+
+        Without ``size`` the grid covers the scan's field of view; with ``size`` (three voxel counts)
+        it is that size, centred on the scan's centre. Either way the centre stays put.
+        """
+        old = np.asarray(scan.data.shape, dtype=np.float64)
+        old_spacing = scan.spacing
+        new_spacing = old_spacing if spacing is None else np.broadcast_to(np.asarray(spacing, float), (3,)).copy()
+        if np.any(new_spacing <= 0):
+            raise ValueError(f"`spacing` must be positive, got {spacing!r}")
+        if size is None:
+            shape = np.maximum(1, np.round(old * old_spacing / new_spacing)).astype(int)
+        else:
+            shape = np.broadcast_to(np.asarray(size, int), (3,)).copy()
+            if np.any(shape < 1):
+                raise ValueError(f"`size` must be positive voxel counts, got {size!r}")
+        directions = scan.affine[:3, :3] / old_spacing
+        linear = directions * new_spacing
+        center = scan.affine[:3, :3] @ ((old - 1) / 2.0) + scan.affine[:3, 3]
+        affine = np.eye(4)
+        affine[:3, :3] = linear
+        affine[:3, 3] = center - linear @ ((shape - 1) / 2.0)
+        return cls(tuple(shape), affine)
+
+    def fit(self, multiple: int = 16, how: str = "pad") -> "Fit":
+        """A grid whose sizes are multiples of ``multiple``, by padding (or cropping) each axis evenly."""
+        if how not in ("pad", "crop"):
+            raise ValueError(f"`how` must be 'pad' or 'crop', got {how!r}")
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"`multiple` must be a positive int, got {multiple!r}")
+        old = np.asarray(self.shape)
+        if how == "pad":
+            new = np.ceil(old / multiple).astype(int) * multiple
+        else:
+            new = np.maximum(multiple, np.floor(old / multiple).astype(int) * multiple)
+        # Offset of the new grid's voxel 0 in old voxel units: negative when padding.
+        offset = (old - new) // 2 if how == "crop" else -((new - old) // 2)
+        shift = np.eye(4)
+        shift[:3, 3] = offset
+        return Fit(original=self, grid=Grid(tuple(new), self.affine @ shift), offset=tuple(int(o) for o in offset))
+
+
+@dataclass(frozen=True, eq=False)
+class Fit:
+    """A working grid cut from ``original`` by whole voxels: new voxel v is old voxel v + ``offset``.
+
+    :meth:`to_original` is the inverse: it takes an array on ``grid`` back to ``original`` (cropping
+    what padding added, filling what cropping removed).
+    """
+
+    original: Grid
+    grid: Grid
+    offset: tuple
+
+    def _overlap(self):
+        """Slices of the overlap, in the working grid and in the original grid."""
+        work, orig = [], []
+        for off, n_new, n_old in zip(self.offset, self.grid.shape, self.original.shape):
+            lo, hi = max(0, off), min(n_old, off + n_new)
+            orig.append(slice(lo, hi))
+            work.append(slice(lo - off, hi - off))
+        return tuple(work), tuple(orig)
+
+    def to_original(self, array, fill: str | float = 0.0):
+        """Array (..., D, H, W) on the working grid -> (..., d, h, w) on the original grid.
+
+        ``fill``: a value for voxels outside the working grid, or "edge" to repeat the nearest ones.
+        """
+        work, orig = self._overlap()
+        is_torch = isinstance(array, torch.Tensor)
+        a = array.detach().cpu().numpy() if is_torch else np.asarray(array)
+        lead = a.shape[:-3]
+        out_shape = lead + self.original.shape
+        inner = a[(Ellipsis,) + work]
+        if all(s.start == 0 and s.stop == n for s, n in zip(orig, self.original.shape)):
+            out = inner.copy()
+        elif fill == "edge":
+            pads = [(0, 0)] * len(lead) + [(s.start, n - s.stop) for s, n in zip(orig, self.original.shape)]
+            out = np.pad(inner, pads, mode="edge")
+        else:
+            out = np.full(out_shape, fill, dtype=a.dtype)
+            out[(Ellipsis,) + orig] = inner
+        return torch.from_numpy(out) if is_torch else out
+
+    @property
+    def original_box(self) -> tuple:
+        """Slices of the working grid that lie inside the original grid."""
+        return self._overlap()[0]
+
+
+# ----------------------------------------------------------------------------------------------- resampling
+
+def resample(scan: Scan | np.ndarray, grid: Grid, affine: np.ndarray | None = None, order: int = 1,
+             cval: float = 0.0, world_transform: np.ndarray | None = None) -> np.ndarray:
+    """Sample a volume on ``grid`` through the affines (physical space).
+
+    Grid voxel v takes the volume's value at world point ``world_transform @ (grid.affine @ v)``
+    (``world_transform``: a 4x4 map from the grid's world to the volume's world; identity by default).
+    ``order`` 1: trilinear (images), 0: nearest (labels). The volume is treated as ``cval`` beyond its
+    voxels (scipy's "grid-constant" mode): nearest keeps every point within half a voxel of the volume,
+    so round-off at the border never drops a voxel, and trilinear fades to ``cval`` over the last voxel.
+    """
+    if isinstance(scan, Scan):
+        data, affine = scan.data, scan.affine
+    else:
+        data = np.asarray(scan)
+        if affine is None:
+            raise ValueError("`affine` is required when `scan` is an array")
+    transform = np.eye(4) if world_transform is None else np.asarray(world_transform, dtype=np.float64)
+    voxel_map = np.linalg.inv(affine) @ transform @ grid.affine  # grid voxel -> volume voxel
+    if order == 0:
+        # Nearest neighbour without a float round trip: labels stay exact.
+        return ndimage.affine_transform(data, voxel_map[:3, :3], voxel_map[:3, 3], output_shape=grid.shape,
+                                        order=0, mode="grid-constant", cval=cval)
+    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), voxel_map[:3, :3], voxel_map[:3, 3],
+                                    output_shape=grid.shape, order=order, mode="grid-constant", cval=cval,
+                                    prefilter=False)
+
+
+def keep_labels(labels: np.ndarray, keep=None) -> np.ndarray:
+    """Labels as int64, with ids not in ``keep`` (when given) set to background 0."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        rounded = np.rint(labels)
+        if not np.allclose(rounded, labels):
+            raise NiftiError("a label map must hold whole numbers")
+        labels = rounded
+    labels = labels.astype(np.int64)
+    if keep is not None:
+        labels = np.where(np.isin(labels, np.asarray(list(keep), dtype=np.int64)), labels, 0)
+    return labels
+
+
+def check_same_space(image: Scan, labels: Scan, what: str) -> None:
+    """Labels must share the image's grid (shape and affine), as segmentations do."""
+    if image.data.shape != labels.data.shape or not np.allclose(image.affine, labels.affine, atol=1e-3):
+        raise NiftiError(f"{what} ({labels.path}) do not lie on the image's grid: shape {labels.data.shape} vs "
+                         f"{image.data.shape}, affines\n{labels.affine}\nvs\n{image.affine}")
+
+
+def load_pair(fixed_path, moving_path, fixed_labels=None, moving_labels=None, *, spacing=None, size=None,
+              multiple: int = 16, fit: str = "pad", fixed_modality: str = "auto", moving_modality: str = "auto",
+              label_ids=None, init: str = "none", moving_to_fixed: np.ndarray | None = None,
+              details: bool = False) -> dict:
+    """Read a fixed and a moving scan (and optional label maps) onto one physical grid.
+
+    The grid is the fixed image's at ``spacing`` (its own spacing by default), or ``size`` voxels at
+    ``spacing`` centred on it, then padded (``fit="pad"``) or cropped (``fit="crop"``) to multiples of
+    ``multiple``. Each image is normalised to [0, 1] per modality in its own grid, then resampled
+    (trilinear; outside its field of view 0); labels are resampled nearest-neighbour.
+
+    Args:
+        label_ids: keep only these label ids (others become background 0); all by default.
+        init: "none" (world coordinates as they are) or "com": first match the centres of mass of the
+            two body masks (:func:`gradreg_fast.register.moments_init`), for scans of different people
+            whose world coordinates do not line up.
+        moving_to_fixed: or give that initial alignment yourself: a 4x4 map from the fixed world to
+            the moving world; the moving image and labels are sampled through it.
+
+        details: also return the objects below that a DataLoader cannot batch.
+
+    Returns:
+        dict with "fixed", "moving": float32 tensors (1, D, H, W) in [0, 1]; "fixed_labels",
+        "moving_labels": int64 tensors (1, D, H, W) or None; "affine": the working grid's voxel -> world
+        affine, a float64 (4, 4) tensor. With ``details``, also "grid": the working :class:`Grid`;
+        "fit": the :class:`Fit` that maps working-grid arrays back to the output grid (the fixed
+        image's at the chosen spacing); "fixed_fov": the slices of the working grid inside the fixed
+        field of view; "fixed_scan", "moving_scan": the normalised native :class:`Scan` s.
+    """
+    fixed = read_nifti(fixed_path, "fixed image")
+    moving = read_nifti(moving_path, "moving image")
+    fixed_seg = read_nifti(fixed_labels, "fixed labels") if fixed_labels is not None else None
+    moving_seg = read_nifti(moving_labels, "moving labels") if moving_labels is not None else None
+    if fixed_seg is not None:
+        check_same_space(fixed, fixed_seg, "fixed labels")
+    if moving_seg is not None:
+        check_same_space(moving, moving_seg, "moving labels")
+    fixed = Scan(normalize_intensity(fixed.data, fixed_modality), fixed.affine, fixed.path)
+    moving = Scan(normalize_intensity(moving.data, moving_modality), moving.affine, moving.path)
+    if init not in ("none", "com"):
+        raise ValueError(f"`init` must be 'none' or 'com', got {init!r}")
+    if init == "com":
+        if moving_to_fixed is not None:
+            raise ValueError("give `init='com'` or `moving_to_fixed`, not both")
+        from .register.affine import moments_init  # the registration package imports this module
+
+        moving_to_fixed = moments_init(fixed, moving)
+    pair = pair_on_grid(fixed, moving, fixed_seg, moving_seg, spacing=spacing, size=size, multiple=multiple,
+                        fit=fit, label_ids=label_ids, moving_to_fixed=moving_to_fixed)
+    if details:
+        return pair
+    return {key: pair[key] for key in ("fixed", "moving", "fixed_labels", "moving_labels", "affine")}
+
+
+def pair_on_grid(fixed: Scan, moving: Scan, fixed_labels: Scan | None = None, moving_labels: Scan | None = None, *,
+                 spacing=None, size=None, multiple: int = 16, fit: str = "pad", label_ids=None,
+                 moving_to_fixed: np.ndarray | None = None, grid_fit: Fit | None = None) -> dict:
+    """:func:`load_pair` (with ``details``) for scans already read and normalised; ``grid_fit`` reuses a grid."""
+    if grid_fit is None:
+        grid_fit = Grid.of_scan(fixed, spacing=spacing, size=size).fit(multiple, fit)
+    grid = grid_fit.grid
+
+    def tensor(array, dtype):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(dtype).unsqueeze(0)
+
+    def labels_on_grid(seg, transform):
+        if seg is None:
+            return None
+        return tensor(resample(Scan(keep_labels(seg.data, label_ids), seg.affine), grid, order=0,
+                               world_transform=transform), torch.int64)
+
+    fov = resample(np.ones(fixed.data.shape, np.uint8), grid, fixed.affine, order=0)
+    fixed_fov = _bounding_box(fov) if fov.any() else tuple(slice(0, n) for n in grid.shape)
+    return {
+        "fixed": tensor(np.clip(resample(fixed, grid, order=1), 0, 1), torch.float32),
+        "moving": tensor(np.clip(resample(moving, grid, order=1, world_transform=moving_to_fixed), 0, 1),
+                         torch.float32),
+        "fixed_labels": labels_on_grid(fixed_labels, None),
+        "moving_labels": labels_on_grid(moving_labels, moving_to_fixed),
+        "affine": torch.from_numpy(grid.affine.copy()),
+        "grid": grid,
+        "fit": grid_fit,
+        "fixed_fov": fixed_fov,
+        "fixed_scan": fixed,
+        "moving_scan": moving,
+    }
+
+
+def _bounding_box(mask: np.ndarray) -> tuple:
+    slices = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        slices.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(slices)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_path(path, inputs=(), force: bool = False, what: str = "output") -> Path:
+    """Refuse an output that is one of the inputs, or that exists without ``force``."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise FileExistsError(f"{what} {path} is one of the inputs; outputs never overwrite inputs")
+    if path.exists() and not force:
+        raise FileExistsError(f"{what} {path} already exists; use --force (force=True) to replace it")
+    return path
+
+
+def write_nifti(path, array, affine: np.ndarray, dtype=None, intent: str | None = None, description: str = "",
+                inputs=(), force: bool = False) -> Path:
+    """Write ``array`` (i, j, k[, ...]) with ``affine`` as NIfTI, atomically (temp file + os.replace).
+
+    The qform and sform both carry the affine (code 1, scanner), so viewers place it where the grid is.
+    Refuses to overwrite one of ``inputs``, or an existing file unless ``force``.
+    """
+    import nibabel as nib
+
+    path = check_output_path(path, inputs, force)
+    suffix = _nifti_suffix(path)
+    if suffix is None:
+        raise ValueError(f"output {path} must end in .nii or .nii.gz")
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    if intent is not None:
+        image.header.set_intent(intent)
+    if description:
+        image.header["descrip"] = description.encode()[:79]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return path
+
+
+def voxel_flow_to_world_mm(flow: torch.Tensor | np.ndarray, grid: Grid) -> np.ndarray:
+    """A (3, D, H, W) displacement in voxels of ``grid`` -> (D, H, W, 3) in world millimetres."""
+    if isinstance(flow, torch.Tensor):
+        flow = flow.detach().cpu().numpy()
+    flow = np.asarray(flow, dtype=np.float64)
+    return np.einsum("ck,k...->...c", grid.affine[:3, :3], flow).astype(np.float32)
+
+
+def write_displacement(path, displacement_mm: np.ndarray, grid: Grid, **kwargs) -> Path:
+    """Write a (D, H, W, 3) world-millimetre displacement field as a NIfTI vector image (X, Y, Z, 1, 3).
+
+    Convention (also stored in the header description): the fixed-grid voxel at world point x maps to
+    the moving world point ``x + u(x)``; components are along the NIfTI world axes (RAS+). ITK and ANTs
+    store displacement vectors in LPS: negate the first two components to use the field there.
+    """
+    displacement_mm = np.asarray(displacement_mm, dtype=np.float32)
+    if displacement_mm.shape != tuple(grid.shape) + (3,):
+        raise ValueError(f"`displacement_mm` must have shape {tuple(grid.shape) + (3,)}, got {displacement_mm.shape}")
+    return write_nifti(path, displacement_mm[:, :, :, None, :], grid.affine, intent="vector",
+                       description="u(x) mm RAS: fixed x -> moving x+u", **kwargs)

@@ -1,0 +1,233 @@
+"""Affine pre-alignment: body-mask moments, then an affine optimised on MIND-SSC, coarse to fine.
+
+Two scans of different people whose world coordinates barely overlap cannot go straight to a
+deformable step. First the centres of mass (and, optionally, the spreads) of their body masks are
+matched in world space (:func:`moments_init`); the moving scan is resampled through that map onto the
+working grid. Then an affine (12 parameters; or rotation + per-axis scale + translation; or a
+translation) is optimised on the MIND-SSC loss with Adam on an image pyramid: the affine becomes a
+displacement field on the grid, and :func:`gradreg_fast.warp` applies it, so the whole loop runs on the
+fused ops.
+
+Conventions: a "world transform" is a 4x4 matrix mapping a point of the fixed world to the moving
+world (the direction images are sampled in). The optimised affine acts in the working grid's own frame,
+in millimetres about the grid centre, which keeps translations and linear terms on comparable scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .. import mind_loss, warp
+from ..io import Grid, Scan
+
+BODY_THRESHOLD = 0.05  # on intensities normalised to [0, 1]: above the air/background level of CT and MR
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The index axis closest to the world's superior-inferior direction."""
+    directions = np.abs(affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0))
+    return int(np.argmax(directions[2]))
+
+
+def body_mask(image: np.ndarray, affine: np.ndarray, threshold: float = BODY_THRESHOLD) -> np.ndarray:
+    """The body in a normalised scan: threshold, close, fill holes per axial slice, keep the largest part.
+
+    Slice-wise filling is needed because a body cut by the field of view is open at the top and bottom,
+    so 3D hole filling would leave the lungs and bowel gas out.
+    """
+    mask = np.asarray(image) > threshold
+    if not mask.any():
+        raise ValueError("body_mask: no voxel above the threshold; is the image empty?")
+    opened = ndimage.binary_opening(mask)  # drops isolated noise voxels and thin lines (table, wires)
+    mask = opened if opened.any() else mask
+    # Closing bridges small gaps in the skin line; or-ing keeps border voxels that its erosion removes.
+    mask = ndimage.binary_closing(mask, iterations=2, border_value=0) | mask
+    axis = axial_axis(affine)
+    moved = np.moveaxis(mask, axis, 0)
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in moved])
+    mask = np.moveaxis(filled, 0, axis)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return mask
+
+
+def mask_moments(mask: np.ndarray, affine: np.ndarray):
+    """(centre of mass, covariance) of a mask in world millimetres."""
+    voxels = np.argwhere(mask).astype(np.float64)
+    if len(voxels) == 0:
+        raise ValueError("mask_moments: empty mask")
+    world = voxels @ affine[:3, :3].T + affine[:3, 3]
+    centre = world.mean(axis=0)
+    return centre, np.cov((world - centre).T) if len(world) > 1 else np.zeros((3, 3))
+
+
+def moments_init(fixed: Scan, moving: Scan, scale: bool = False) -> np.ndarray:
+    """World transform (fixed -> moving) matching the centres of mass of the body masks.
+
+    With ``scale``, also match the body's spread (standard deviation) along the world left-right and
+    anterior-posterior axes, one factor each. The superior-inferior spread is not used: it mostly
+    measures the field of view, which differs between scans.
+    """
+    fixed_centre, fixed_cov = mask_moments(body_mask(fixed.data, fixed.affine), fixed.affine)
+    moving_centre, moving_cov = mask_moments(body_mask(moving.data, moving.affine), moving.affine)
+    linear = np.eye(3)
+    if scale:
+        ratio = np.sqrt(np.clip(np.diag(moving_cov), 1e-6, None) / np.clip(np.diag(fixed_cov), 1e-6, None))
+        linear = np.diag([ratio[0], ratio[1], 1.0])
+    transform = np.eye(4)
+    transform[:3, :3] = linear
+    transform[:3, 3] = moving_centre - linear @ fixed_centre
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------- pyramid
+
+def downsample(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average over factor^3 blocks (N, C, D, H, W); sizes must be divisible by the factor."""
+    return volume if factor == 1 else F.avg_pool3d(volume, factor, factor)
+
+
+def coarse_box(box, factor: int, coarse_shape, minimum: int = 8):
+    """Slices of the full grid -> (N, C, ...) slices of the voxels covering them on a ``factor``-coarser grid.
+
+    A box narrower than ``minimum`` voxels is widened about its centre (MIND-SSC's patches need room).
+    ``None`` selects everything.
+    """
+    if box is None:
+        return (slice(None),) * 5
+    out = []
+    for s, n in zip(box, coarse_shape):
+        lo, hi = s.start // factor, -(-s.stop // factor)
+        if hi - lo < min(minimum, n):
+            lo = max(0, min((lo + hi) // 2 - minimum // 2, n - minimum))
+            hi = min(n, lo + minimum)
+        out.append(slice(lo, hi))
+    return (slice(None), slice(None)) + tuple(out)
+
+
+def centred_coordinates(shape, spacing, factor: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(3, d, h, w) positions in mm about the grid centre of the voxels of a grid downsampled by ``factor``.
+
+    A voxel u of the ``factor``-times coarser grid is the mean of fine voxels factor*u .. factor*u +
+    factor - 1, i.e. it sits at fine position factor*u + (factor - 1)/2.
+    """
+    axes = []
+    for n, s in zip(shape, spacing):
+        coarse = torch.arange(n // factor, device=device, dtype=torch.float64)
+        fine = coarse * factor + (factor - 1) / 2.0
+        axes.append(((fine - (n - 1) / 2.0) * float(s)).to(dtype))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+@dataclass
+class AffineResult:
+    """An affine in the working grid frame: position p (mm about the grid centre) -> matrix @ p + shift."""
+
+    matrix: np.ndarray  # (3, 3)
+    shift: np.ndarray  # (3,) mm
+    losses: list
+
+    def voxel_flow(self, shape, spacing, factor: int = 1, device=None, dtype=torch.float32) -> torch.Tensor:
+        return affine_flow(torch.as_tensor(self.matrix, dtype=dtype, device=device),
+                           torch.as_tensor(self.shift, dtype=dtype, device=device), shape, spacing, factor)
+
+    def world_transform(self, grid: Grid) -> np.ndarray:
+        """The same map as a 4x4 on world points of ``grid`` (world -> world)."""
+        centre = (np.asarray(grid.shape) - 1) / 2.0
+        spacing = grid.spacing
+        to_frame = np.eye(4)  # world -> mm about the centre, along the grid axes
+        to_frame[:3, :3] = np.diag(spacing)
+        to_frame[:3, 3] = -spacing * centre
+        to_frame = to_frame @ np.linalg.inv(grid.affine)
+        frame_map = np.eye(4)
+        frame_map[:3, :3], frame_map[:3, 3] = self.matrix, self.shift
+        return np.linalg.inv(to_frame) @ frame_map @ to_frame
+
+
+def affine_flow(matrix: torch.Tensor, shift: torch.Tensor, shape, spacing, factor: int = 1) -> torch.Tensor:
+    """The displacement field (1, 3, d, h, w), in voxels of the ``factor``-coarser grid, of p -> matrix p + shift."""
+    positions = centred_coordinates(shape, spacing, factor, matrix.device, matrix.dtype)
+    moved = torch.einsum("ij,jdhw->idhw", matrix, positions) + shift.view(3, 1, 1, 1)
+    step = torch.as_tensor(np.asarray(spacing, dtype=np.float64) * factor, dtype=matrix.dtype,
+                           device=matrix.device).view(3, 1, 1, 1)
+    return ((moved - positions) / step).unsqueeze(0)
+
+
+MODELS = ("affine", "rigid_scale", "translation")
+
+
+def _matrix(model: str, params: torch.Tensor) -> torch.Tensor:
+    """The 3x3 linear part from the optimised parameters (9 numbers; zeros give the identity)."""
+    eye = torch.eye(3, dtype=params.dtype, device=params.device)
+    if model == "affine":
+        return eye + params.view(3, 3)
+    if model == "translation":
+        return eye
+    # rigid_scale: a rotation (exponential of a skew-symmetric matrix) times per-axis scales.
+    wx, wy, wz, sx, sy, sz = params[:6]
+    zero = params.new_zeros(())
+    skew = torch.stack([torch.stack([zero, -wz, wy]), torch.stack([wz, zero, -wx]), torch.stack([-wy, wx, zero])])
+    return torch.linalg.matrix_exp(skew) @ torch.diag(torch.exp(torch.stack([sx, sy, sz])))
+
+
+def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(4, 2), iterations=(40, 40),
+                    model: str = "affine", lr_shift: float = 2.0, lr_matrix: float = 0.01, loss_box=None,
+                    progress=None, backend: str | None = None) -> AffineResult:
+    """Optimise an affine aligning ``moving`` to ``fixed`` (both (1, 1, D, H, W) on one grid) on MIND-SSC.
+
+    Coarse to fine: at each pyramid ``levels`` factor the images are block-averaged, the affine becomes
+    a displacement field on that grid and the fused warp applies it; Adam runs ``iterations`` steps per
+    level, carrying the parameters to the next level.
+
+    Args:
+        spacing: the full grid's voxel size (mm) per axis.
+        model: "affine" (12 parameters), "rigid_scale" (rotation, per-axis scale, translation: 9) or
+            "translation" (3). The linear part is always built from 9 numbers (zeros: the identity);
+            "rigid_scale" uses six of them (rotation vector, log scales).
+        lr_shift: Adam step for the translation, mm; ``lr_matrix``: for the linear parameters.
+        loss_box: slices of the full grid where the loss is measured (the fixed field of view), so that
+            the empty padding around it does not pull the moving image.
+    """
+    if model not in MODELS:
+        raise ValueError(f"`model` must be one of {MODELS}, got {model!r}")
+    if len(levels) != len(iterations):
+        raise ValueError("`levels` and `iterations` must have the same length")
+    if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
+        raise ValueError(f"`fixed` and `moving` must both be (1, 1, D, H, W), got {tuple(fixed.shape)} and "
+                         f"{tuple(moving.shape)}")
+    shape = fixed.shape[2:]
+    for factor in levels:
+        if any(n % factor for n in shape):
+            raise ValueError(f"grid {tuple(shape)} is not divisible by the pyramid factor {factor}")
+    device, dtype = fixed.device, fixed.dtype
+    params = torch.zeros(9, device=device, dtype=dtype, requires_grad=True)
+    shift = torch.zeros(3, device=device, dtype=dtype, requires_grad=True)
+    losses = []
+    for factor, steps in zip(levels, iterations):
+        fixed_level, moving_level = downsample(fixed, factor), downsample(moving, factor)
+        box = coarse_box(loss_box, factor, fixed_level.shape[2:])
+        groups = [{"params": [shift], "lr": lr_shift}]
+        if model != "translation":
+            groups.append({"params": [params], "lr": lr_matrix})
+        optimizer = torch.optim.Adam(groups)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            flow = affine_flow(_matrix(model, params), shift, shape, spacing, factor)
+            warped = warp(moving_level, flow, padding_mode="zeros", backend=backend)
+            loss = mind_loss(warped[box], fixed_level[box], backend=backend)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(level=f"1/{factor}", loss=f"{losses[-1]:.4f}")
+    with torch.no_grad():
+        matrix = _matrix(model, params)
+    return AffineResult(matrix.cpu().double().numpy(), shift.detach().cpu().double().numpy(), losses)

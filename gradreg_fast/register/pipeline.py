@@ -1,0 +1,369 @@
+"""Register one pair of NIfTI files end to end, evaluate it, and write the results.
+
+Stages (each timed):
+
+1. read both scans, normalise intensities per modality, choose the working grid (the fixed image's,
+   padded to multiples of 16);
+2. initial alignment: centres of mass of the body masks (:func:`affine.moments_init`);
+3. affine: optimised on MIND-SSC, coarse to fine (:func:`affine.optimize_affine`); the moving scan is
+   then resampled once from its own voxels through initial alignment and affine together;
+4. deformable: a displacement field (default) or the dual-branch network, instance-optimised on the
+   pair, coarse to fine (:mod:`.deformable`).
+
+Everything is applied in one go at the end: for each output voxel the moving scan's voxel coordinate
+is composed from the grids, the world transform and the field, and the moving image (original
+intensities, trilinear) and labels (nearest) are sampled there once. Labels only ever enter the
+evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .. import metrics
+from ..io import (Fit, Grid, Scan, check_output_path, check_same_space, keep_labels, normalize_intensity,
+                  pair_on_grid, read_nifti, write_displacement, write_nifti)
+from .affine import moments_init, optimize_affine
+from .deformable import FieldSettings, optimize_field, optimize_network
+
+OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "flow.nii.gz", "metrics.json", "overview.png")
+
+
+@dataclass
+class Settings:
+    """Everything that shapes a registration (stored in metrics.json)."""
+
+    spacing: float | None = None  # mm; None: the fixed image's own
+    size: tuple | None = None  # working grid voxels; None: the fixed image's field of view
+    fit: str = "pad"  # "pad" or "crop" to multiples of 16
+    fixed_modality: str = "auto"
+    moving_modality: str = "auto"
+    init: str = "com"  # "com" (centres of mass of the body masks), "com_scale" (plus in-plane spread), "none"
+    affine_model: str = "affine"  # "affine", "rigid_scale", "translation" or "none"
+    affine_levels: tuple = (4, 2)
+    affine_iterations: tuple = (40, 40)
+    method: str = "field"  # "field" or "network"
+    field: FieldSettings = field(default_factory=FieldSettings)
+    network: str = "gated"  # the model built when method="network" and no checkpoint is given
+    network_levels: tuple = (2, 1)
+    network_iterations: tuple = (100, 50)
+    network_lr: float = 1e-4
+    checkpoint: str | None = None
+
+
+def quick_settings() -> Settings:
+    """About a tenth of the default iterations: a fast, rough registration (smoke tests, previews)."""
+    settings = Settings(affine_iterations=(15, 15), network_iterations=(10, 5))
+    settings.field.iterations = (15, 15, 5)
+    return settings
+
+
+@dataclass
+class Result:
+    """What :func:`register` returns: transforms, fields, resampled volumes and metrics."""
+
+    grid: Grid  # the working grid (multiple of 16)
+    fit: Fit  # working grid <-> output grid (the fixed image's at the chosen spacing)
+    initial: np.ndarray  # world transform fixed -> moving of the initial alignment
+    affine: np.ndarray  # world transform fixed -> moving after the affine stage
+    flow: torch.Tensor  # (1, 3, D, H, W) deformable field on the working grid, voxels
+    displacement_mm: np.ndarray  # (d, h, w, 3) full transform on the output grid, world mm
+    fixed: np.ndarray  # fixed image, normalised, output grid
+    moving_initial: np.ndarray  # moving image, normalised, initial alignment only, output grid
+    moving_affine: np.ndarray  # moving image, normalised, after the affine stage, output grid
+    warped: np.ndarray  # moving image, normalised, fully registered, output grid
+    warped_original: np.ndarray  # moving image in its original intensities, fully registered
+    fixed_labels: np.ndarray | None
+    warped_labels: np.ndarray | None
+    label_maps: dict  # stage -> moving labels on the output grid ("before", "initial", "affine", "after");
+    # metrics["stages"]["before"] is scored on a grid covering both scans instead (see register)
+    metrics: dict
+    timings: dict
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None -> CUDA when available, else CPU; anything else must be usable."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return device
+
+
+def _world_points(grid: Grid, displacement_voxels: np.ndarray | None = None) -> np.ndarray:
+    """(3, d, h, w) world positions of ``grid``'s voxels, optionally displaced by a voxel field."""
+    index = np.indices(grid.shape, dtype=np.float64)
+    if displacement_voxels is not None:
+        index = index + displacement_voxels
+    return np.einsum("ij,j...->i...", grid.affine[:3, :3], index) + grid.affine[:3, 3].reshape(3, 1, 1, 1)
+
+
+def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float):
+    """Values of a volume at world points (3, ...) (trilinear or nearest, ``cval`` outside)."""
+    inverse = np.linalg.inv(scan_affine)
+    coords = np.einsum("ij,j...->i...", inverse[:3, :3], world) + inverse[:3, 3].reshape(3, 1, 1, 1)
+    data = scan_data if order == 0 else np.asarray(scan_data, dtype=np.float32)
+    return ndimage.map_coordinates(data, coords, order=order, mode="grid-constant", cval=cval, prefilter=False)
+
+
+def _apply_world(transform: np.ndarray, world: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,j...->i...", transform[:3, :3], world) + transform[:3, 3].reshape(3, 1, 1, 1)
+
+
+def covering_grid(grid: Grid, scans) -> Grid:
+    """A grid with ``grid``'s orientation and spacing that covers ``grid`` and every scan's field of view."""
+    corners = [np.array([[0, 0, 0], np.asarray(grid.shape) - 1], dtype=float)]
+    to_grid = np.linalg.inv(grid.affine)
+    for scan in scans:
+        n = np.asarray(scan.data.shape) - 1
+        box = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], dtype=float)
+        world = box @ scan.affine[:3, :3].T + scan.affine[:3, 3]
+        corners.append(world @ to_grid[:3, :3].T + to_grid[:3, 3])
+    corners = np.concatenate(corners)
+    low, high = np.floor(corners.min(axis=0) - 1e-6), np.ceil(corners.max(axis=0) + 1e-6)
+    shift = np.eye(4)
+    shift[:3, 3] = low
+    return Grid(tuple((high - low + 1).astype(int)), grid.affine @ shift)
+
+
+def _stage_metrics(fixed_labels, moving_labels, spacing, labels, names) -> dict:
+    per_label = metrics.label_metrics(fixed_labels, moving_labels, spacing, labels)
+    table = {str(k): {"name": names.get(k, str(k)), **v} for k, v in per_label.items()}
+
+    def mean(key):
+        values = [v[key] for v in per_label.values() if not math.isnan(v[key])]
+        return float(np.mean(values)) if values else math.nan
+
+    return {"labels": table, "mean_dice": mean("dice"), "mean_asd": mean("asd"), "mean_hd95": mean("hd95")}
+
+
+def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path=None, settings: Settings | None = None,
+             label_names: dict | None = None, device=None, backend: str | None = None, progress: bool = True) -> Result:
+    """Register ``moving_path`` onto ``fixed_path`` (NIfTI files) and evaluate with the label maps if given.
+
+    Args:
+        label_names: {label id: name}; when given, only these ids are kept and scored (others are
+            background), otherwise every non-zero id is scored.
+        device: "auto" (default: CUDA if available), "cpu", "cuda", "cuda:1", ...
+        backend: the ops' backend (see :func:`gradreg_fast.set_backend`); None: the default.
+        progress: show tqdm progress bars.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or Settings()
+    device = resolve_device(device)
+    label_names = dict(label_names or {})
+    label_ids = sorted(label_names) or None
+    timings = {}
+    start = time.perf_counter()
+
+    # 1. read, normalise, choose the grid
+    fixed_raw = read_nifti(fixed_path, "fixed image")
+    moving_raw = read_nifti(moving_path, "moving image")
+    fixed_seg = read_nifti(fixed_labels_path, "fixed labels") if fixed_labels_path is not None else None
+    moving_seg = read_nifti(moving_labels_path, "moving labels") if moving_labels_path is not None else None
+    if (fixed_seg is None) != (moving_seg is None):
+        raise ValueError("give both --fixed-labels and --moving-labels, or neither")
+    if fixed_seg is not None:
+        check_same_space(fixed_raw, fixed_seg, "fixed labels")
+        check_same_space(moving_raw, moving_seg, "moving labels")
+    fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality), fixed_raw.affine, fixed_raw.path)
+    moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality), moving_raw.affine, moving_raw.path)
+    grid_fit = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size).fit(16, settings.fit)
+    timings["load_s"] = time.perf_counter() - start
+
+    # 2. initial alignment
+    tick = time.perf_counter()
+    if settings.init == "none":
+        initial = np.eye(4)
+    elif settings.init in ("com", "com_scale"):
+        initial = moments_init(fixed, moving, scale=settings.init == "com_scale")
+    else:
+        raise ValueError(f"`init` must be 'com', 'com_scale' or 'none', got {settings.init!r}")
+    timings["initial_s"] = time.perf_counter() - tick
+
+    # 3. affine
+    tick = time.perf_counter()
+    pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=initial)
+    grid, box = pair["grid"], pair["fixed_fov"]
+    to_device = lambda t: t.unsqueeze(0).to(device)  # noqa: E731  (1, D, H, W) -> (1, 1, D, H, W)
+    affine_world = initial
+    if settings.affine_model != "none":
+        steps = sum(settings.affine_iterations)
+        with tqdm(total=steps, desc="affine", disable=not progress, leave=False) as bar:
+            result = optimize_affine(to_device(pair["fixed"]), to_device(pair["moving"]), grid.spacing,
+                                     settings.affine_levels, settings.affine_iterations, model=settings.affine_model,
+                                     loss_box=box, progress=bar, backend=backend)
+        affine_world = initial @ result.world_transform(grid)
+    timings["affine_s"] = time.perf_counter() - tick
+
+    # 4. deformable
+    tick = time.perf_counter()
+    pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=affine_world)
+    fixed_t, moving_t = to_device(pair["fixed"]), to_device(pair["moving"])
+    if settings.method == "field":
+        steps = sum(settings.field.iterations)
+        with tqdm(total=steps, desc="deformable", disable=not progress, leave=False) as bar:
+            flow = optimize_field(fixed_t, moving_t, settings.field, loss_box=box, progress=bar, backend=backend).flow
+    elif settings.method == "network":
+        steps = sum(settings.network_iterations)
+        with tqdm(total=steps, desc="network", disable=not progress, leave=False) as bar:
+            flow = optimize_network(fixed_t, moving_t, checkpoint=settings.checkpoint, name=settings.network,
+                                    levels=settings.network_levels, iterations=settings.network_iterations,
+                                    lr=settings.network_lr, loss_box=box, progress=bar, backend=backend)
+    else:
+        raise ValueError(f"`method` must be 'field' or 'network', got {settings.method!r}")
+    flow = flow.detach().float().cpu()
+    timings["deformable_s"] = time.perf_counter() - tick
+    timings["registration_s"] = timings["initial_s"] + timings["affine_s"] + timings["deformable_s"]
+
+    # 5. apply once on the output grid, evaluate
+    tick = time.perf_counter()
+    out_grid = grid_fit.original
+    flow_out = grid_fit.to_original(flow[0].numpy(), fill="edge").astype(np.float64)
+    points = _world_points(out_grid)
+    registered = _apply_world(affine_world, _world_points(out_grid, flow_out))
+    displacement = np.moveaxis(registered - points, 0, -1).astype(np.float32)
+    background = float(moving_raw.data.min())
+    volumes = {
+        "fixed": _sample(fixed.data, fixed.affine, points, 1, 0.0),
+        "moving_initial": _sample(moving.data, moving.affine, _apply_world(initial, points), 1, 0.0),
+        "moving_affine": _sample(moving.data, moving.affine, _apply_world(affine_world, points), 1, 0.0),
+        "warped": _sample(moving.data, moving.affine, registered, 1, 0.0),
+        "warped_original": _sample(moving_raw.data, moving_raw.affine, registered, 1, background),
+    }
+    fixed_labels = warped_labels = None
+    label_maps = {}
+    report = {}
+    if fixed_seg is not None:
+        fixed_labels = _sample(keep_labels(fixed_seg.data, label_ids), fixed_seg.affine, points, 0, 0)
+        moving_ids = keep_labels(moving_seg.data, label_ids)
+        stage_points = {"before": points, "initial": _apply_world(initial, points),
+                        "affine": _apply_world(affine_world, points), "after": registered}
+        for stage, where in stage_points.items():
+            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0)
+        warped_labels = label_maps["after"]
+        scored = label_ids or sorted({int(v) for v in np.unique(fixed_labels)} | {int(v) for v in np.unique(moving_ids)}
+                                     - {0})
+        report = {stage: _stage_metrics(fixed_labels, maps, out_grid.spacing, scored, label_names)
+                  for stage, maps in label_maps.items()}
+        # Before registration the moving organs may lie outside the fixed field of view (they do in the
+        # demo pair), where surface distances on the fixed grid are undefined: score identity on a grid
+        # covering both fields of view instead (same orientation and spacing).
+        cover = covering_grid(out_grid, [fixed_seg, moving_seg])
+        report["before"] = _stage_metrics(_sample(keep_labels(fixed_seg.data, label_ids), fixed_seg.affine,
+                                                  _world_points(cover), 0, 0),
+                                          _sample(moving_ids, moving_seg.affine, _world_points(cover), 0, 0),
+                                          cover.spacing, scored, label_names)
+    flow_box = flow[(slice(None), slice(None)) + box]
+    regularity = {"folding_percent": metrics.folding_percent(flow_box),
+                  "sd_log_jacobian": metrics.sd_log_jacobian(flow_box)}
+    timings["evaluation_s"] = time.perf_counter() - tick
+    timings["total_s"] = time.perf_counter() - start
+    summary = {
+        "fixed": str(fixed_path), "moving": str(moving_path),
+        "fixed_labels": None if fixed_labels_path is None else str(fixed_labels_path),
+        "moving_labels": None if moving_labels_path is None else str(moving_labels_path),
+        "device": str(device), "backend": backend or "default", "threads": torch.get_num_threads(),
+        "grid": {"shape": list(out_grid.shape), "spacing_mm": out_grid.spacing.tolist(),
+                 "affine": out_grid.affine.tolist(), "working_shape": list(grid.shape)},
+        "initial_transform": initial.tolist(), "affine_transform": affine_world.tolist(),
+        "stages": report, **regularity, "runtime_s": timings["registration_s"], "timings_s": timings,
+        "settings": _jsonable(asdict(settings)),
+        "notes": ("stages: before = identity in world space (scored on a grid covering both fields of view), "
+                  "initial = centre-of-mass alignment, affine = after the affine stage, after = affine + "
+                  "deformable (scored on the fixed image's grid). ASD/HD95 in mm. Folding and SDlogJ of the "
+                  "deformable field inside the fixed field of view."),
+    }
+    return Result(grid=grid, fit=grid_fit, initial=initial, affine=affine_world, flow=flow,
+                  displacement_mm=displacement, fixed_labels=fixed_labels, warped_labels=warped_labels,
+                  label_maps=label_maps, metrics=summary, timings=timings, **volumes)
+
+
+def _jsonable(value):
+    """NaN/inf -> None and tuples -> lists, so that metrics.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+def _label_dtype(labels: np.ndarray):
+    """The smallest common NIfTI integer type that holds every label id."""
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def output_paths(out_dir, with_labels: bool) -> dict:
+    names = [n for n in OUTPUT_FILES if with_labels or n != "warped_labels.nii.gz"]
+    return {name: Path(out_dir) / name for name in names}
+
+
+def check_outputs(out_dir, inputs, with_labels: bool, force: bool) -> dict:
+    """The output paths; refuses outputs that are inputs, or that exist without ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output directory {out_dir} exists and is not a directory")
+    paths = output_paths(out_dir, with_labels)
+    for path in paths.values():
+        check_output_path(path, inputs, force)
+    return paths
+
+
+def write_json(path, payload) -> Path:
+    """Strict JSON, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(_jsonable(payload), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return path
+
+
+def save_result(result: Result, out_dir, inputs=(), force: bool = False, figure: bool = True) -> dict:
+    """Write warped.nii.gz, warped_labels.nii.gz (with labels), flow.nii.gz, metrics.json, overview.png."""
+    paths = check_outputs(out_dir, inputs, result.warped_labels is not None, force)
+    grid = result.fit.original
+    write_nifti(paths["warped.nii.gz"], result.warped_original.astype(np.float32), grid.affine, inputs=inputs,
+                force=force, description="gradreg: moving warped onto fixed")
+    if result.warped_labels is not None:
+        labels = result.warped_labels
+        write_nifti(paths["warped_labels.nii.gz"], labels, grid.affine, dtype=_label_dtype(labels), inputs=inputs,
+                    force=force, description="gradreg: moving labels warped (nearest)")
+    write_displacement(paths["flow.nii.gz"], result.displacement_mm, grid, inputs=inputs, force=force)
+    write_json(paths["metrics.json"], result.metrics)
+    if figure:
+        from ..viz import overview
+
+        names = {int(k): v["name"] for k, v in result.metrics["stages"].get("after", {}).get("labels", {}).items()}
+        overview(paths["overview.png"], result.fixed, result.moving_initial, result.warped, grid,
+                 fixed_labels=result.fixed_labels, warped_labels=result.warped_labels, label_names=names)
+    else:
+        paths.pop("overview.png")
+    return paths

@@ -1,0 +1,275 @@
+"""gradreg_fast.io: physical-space resampling, grids, normalisation, NIfTI reading/writing and refusals."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from gradreg_fast import io
+
+RNG = np.random.default_rng(7)
+
+
+def save(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=float)), str(path))
+    return path
+
+
+def ras_affine(spacing=(2.0, 3.0, 2.5), origin=(-40.0, 12.5, 7.0)):
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def as_lps_copy(data, affine, world_shift=(0.0, 0.0, 0.0)):
+    """The same object stored in LPS order (first two axes reversed), moved by ``world_shift`` mm."""
+    n = data.shape
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, n[0] - 1
+    flip[1, 1], flip[1, 3] = -1, n[1] - 1
+    lps = affine @ flip  # LPS voxel v holds what RAS voxel flip @ v held
+    lps[:3, 3] += world_shift
+    return np.ascontiguousarray(data[::-1, ::-1, :]), lps
+
+
+@pytest.mark.parametrize("fixed_is_lps", [False, True])
+def test_ras_lps_flip_and_shift_resample_in_physical_space(tmp_path, fixed_is_lps):
+    """An LPS copy of a RAS scan, shifted by whole voxels in world space, lands exactly where it should."""
+    shape, spacing = (21, 17, 11), np.array([2.0, 3.0, 2.5])
+    image = RNG.random(shape).astype(np.float32) * 800 + 10  # MR-like, no air: normalised by percentiles
+    labels = RNG.integers(0, 4, size=shape).astype(np.uint8)
+    affine = ras_affine(spacing)
+    shift_voxels = np.array([2, -1, 3])
+    image_lps, lps = as_lps_copy(image, affine, world_shift=shift_voxels * spacing)
+    labels_lps, _ = as_lps_copy(labels, affine)
+    assert nib.aff2axcodes(lps) == ("L", "P", "S") and nib.aff2axcodes(affine) == ("R", "A", "S")
+    ras_files = (save(tmp_path / "ras.nii.gz", image, affine), save(tmp_path / "ras_seg.nii.gz", labels, affine))
+    lps_files = (save(tmp_path / "lps.nii.gz", image_lps, lps), save(tmp_path / "lps_seg.nii.gz", labels_lps, lps))
+    fixed, moving = (lps_files, ras_files) if fixed_is_lps else (ras_files, lps_files)
+    pair = io.load_pair(fixed[0], moving[0], fixed[1], moving[1], details=True)
+
+    # Whatever the grid's orientation, the fixed image and labels come back as the fixed file's voxels ...
+    fit = pair["fit"]
+    fixed_back = fit.to_original(pair["fixed"][0].numpy())
+    fixed_labels_back = fit.to_original(pair["fixed_labels"][0].numpy())
+    normalised = io.normalize_intensity(image, "mr")
+    assert np.allclose(fixed_back, normalised[::-1, ::-1] if fixed_is_lps else normalised, atol=1e-6)
+    assert np.array_equal(fixed_labels_back, labels[::-1, ::-1] if fixed_is_lps else labels)
+
+    # ... and the moving scan is the fixed one moved by the world shift (+shift if the moving copy is the
+    # shifted one, -shift otherwise), compared on the voxels where both are defined.
+    moving_back = fit.to_original(pair["moving"][0].numpy())
+    moving_labels_back = fit.to_original(pair["moving_labels"][0].numpy())
+    world_shift = shift_voxels * spacing * (-1 if fixed_is_lps else 1)
+    grid_shift = np.linalg.inv(fit.original.affine[:3, :3]) @ world_shift  # in fixed-grid voxels
+    assert np.allclose(grid_shift, np.round(grid_shift))
+    step = np.round(grid_shift).astype(int)
+    src = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(step, shape))
+    dst = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(step, shape))
+    fixed_ref = normalised[::-1, ::-1] if fixed_is_lps else normalised
+    labels_ref = labels[::-1, ::-1] if fixed_is_lps else labels
+    # moving(x) = object(x - shift): moving voxel v + step shows fixed voxel v
+    assert np.allclose(moving_back[dst], fixed_ref[src], atol=1e-5)
+    assert np.array_equal(moving_labels_back[dst], labels_ref[src])
+    # and outside the moving field of view (whole voxels away) there is nothing
+    outside = np.ones(shape, bool)
+    outside[dst] = False
+    assert outside.any() and np.all(moving_back[outside] == 0) and np.all(moving_labels_back[outside] == 0)
+
+
+def test_load_pair_contract(tmp_path):
+    shape = (30, 20, 9)
+    ct = RNG.normal(40, 30, size=shape)
+    ct[:3] = -1000  # air: guessed as CT
+    fixed = save(tmp_path / "f.nii.gz", RNG.random(shape).astype(np.float32) * 300, ras_affine())
+    moving = save(tmp_path / "m.nii", ct.astype(np.int16), ras_affine())
+    seg = save(tmp_path / "s.nii.gz", RNG.integers(0, 6, size=shape).astype(np.uint8), ras_affine())
+    pair = io.load_pair(fixed, moving, seg, seg, label_ids=[1, 5])
+    assert set(pair) == {"fixed", "moving", "fixed_labels", "moving_labels", "affine"}
+    for key in ("fixed", "moving"):
+        t = pair[key]
+        assert t.dtype == torch.float32 and t.dim() == 4 and t.shape[0] == 1
+        assert all(n % 16 == 0 for n in t.shape[1:])
+        assert 0 <= float(t.min()) and float(t.max()) <= 1
+    for key in ("fixed_labels", "moving_labels"):
+        assert pair[key].dtype == torch.int64 and pair[key].shape == pair["fixed"].shape
+        assert set(torch.unique(pair[key]).tolist()) == {0, 1, 5}
+    assert pair["affine"].shape == (4, 4) and pair["affine"].dtype == torch.float64
+    without = io.load_pair(fixed, moving)
+    assert without["fixed_labels"] is None and without["moving_labels"] is None
+
+
+def test_grid_spacing_size_and_centre():
+    scan = io.Scan(np.zeros((40, 30, 10), np.float32), ras_affine((1.0, 1.0, 3.0)))
+    grid = io.Grid.of_scan(scan, spacing=2.0)
+    assert grid.shape == (20, 15, 15)
+    assert np.allclose(grid.spacing, 2.0)
+    assert np.allclose(grid.center_world, io.Grid(scan.data.shape, scan.affine).center_world)
+    sized = io.Grid.of_scan(scan, spacing=(1.5, 1.5, 1.5), size=(8, 9, 10))
+    assert sized.shape == (8, 9, 10) and np.allclose(sized.center_world, grid.center_world)
+    with pytest.raises(ValueError, match="spacing"):
+        io.Grid.of_scan(scan, spacing=0)
+
+
+@pytest.mark.parametrize("how", ["pad", "crop"])
+def test_fit_to_multiple_and_inverse(how):
+    affine = ras_affine()
+    data = RNG.random((37, 18, 20)).astype(np.float32)
+    scan = io.Scan(data, affine)
+    grid = io.Grid(data.shape, affine)
+    fit = grid.fit(16, how)
+    assert all(n % 16 == 0 for n in fit.grid.shape)
+    direct = io.resample(scan, grid)
+    via_fit = fit.to_original(io.resample(scan, fit.grid))
+    if how == "pad":
+        assert fit.grid.shape == (48, 32, 32)
+        assert np.allclose(via_fit, direct, atol=1e-6)  # padding then cropping back is exact
+    else:
+        assert fit.grid.shape == (32, 16, 16)
+        box = fit.original_box
+        inside = tuple(slice(o + s.start, o + s.stop) for o, s in zip(fit.offset, box))
+        assert np.allclose(via_fit[inside], direct[inside], atol=1e-6)
+        outside = np.ones(data.shape, bool)
+        outside[inside] = False
+        assert np.all(via_fit[outside] == 0)  # what cropping removed comes back as the fill value
+        assert np.all(fit.to_original(np.ones(fit.grid.shape), fill="edge") == 1)
+    with pytest.raises(ValueError, match="how"):
+        grid.fit(16, "squash")
+
+
+def test_resample_nearest_keeps_border_voxels():
+    """Round-off must never drop the last voxel of a label map (nearest sampling of voxel extents)."""
+    labels = np.ones((5, 4, 3), np.int64)
+    affine = ras_affine((0.7, 1.3, 2.1), (1e-7, -3.3, 0.1))
+    grid = io.Grid(labels.shape, affine @ np.diag([1, 1, 1, 1.0]))
+    out = io.resample(io.Scan(labels, affine), grid, order=0, world_transform=np.eye(4) + 1e-9)
+    assert np.all(out == 1)
+
+
+def test_normalize_intensity():
+    ct = np.array([[[-1000.0, -200.0, 50.0, 300.0, 1200.0]]])
+    assert np.allclose(io.normalize_intensity(ct, "ct"), [[[0, 0, 0.5, 1, 1]]])
+    assert io.guess_modality(ct) == "ct"
+    mr = RNG.random((10, 10, 10)) * 700
+    out = io.normalize_intensity(mr, "auto")
+    assert io.guess_modality(mr) == "mr"
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    low, high = np.percentile(mr, io.MR_PERCENTILES)
+    inside = (mr > low) & (mr < high)
+    assert np.allclose(out[inside], (mr[inside] - low) / (high - low), atol=1e-6)
+    assert np.all(io.normalize_intensity(np.full((3, 3, 3), 5.0), "mr") == 0)
+    with pytest.raises(ValueError, match="modality"):
+        io.normalize_intensity(mr, "pet")
+
+
+def test_write_nifti_roundtrip_atomic_and_protective(tmp_path):
+    affine = ras_affine()
+    data = RNG.random((6, 5, 4)).astype(np.float32)
+    source = save(tmp_path / "input.nii.gz", data, affine)
+    out = io.write_nifti(tmp_path / "sub" / "out.nii.gz", data, affine, inputs=[source])
+    image = nib.load(str(out))
+    assert np.allclose(image.affine, affine) and np.array_equal(np.asarray(image.dataobj), data)
+    assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
+    assert sorted(os.listdir(out.parent)) == ["out.nii.gz"]  # no temp file left behind
+    with pytest.raises(FileExistsError, match="already exists"):
+        io.write_nifti(out, data, affine)
+    io.write_nifti(out, data * 2, affine, force=True)
+    assert np.allclose(np.asarray(nib.load(str(out)).dataobj), data * 2)
+    with pytest.raises(FileExistsError, match="one of the inputs"):
+        io.write_nifti(source, data, affine, inputs=[source], force=True)
+    assert np.array_equal(np.asarray(nib.load(str(source)).dataobj), data)
+
+
+def test_write_displacement_is_a_vector_image(tmp_path):
+    grid = io.Grid((4, 3, 2), ras_affine())
+    field = RNG.random((4, 3, 2, 3)).astype(np.float32)
+    path = io.write_displacement(tmp_path / "flow.nii.gz", field, grid)
+    image = nib.load(str(path))
+    assert image.shape == (4, 3, 2, 1, 3)
+    assert image.header.get_intent()[0] == "vector"
+    assert np.allclose(image.affine, grid.affine)
+    assert np.allclose(np.asarray(image.dataobj)[:, :, :, 0, :], field)
+    voxels = RNG.random((3, 4, 3, 2))
+    mm = io.voxel_flow_to_world_mm(voxels, grid)
+    assert np.allclose(mm[..., 0], voxels[0] * 2.0) and np.allclose(mm[..., 1], voxels[1] * 3.0)
+
+
+def test_refuses_bad_files(tmp_path):
+    good = save(tmp_path / "good.nii.gz", RNG.random((5, 5, 5)).astype(np.float32), ras_affine())
+    with pytest.raises(FileNotFoundError, match="not found"):
+        io.read_nifti(tmp_path / "missing.nii.gz", "fixed image")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"this is not a NIfTI file at all" * 10)
+    with pytest.raises(io.NiftiError, match="not a readable NIfTI"):
+        io.read_nifti(junk)
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(io.NiftiError, match="not a readable NIfTI"):
+        io.read_nifti(truncated)
+    raw = tmp_path / "raw.nii"  # uncompressed, cut in the voxel data
+    save(raw, RNG.random((8, 8, 8)).astype(np.float32), ras_affine())
+    raw.write_bytes(raw.read_bytes()[:600])
+    with pytest.raises(io.NiftiError, match="not a readable NIfTI"):
+        io.read_nifti(raw)
+    with pytest.raises(io.NiftiError, match="2D"):
+        io.read_nifti(save(tmp_path / "flat.nii.gz", np.ones((5, 6), np.float32), np.eye(4)))
+    with pytest.raises(io.NiftiError, match="single slice"):
+        io.read_nifti(save(tmp_path / "slice.nii.gz", np.ones((5, 6, 1), np.float32), np.eye(4)))
+    with pytest.raises(io.NiftiError, match="4D"):
+        io.read_nifti(save(tmp_path / "series.nii.gz", np.ones((5, 6, 7, 2), np.float32), np.eye(4)))
+    squeezed = io.read_nifti(save(tmp_path / "one.nii.gz", np.ones((5, 6, 7, 1), np.float32), np.eye(4)))
+    assert squeezed.data.shape == (5, 6, 7)
+    with pytest.raises(io.NiftiError, match=r"\.nii or \.nii\.gz"):
+        io.read_nifti(good.rename(tmp_path / "good.img"))
+    nan = RNG.random((4, 4, 4)).astype(np.float32)
+    nan[1, 1, 1] = np.nan
+    with pytest.raises(io.NiftiError, match="NaN"):
+        io.read_nifti(save(tmp_path / "nan.nii.gz", nan, np.eye(4)))
+    gz = tmp_path / "empty.nii.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b"")
+    with pytest.raises(io.NiftiError):
+        io.read_nifti(gz)
+
+
+def test_labels_must_share_the_image_grid(tmp_path):
+    image = save(tmp_path / "i.nii.gz", RNG.random((6, 6, 6)).astype(np.float32), ras_affine())
+    other = save(tmp_path / "l.nii.gz", np.ones((6, 6, 5), np.uint8), ras_affine())
+    with pytest.raises(io.NiftiError, match="image's grid"):
+        io.load_pair(image, image, fixed_labels=other)
+
+
+def test_overview_reorients_to_ras_with_matching_spacing():
+    from gradreg_fast import viz
+
+    shuffled = np.array([[0, 0, 2.5, 0], [-3.0, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(shuffled) == ("P", "S", "R")
+    volume = RNG.random((4, 5, 6))
+    ras, spacing = viz.to_ras(volume, shuffled)
+    assert ras.shape == (6, 4, 5) and np.allclose(spacing, [2.5, 3.0, 1.5])
+    # RAS voxel (x, y, z) is input voxel (3 - y, z, x): axis 0 pointed posterior, so it is reversed
+    assert ras[1, 0, 2] == volume[3, 2, 1] and ras[5, 3, 4] == volume[0, 4, 5]
+
+
+def test_load_pair_centre_of_mass_init(tmp_path):
+    """Two bodies 60 mm apart: no overlap as they are, the same voxels after matching centres of mass."""
+    shape, affine = (30, 30, 20), ras_affine((3.0, 3.0, 3.0), (0.0, 0.0, 0.0))
+    world = np.indices(shape) * 3.0
+    body = ((world[0] - 45) / 30) ** 2 + ((world[1] - 45) / 24) ** 2 + ((world[2] - 30) / 20) ** 2 <= 1
+    image = np.where(body, 200.0, 0.0).astype(np.float32)
+    moved = affine.copy()
+    moved[:3, 3] += (60.0, 0.0, 0.0)
+    fixed = save(tmp_path / "f.nii.gz", image, affine)
+    moving = save(tmp_path / "m.nii.gz", image, moved)
+    seg_f = save(tmp_path / "sf.nii.gz", body.astype(np.uint8), affine)
+    seg_m = save(tmp_path / "sm.nii.gz", body.astype(np.uint8), moved)
+    plain = io.load_pair(fixed, moving, seg_f, seg_m)
+    aligned = io.load_pair(fixed, moving, seg_f, seg_m, init="com")
+    overlap = lambda p: int(((p["fixed_labels"] == 1) & (p["moving_labels"] == 1)).sum())  # noqa: E731
+    assert overlap(plain) < 0.5 * int(body.sum())
+    assert torch.equal(aligned["fixed_labels"], aligned["moving_labels"])
+    with pytest.raises(ValueError, match="init"):
+        io.load_pair(fixed, moving, init="moments")

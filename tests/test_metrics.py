@@ -1,0 +1,143 @@
+"""gradreg_fast.metrics against hand-computed cases and brute-force references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradreg_fast import metrics
+
+
+def cube(shape, start, size, label=1):
+    out = np.zeros(shape, np.int64)
+    out[tuple(slice(s, s + size) for s in start)] = label
+    return out
+
+
+def brute_force_distances(a, b, spacing):
+    """Every surface voxel's distance to the nearest surface voxel of the other mask, by enumeration."""
+    def surface_points(mask):
+        points = []
+        for index in np.argwhere(mask):
+            for axis in range(3):
+                for step in (-1, 1):
+                    neighbour = index.copy()
+                    neighbour[axis] += step
+                    if (neighbour < 0).any() or (neighbour >= mask.shape).any() or not mask[tuple(neighbour)]:
+                        points.append(index)
+                        break
+                else:
+                    continue
+                break
+        return np.unique(np.array(points), axis=0) * np.asarray(spacing)
+
+    pa, pb = surface_points(a), surface_points(b)
+    pairwise = np.linalg.norm(pa[:, None, :] - pb[None, :, :], axis=-1)
+    return pairwise.min(axis=1), pairwise.min(axis=0)
+
+
+def test_dice_hand_computed():
+    shape = (20, 12, 12)
+    a = cube(shape, (0, 0, 0), 10)
+    b = cube(shape, (5, 0, 0), 10)  # overlap 5 x 10 x 10 = 500 of 1000 each
+    assert metrics.dice(a, b) == {1: pytest.approx(0.5)}
+    small = cube(shape, (2, 2, 2), 4)  # 64 voxels inside a's 1000
+    assert metrics.dice(a, small)[1] == pytest.approx(2 * 64 / 1064)
+    assert metrics.dice(a, a)[1] == 1.0
+    two = a + cube(shape, (12, 0, 0), 4, label=2)
+    scores = metrics.dice(two, a, labels=[1, 2, 7])
+    assert scores[1] == 1.0 and scores[2] == 0.0 and math.isnan(scores[7])  # 7 absent from both: undefined
+    assert metrics.dice(torch.from_numpy(a)[None], torch.from_numpy(b)[None]) == {1: pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.dice(a, b[:-1])
+
+
+def test_surface_distance_parallel_planes_anisotropic():
+    """Two one-voxel planes 3 voxels apart along x: every surface distance is 3 * spacing_x."""
+    shape, spacing = (10, 6, 5), (2.0, 0.7, 1.3)
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    a[2], b[5] = True, True
+    assert metrics.average_surface_distance(a, b, spacing) == pytest.approx(6.0)
+    assert metrics.hausdorff95(a, b, spacing) == pytest.approx(6.0)
+    assert metrics.average_surface_distance(a, a, spacing) == 0.0
+
+
+def test_surface_distance_concentric_cubes():
+    """Cube of side 6 centred in a cube of side 10: the inner surface is exactly 2 voxels from the outer."""
+    shape, spacing = (14, 14, 14), 1.5
+    outer, inner = cube(shape, (2, 2, 2), 10).astype(bool), cube(shape, (4, 4, 4), 6).astype(bool)
+    inner_to_outer = metrics.surface_distances(inner, outer, spacing)[0]
+    assert np.allclose(inner_to_outer, 3.0)  # 2 voxels * 1.5 mm, for every inner surface voxel
+    assert len(inner_to_outer) == 6 ** 3 - 4 ** 3
+    ab, ba = brute_force_distances(outer, inner, (spacing,) * 3)
+    pooled = np.concatenate([ab, ba])
+    assert metrics.average_surface_distance(outer, inner, spacing) == pytest.approx(pooled.mean())
+    assert metrics.hausdorff95(outer, inner, spacing) == pytest.approx(np.percentile(pooled, 95))
+
+
+def test_surface_metrics_match_brute_force_on_random_shapes():
+    rng = np.random.default_rng(3)
+    shape, spacing = (11, 9, 8), (1.2, 0.8, 2.5)
+    a = np.zeros(shape, np.int64)
+    b = np.zeros(shape, np.int64)
+    a[2:8, 1:7, 1:6] = 1
+    b[3:10, 2:8, 2:7] = 1
+    a[rng.random(shape) < 0.05] = 2  # a scattered second label
+    b[rng.random(shape) < 0.05] = 2
+    table = metrics.label_metrics(a, b, spacing)
+    for label in (1, 2):
+        ab, ba = brute_force_distances(a == label, b == label, spacing)
+        pooled = np.concatenate([ab, ba])
+        assert table[label]["asd"] == pytest.approx(pooled.mean())
+        assert table[label]["hd95"] == pytest.approx(np.percentile(pooled, 95))
+        overlap = np.logical_and(a == label, b == label).sum()
+        assert table[label]["dice"] == pytest.approx(2 * overlap / ((a == label).sum() + (b == label).sum()))
+
+
+def test_surface_metrics_undefined_when_a_mask_is_empty():
+    a = cube((8, 8, 8), (1, 1, 1), 3)
+    empty = np.zeros_like(a)
+    assert math.isnan(metrics.average_surface_distance(a, empty))
+    assert math.isnan(metrics.hausdorff95(empty, a))
+    assert all(math.isnan(v) for v in metrics.surface_metrics(a, empty, labels=[1])[1].values())
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.average_surface_distance(a, a, spacing=(1.0, 0.0, 1.0))
+
+
+def test_jacobian_identity_and_linear_maps():
+    shape = (6, 7, 5)
+    zero = np.zeros((3,) + shape)
+    assert np.allclose(metrics.jacobian_determinant(zero), 1.0)
+    assert metrics.folding_percent(zero) == 0.0 and metrics.sd_log_jacobian(zero) == 0.0
+    matrix = np.array([[0.1, 0.02, 0.0], [0.0, -0.2, 0.05], [0.03, 0.0, 0.3]])
+    grid = np.indices(shape).astype(float)
+    linear = np.einsum("ij,j...->i...", matrix, grid)  # u(x) = M x: det(I + M) everywhere, borders included
+    det = metrics.jacobian_determinant(torch.from_numpy(linear)[None])
+    assert np.allclose(det, np.linalg.det(np.eye(3) + matrix))
+    assert metrics.sd_log_jacobian(linear) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_folding_and_sdlogj_hand_computed():
+    shape = (8, 6, 4)
+    x0 = np.indices(shape)[0].astype(float)
+    folded = np.zeros((3,) + shape)
+    folded[0] = -2.0 * x0  # d(x0 + u0)/dx0 = -1: every voxel folds
+    assert metrics.folding_percent(folded) == 100.0
+    half = np.zeros((3,) + shape)
+    rows = np.indices(shape)[1]
+    slope = np.where(rows < 3, 0.5, -0.5)  # det = 1.5 in one half of the rows, 0.5 in the other
+    half[0] = slope * x0
+    assert np.allclose(np.unique(np.round(metrics.jacobian_determinant(half), 12)), [0.5, 1.5])
+    assert metrics.sd_log_jacobian(half) == pytest.approx(math.log(3) / 2)
+    assert metrics.folding_percent(half) == 0.0
+    mask = np.zeros(shape, bool)
+    mask[:, :3] = True
+    assert metrics.sd_log_jacobian(half, mask=mask) == pytest.approx(0.0, abs=1e-12)
+    mixed = half.copy()
+    mixed[0] = np.where(rows < 3, -2.0, 0.0) * x0  # half the voxels fold
+    assert metrics.folding_percent(mixed) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="flow"):
+        metrics.folding_percent(np.zeros((2,) + shape))
+    with pytest.raises(ValueError, match="mask"):
+        metrics.folding_percent(half, mask=np.ones((3, 3, 3), bool))

@@ -1,0 +1,219 @@
+"""Registration: known deformations and affines are recovered; the pipeline's outputs are consistent."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import gradreg_fast as g
+from gradreg_fast import metrics
+from gradreg_fast.io import Grid, Scan
+from gradreg_fast.register import (FieldSettings, Settings, body_mask, integrate, moments_init, optimize_affine,
+                                   optimize_field, optimize_network, register, save_result)
+from gradreg_fast.register.affine import affine_flow
+
+
+def smooth_texture(shape, sigma, seed):
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    field = ndimage.gaussian_filter(noise, sigma)
+    return (field - field.min()) / (field.max() - field.min())
+
+
+def smooth_displacement(shape, amplitude, sigma, seed):
+    rng = np.random.default_rng(seed)
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma) for _ in range(3)])
+    return torch.from_numpy(field / np.abs(field).max() * amplitude).float().unsqueeze(0)
+
+
+def inverse_flow(flow, iterations=30):
+    """phi with x + phi(x) = the inverse of x -> x + flow(x): fixed point of phi = -flow(x + phi)."""
+    phi = -flow.clone()
+    for _ in range(iterations):
+        phi = -g.warp(flow, phi, padding_mode="border")
+    return phi
+
+
+def test_field_registration_recovers_a_known_deformation_across_modalities():
+    torch.manual_seed(0)
+    shape = (32, 32, 32)
+    fixed = torch.from_numpy(smooth_texture(shape, 2.5, seed=1)).float()[None, None]
+    truth = smooth_displacement(shape, amplitude=4.0, sigma=5, seed=2)  # voxels
+    moving = 1.0 - g.warp(fixed, truth, padding_mode="border")  # inverted contrast: a second "modality"
+    expected = inverse_flow(truth)  # warp(moving, expected) == 1 - fixed
+    settings = FieldSettings(levels=(2, 1), iterations=(30, 15), control=1, lr=0.5)
+    result = optimize_field(fixed, moving, settings)
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * 3  # away from the zero padding at the borders
+    error_before = expected[inner].norm(dim=1).mean()
+    error_after = (result.flow - expected)[inner].norm(dim=1).mean()
+    assert result.flow.shape == (1, 3) + shape
+    assert error_after < 0.5 * error_before, (float(error_before), float(error_after))
+    assert result.losses[-1] < result.losses[0]
+    assert metrics.folding_percent(result.flow) == 0.0  # scaling and squaring keeps it invertible
+
+
+def test_affine_registration_recovers_a_known_affine():
+    shape, spacing = (32, 32, 32), np.array([2.0, 2.0, 3.0])
+    fixed = torch.from_numpy(smooth_texture(shape, 3.0, seed=4)).float()[None, None]
+    matrix = torch.tensor([[1.06, 0.02, 0.0], [0.0, 0.95, 0.03], [0.0, 0.0, 1.04]])
+    shift = torch.tensor([4.0, -3.0, 5.0])  # mm
+    moving = g.warp(fixed, affine_flow(matrix, shift, shape, spacing), padding_mode="border")
+    inner = (slice(4, 28),) * 3  # the moving image's border repeats edge values: leave it out of the loss
+    result = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(80, 40), lr_shift=1.0, loss_box=inner)
+    inverse = torch.linalg.inv(matrix)
+    expected = affine_flow(inverse, -inverse @ shift, shape, spacing)
+    found = result.voxel_flow(shape, spacing)
+    error_before = expected.norm(dim=1).mean()
+    error_after = (found - expected).norm(dim=1).mean()
+    assert error_after < 0.1 * error_before, (float(error_before), float(error_after))
+    assert np.allclose(result.matrix, inverse.numpy(), atol=0.02)
+    assert np.allclose(result.shift, (-inverse @ shift).numpy(), atol=0.3)
+
+
+def test_affine_world_transform_matches_the_voxel_flow():
+    grid = Grid((16, 12, 8), np.array([[0, -2.0, 0, 10], [3.0, 0, 0, -5], [0, 0, 1.5, 2], [0, 0, 0, 1]]))
+    from gradreg_fast.register.affine import AffineResult
+
+    result = AffineResult(np.array([[1.05, 0.1, 0.0], [0.0, 0.9, 0.02], [0.01, 0.0, 1.1]]), np.array([2.0, -1.0, 3.0]),
+                          [])
+    flow = result.voxel_flow(grid.shape, grid.spacing, dtype=torch.float64)[0].numpy()
+    voxels = np.indices(grid.shape).reshape(3, -1)
+    world = grid.affine[:3, :3] @ voxels + grid.affine[:3, 3:4]
+    moved = result.world_transform(grid)
+    by_world = moved[:3, :3] @ world + moved[:3, 3:4]
+    by_flow = grid.affine[:3, :3] @ (voxels + flow.reshape(3, -1)) + grid.affine[:3, 3:4]
+    assert np.allclose(by_world, by_flow, atol=1e-9)
+
+
+def ellipsoid_scan(shape, affine, centre_mm, radii_mm, inside=1.0, outside=0.0):
+    world = np.einsum("ij,j...->i...", affine[:3, :3], np.indices(shape).astype(float)) + affine[:3, 3].reshape(
+        3, 1, 1, 1)
+    r = sum(((world[i] - centre_mm[i]) / radii_mm[i]) ** 2 for i in range(3))
+    return np.where(r <= 1, inside, outside).astype(np.float32), world
+
+
+def test_moments_init_matches_body_centres_across_orientations():
+    ras = np.diag([2.0, 2.0, 2.5, 1.0])
+    ras[:3, 3] = (-30, -40, 0)
+    lps = np.diag([-3.0, -3.0, 2.0, 1.0])
+    lps[:3, 3] = (60, 50, -20)
+    fixed, _ = ellipsoid_scan((40, 40, 24), ras, (8.0, -2.0, 30.0), (20, 15, 12))
+    moving, _ = ellipsoid_scan((40, 36, 30), lps, (10.0, 3.0, 14.0), (20, 15, 12))
+    transform = moments_init(Scan(fixed, ras), Scan(moving, lps))
+    assert np.allclose(transform[:3, :3], np.eye(3))
+    assert np.allclose(transform[:3, 3], [2.0, 5.0, -16.0], atol=0.6)
+
+
+def test_body_mask_fills_holes_slice_by_slice():
+    image, _ = ellipsoid_scan((30, 30, 12), np.eye(4), (15, 15, 6), (12, 10, 20))  # cut open at top and bottom
+    image[10:20, 12:18, :] = 0  # a "lung" running through every slice
+    mask = body_mask(image, np.eye(4))
+    assert mask[15, 15, 6] and mask[12, 14, 0]
+    assert not mask[1, 1, 6]
+
+
+def test_integrate_is_invertible_where_the_raw_field_folds():
+    shape = (32, 8, 8)
+    x0 = torch.arange(32, dtype=torch.float32).view(32, 1, 1).expand(shape)
+    velocity = torch.zeros((1, 3) + shape)
+    velocity[0, 0] = 8.0 * torch.sin(2 * np.pi * x0 / 32)  # derivative down to -1.57: the raw field folds
+    assert metrics.folding_percent(velocity) > 0
+    flow = integrate(velocity, 7)
+    assert metrics.folding_percent(flow) == 0.0
+    assert torch.allclose(integrate(velocity * 1e-3, 6), velocity * 1e-3, atol=1e-5)
+    assert torch.equal(integrate(velocity, 0), velocity)
+
+
+def test_network_instance_optimisation_trains_the_model():
+    fixed = torch.from_numpy(smooth_texture((16, 16, 16), 2.0, seed=5)).float()[None, None]
+    moving = g.warp(fixed, smooth_displacement((16, 16, 16), 1.5, 3, seed=6))
+    flow = optimize_network(fixed, moving, name="gated", levels=(1,), iterations=(2,), lr=1e-3)
+    assert flow.shape == (1, 3, 16, 16, 16) and torch.isfinite(flow).all()
+    assert flow.abs().max() > 0  # the fused flow's zero-initialised output layer has been trained
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+def phantom(path_image, path_labels, shape, affine, centre, organs, ct: bool):
+    """An ellipsoidal body with spherical organs, sampled in world space (CT in HU, or MR-like)."""
+    body, world = ellipsoid_scan(shape, affine, centre, (62, 48, 36))
+    labels = np.zeros(shape, np.uint8)
+    for label, (offset, radius) in organs.items():
+        r = np.sqrt(sum((world[i] - centre[i] - offset[i]) ** 2 for i in range(3)))
+        labels[(r <= radius) & (body > 0)] = label
+    texture = smooth_texture(shape, 1.5, seed=9)
+    if ct:
+        image = np.where(body > 0, 40.0, -1000.0) + 60 * (labels == 1) - 120 * (labels == 2) + 30 * texture
+    else:
+        image = np.where(body > 0, 300.0, 5.0) - 180 * (labels == 1) + 250 * (labels == 2) + 50 * texture
+    nib.save(nib.Nifti1Image(image.astype(np.int16 if ct else np.float32), affine), str(path_image))
+    nib.save(nib.Nifti1Image(labels, affine), str(path_labels))
+
+
+@pytest.fixture(scope="module")
+def synthetic_pair(tmp_path_factory):
+    """Fixed: MR-like, LPS. Moving: CT-like, RAS, another body position and slightly different organs."""
+    folder = tmp_path_factory.mktemp("pair")
+    lps = np.diag([-3.0, -3.0, 3.0, 1.0])
+    lps[:3, 3] = (60.0, 50.0, -40.0)
+    ras = np.diag([3.0, 3.0, 3.0, 1.0])
+    ras[:3, 3] = (-70.0, -40.0, -10.0)
+    files = {k: folder / f"{k}.nii.gz" for k in ("fixed", "fixed_labels", "moving", "moving_labels")}
+    phantom(files["fixed"], files["fixed_labels"], (48, 40, 30), lps, (0.0, 0.0, 0.0),
+            {1: ((-25, 0, 0), 18), 2: ((25, 5, 0), 15)}, ct=False)
+    phantom(files["moving"], files["moving_labels"], (52, 44, 34), ras, (12.0, 20.0, 30.0),
+            {1: ((-19, 5, 3), 20), 2: ((30, 0, -3), 13)}, ct=True)
+    return files
+
+
+def test_pipeline_registers_and_writes_consistent_outputs(synthetic_pair, tmp_path):
+    files = synthetic_pair
+    settings = Settings(affine_iterations=(10, 10))
+    settings.field.iterations = (15, 15, 10)
+    result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], settings,
+                      label_names={1: "a", 2: "b"}, device="cpu", progress=False)
+    stages = result.metrics["stages"]
+    assert stages["before"]["mean_dice"] < 0.1  # the bodies are ~40 mm apart in world space
+    assert stages["initial"]["mean_dice"] > 0.4  # centres of mass bring them together ...
+    assert stages["after"]["mean_dice"] > stages["initial"]["mean_dice"] + 0.15  # ... the deformation does the rest
+    assert stages["after"]["mean_asd"] < 0.5 * stages["initial"]["mean_asd"] < stages["before"]["mean_asd"]
+    assert result.metrics["folding_percent"] == 0.0
+
+    paths = save_result(result, tmp_path / "out", inputs=list(files.values()))
+    assert set(p.name for p in paths.values()) == {"warped.nii.gz", "warped_labels.nii.gz", "flow.nii.gz",
+                                                   "metrics.json", "overview.png"}
+    fixed = nib.load(str(files["fixed"]))
+    warped = nib.load(str(paths["warped.nii.gz"]))
+    warped_labels = nib.load(str(paths["warped_labels.nii.gz"]))
+    flow = nib.load(str(paths["flow.nii.gz"]))
+    for image in (warped, warped_labels, flow):  # they open aligned with the fixed image
+        assert image.shape[:3] == fixed.shape and np.allclose(image.affine, fixed.affine)
+    assert flow.shape == fixed.shape + (1, 3)
+    # The written field is the whole transform: sampling the moving labels at x + u(x) gives the warped labels.
+    moving_labels = nib.load(str(files["moving_labels"]))
+    u = np.asarray(flow.dataobj, dtype=np.float64)[:, :, :, 0, :]
+    index = np.indices(fixed.shape).astype(float)
+    world = np.einsum("ij,j...->...i", fixed.affine[:3, :3], index) + fixed.affine[:3, 3]
+    target = np.linalg.inv(moving_labels.affine)
+    coords = np.einsum("ij,...j->i...", target[:3, :3], world + u) + target[:3, 3].reshape(3, 1, 1, 1)
+    resampled = ndimage.map_coordinates(np.asarray(moving_labels.dataobj), coords, order=0, mode="grid-constant")
+    agreement = (resampled == np.asarray(warped_labels.dataobj)).mean()
+    assert agreement > 0.999
+    report = json.loads(paths["metrics.json"].read_text())
+    assert report["stages"]["after"]["labels"]["1"]["name"] == "a"
+    assert report["runtime_s"] > 0 and "folding_percent" in report
+
+
+def test_resize_flow_keeps_the_physical_displacement():
+    from gradreg_fast.register.deformable import resize_flow
+
+    coarse = torch.full((1, 3, 4, 5, 2), 1.5)
+    coarse[:, 2] = -0.5
+    fine = resize_flow(coarse, (8, 10, 4))  # voxels half the size: twice the voxel count
+    assert fine.shape == (1, 3, 8, 10, 4)
+    assert torch.allclose(fine[:, :2], torch.tensor(3.0)) and torch.allclose(fine[:, 2], torch.tensor(-1.0))
+    assert torch.allclose(resize_flow(fine, (4, 5, 2)), coarse)  # block averages back down
+    ramp = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(1, 3, 8, 10, 4).contiguous()
+    assert torch.allclose(resize_flow(ramp, (4, 5, 2))[0, 0, :, 0, 0], torch.tensor([0.25, 1.25, 2.25, 3.25]))
