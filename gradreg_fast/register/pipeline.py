@@ -62,7 +62,7 @@ class Settings:
 
 
 def quick_settings() -> Settings:
-    """About a tenth of the default iterations: a fast, rough registration (smoke tests, previews)."""
+    """About a third of the default iterations: a fast, rough registration (previews, smoke tests)."""
     settings = Settings(affine_iterations=(15, 15), network_iterations=(10, 5))
     settings.field.iterations = (15, 15, 5)
     return settings
