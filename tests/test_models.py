@@ -15,6 +15,12 @@ def _pair(gen, shape=(2, 1, 19, 16, 11)):
     return torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_init():
+    """Layer initialisation draws from the global RNG: seed it, so that no test depends on what ran before."""
+    torch.manual_seed(0)
+
+
 def _perturb(model, gen, scale=0.05):
     """Move every weight away from its initial value, so that flows are not near zero."""
     with torch.no_grad():
