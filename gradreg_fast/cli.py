@@ -22,10 +22,10 @@ import argparse
 import csv
 import io as _io
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from ._atomic import atomic_write
 
 DEMO_LABELS = {1: "spleen", 2: "right kidney", 3: "left kidney", 5: "liver"}
 DEMO_OUT = "gradreg_demo_out"
@@ -370,16 +370,7 @@ def _write_csv(path: Path, rows) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as f:
-            f.write(buffer.getvalue())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
 def cmd_train(argv) -> int:

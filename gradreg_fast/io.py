@@ -15,13 +15,14 @@ a size and spacing can be given instead. The working grid is then padded (or cro
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from ._atomic import atomic_output
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CT_WINDOW = (-200.0, 300.0)  # HU; an abdominal soft-tissue window (fat, organs and vessels keep contrast)
@@ -432,16 +433,8 @@ def write_nifti(path, array, affine: np.ndarray, dtype=None, intent: str | None 
         image.header.set_intent(intent)
     if description:
         image.header["descrip"] = description.encode()[:79]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix) as temp:
         nib.save(image, temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
     return path
 
 

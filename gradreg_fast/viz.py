@@ -9,11 +9,11 @@ left), and pixel aspect follows the voxel spacing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_output
 
 CONTOUR_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33", "#a65628", "#f781bf")
 
@@ -119,14 +119,6 @@ def overview(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, gr
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05 if ids else 0, 1, 0.95 if title else 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, ".png") as temp:
         fig.savefig(temp, dpi=100)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
     return path

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from scipy import ndimage
 
 from .. import metrics
+from .._atomic import atomic_write
 from ..io import (Fit, Grid, Scan, check_output_path, check_same_space, keep_labels, normalize_intensity,
                   pair_on_grid, read_nifti, write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
@@ -332,17 +331,8 @@ def check_outputs(out_dir, inputs, with_labels: bool, force: bool) -> dict:
 def write_json(path, payload) -> Path:
     """Strict JSON, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(_jsonable(payload), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+    text = json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 

@@ -18,51 +18,16 @@ A checkpoint is a dict of tensors and plain Python values only (no pickled class
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._atomic import atomic_write
 from ..models import build_model
 
 FORMAT = "gradreg_fast.train.checkpoint/1"
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the complete new one, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable, where the OS allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(payload: dict, path) -> None:

@@ -37,7 +37,8 @@ from .. import _backend
 from ..data import NiftiPairs, SyntheticPairs
 from ..losses import RegistrationLoss
 from ..models import DualBranchNet, build_model
-from .checkpoint import atomic_write, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .._atomic import atomic_write
+from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluation import folding_percentage, mean_dice, warp_labels
 
