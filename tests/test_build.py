@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 CPU_CORE_FUNCTIONS = ("gradient_magnitude_forward", "gradient_magnitude_backward", "warp_forward", "warp_backward",
-                      "descriptor_forward", "descriptor_backward", "descriptor_loss_backward", "penalty_sum")
+                      "descriptor_forward", "descriptor_backward", "penalty_derivative", "cpu_isa", "set_cpu_isa")
 
 
 def test_cpu_core_imports():

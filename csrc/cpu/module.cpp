@@ -4,11 +4,21 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GRADREG_HAVE_AVX2_COPY 1
+namespace gradreg_avx2 {
+#include "ops.h"
+}  // namespace gradreg_avx2
+#endif
 
 namespace py = pybind11;
 
@@ -26,20 +36,64 @@ bool is_double(const std::string& dtype) {
   throw std::invalid_argument("gradreg_fast._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
 }
 
+// The kernel copy in use: "avx2" (isa_avx2.cpp) when the CPU has AVX2 and FMA, else "baseline".
+// GRADREG_CPU_ISA=baseline at import, or set_cpu_isa(), forces the baseline copy (tests run both).
+std::string& active_isa() {
+  static std::string isa = [] {
+#ifdef GRADREG_HAVE_AVX2_COPY
+    const char* forced = std::getenv("GRADREG_CPU_ISA");
+    if (forced != nullptr && std::string(forced) == "baseline") return std::string("baseline");
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return std::string("avx2");
+#endif
+    return std::string("baseline");
+  }();
+  return isa;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> isas{"baseline"};
+#ifdef GRADREG_HAVE_AVX2_COPY
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back("avx2");
+#endif
+  return isas;
+}
+
 }  // namespace
+
+#ifdef GRADREG_HAVE_AVX2_COPY
+#define GRADREG_CALL(fn, ...) \
+  (active_isa() == "avx2" ? gradreg_avx2::gradreg::cpu::fn(__VA_ARGS__) : gradreg::cpu::fn(__VA_ARGS__))
+#else
+#define GRADREG_CALL(fn, ...) gradreg::cpu::fn(__VA_ARGS__)
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradreg_fast CPU core (C++17 + OpenMP, no libtorch)";
   py::call_guard<py::gil_scoped_release> nogil;
+
+  m.def("cpu_isa", [] { return active_isa(); }, "The instruction set of the kernel copy in use.");
+  m.def("available_isas", &available_isas, "The kernel copies this CPU can run.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& isa) {
+        const auto isas = available_isas();
+        if (std::find(isas.begin(), isas.end(), isa) == isas.end())
+          throw std::invalid_argument("gradreg_fast._C.set_cpu_isa: `isa` must be one of this CPU's kernel copies "
+                                      "(see available_isas()), got '" + isa + "'");
+        active_isa() = isa;
+      },
+      "Select the kernel copy (not thread-safe against running kernels; meant for tests and benchmarks).");
 
   m.def(
       "gradient_magnitude_forward",
       [](const std::string& dtype, uintptr_t vol, uintptr_t out, int64_t NC, int64_t D, int64_t H, int64_t W,
          double eps, int threads) {
         if (is_double(dtype))
-          gradreg::cpu::gradient_magnitude_forward(ptr<const double>(vol), ptr<double>(out), NC, D, H, W, eps, threads);
+          GRADREG_CALL(gradient_magnitude_forward, ptr<const double>(vol), ptr<double>(out), NC, D, H, W, eps, threads);
         else
-          gradreg::cpu::gradient_magnitude_forward(ptr<const float>(vol), ptr<float>(out), NC, D, H, W, float(eps),
+          GRADREG_CALL(gradient_magnitude_forward, ptr<const float>(vol), ptr<float>(out), NC, D, H, W, float(eps),
                                                    threads);
       },
       nogil);
@@ -48,10 +102,10 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t grad_out, uintptr_t vol, uintptr_t out, uintptr_t grad_vol, int64_t NC,
          int64_t D, int64_t H, int64_t W, int threads) {
         if (is_double(dtype))
-          gradreg::cpu::gradient_magnitude_backward(ptr<const double>(grad_out), ptr<const double>(vol),
+          GRADREG_CALL(gradient_magnitude_backward, ptr<const double>(grad_out), ptr<const double>(vol),
                                                     ptr<const double>(out), ptr<double>(grad_vol), NC, D, H, W, threads);
         else
-          gradreg::cpu::gradient_magnitude_backward(ptr<const float>(grad_out), ptr<const float>(vol),
+          GRADREG_CALL(gradient_magnitude_backward, ptr<const float>(grad_out), ptr<const float>(vol),
                                                     ptr<const float>(out), ptr<float>(grad_vol), NC, D, H, W, threads);
       },
       nogil);
@@ -60,10 +114,10 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t image, uintptr_t flow, uintptr_t out, int64_t N, int64_t C, int64_t D,
          int64_t H, int64_t W, bool nearest, int padding, int threads) {
         if (is_double(dtype))
-          gradreg::cpu::warp_forward(ptr<const double>(image), ptr<const double>(flow), ptr<double>(out), N, C, D, H,
+          GRADREG_CALL(warp_forward, ptr<const double>(image), ptr<const double>(flow), ptr<double>(out), N, C, D, H,
                                      W, nearest, padding, threads);
         else
-          gradreg::cpu::warp_forward(ptr<const float>(image), ptr<const float>(flow), ptr<float>(out), N, C, D, H, W,
+          GRADREG_CALL(warp_forward, ptr<const float>(image), ptr<const float>(flow), ptr<float>(out), N, C, D, H, W,
                                      nearest, padding, threads);
       },
       nogil);
@@ -72,10 +126,10 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t grad_out, uintptr_t image, uintptr_t flow, uintptr_t grad_image,
          uintptr_t grad_flow, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads) {
         if (is_double(dtype))
-          gradreg::cpu::warp_backward(ptr<const double>(grad_out), ptr<const double>(image), ptr<const double>(flow),
+          GRADREG_CALL(warp_backward, ptr<const double>(grad_out), ptr<const double>(image), ptr<const double>(flow),
                                       ptr<double>(grad_image), ptr<double>(grad_flow), N, C, D, H, W, padding, threads);
         else
-          gradreg::cpu::warp_backward(ptr<const float>(grad_out), ptr<const float>(image), ptr<const float>(flow),
+          GRADREG_CALL(warp_backward, ptr<const float>(grad_out), ptr<const float>(image), ptr<const float>(flow),
                                       ptr<float>(grad_image), ptr<float>(grad_flow), N, C, D, H, W, padding, threads);
       },
       nogil);
@@ -86,58 +140,37 @@ PYBIND11_MODULE(_C, m) {
          bool per_item, int threads) {
         const int K = static_cast<int>(pairs.size() / 6);
         if (is_double(dtype))
-          gradreg::cpu::descriptor_forward(ptr<const double>(vol), ptr<double>(out), ptr<double>(variance),
+          GRADREG_CALL(descriptor_forward, ptr<const double>(vol), ptr<double>(out), ptr<double>(variance),
                                            ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
                                            subtract_min, per_item, threads);
         else
-          gradreg::cpu::descriptor_forward(ptr<const float>(vol), ptr<float>(out), ptr<float>(variance),
+          GRADREG_CALL(descriptor_forward, ptr<const float>(vol), ptr<float>(out), ptr<float>(variance),
                                            ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
                                            subtract_min, per_item, threads);
       },
       nogil);
   m.def(
       "descriptor_backward",
-      [](const std::string& dtype, uintptr_t grad_out, uintptr_t out, uintptr_t vol, uintptr_t variance,
-         uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
-         const std::vector<int>& pairs, int radius, int dilation, bool subtract_min, int threads) {
-        const int K = static_cast<int>(pairs.size() / 6);
-        if (is_double(dtype))
-          gradreg::cpu::descriptor_backward(ptr<const double>(grad_out), ptr<const double>(out),
-                                            ptr<const double>(vol), ptr<const double>(variance),
-                                            ptr<const uint8_t>(flags), ptr<double>(grad_vol), N, D, H, W,
-                                            pairs.data(), K, radius, dilation, subtract_min, threads);
-        else
-          gradreg::cpu::descriptor_backward(ptr<const float>(grad_out), ptr<const float>(out), ptr<const float>(vol),
-                                            ptr<const float>(variance), ptr<const uint8_t>(flags),
-                                            ptr<float>(grad_vol), N, D, H, W, pairs.data(), K, radius, dilation,
-                                            subtract_min, threads);
-      },
-      nogil);
-  m.def(
-      "descriptor_loss_backward",
-      [](const std::string& dtype, double scale, bool squared, uintptr_t target, uintptr_t out, uintptr_t vol,
+      [](const std::string& dtype, uintptr_t grad_out, double scale, uintptr_t out, uintptr_t vol,
          uintptr_t variance, uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
          const std::vector<int>& pairs, int radius, int dilation, bool subtract_min, int threads) {
         const int K = static_cast<int>(pairs.size() / 6);
         if (is_double(dtype))
-          gradreg::cpu::descriptor_loss_backward(scale, squared, ptr<const double>(target), ptr<const double>(out),
-                                                 ptr<const double>(vol), ptr<const double>(variance),
-                                                 ptr<const uint8_t>(flags), ptr<double>(grad_vol), N, D, H, W,
-                                                 pairs.data(), K, radius, dilation, subtract_min, threads);
+          GRADREG_CALL(descriptor_backward, ptr<const double>(grad_out), scale, ptr<const double>(out),
+                       ptr<const double>(vol), ptr<const double>(variance), ptr<const uint8_t>(flags),
+                       ptr<double>(grad_vol), N, D, H, W, pairs.data(), K, radius, dilation, subtract_min, threads);
         else
-          gradreg::cpu::descriptor_loss_backward(float(scale), squared, ptr<const float>(target),
-                                                 ptr<const float>(out), ptr<const float>(vol),
-                                                 ptr<const float>(variance), ptr<const uint8_t>(flags),
-                                                 ptr<float>(grad_vol), N, D, H, W, pairs.data(), K, radius,
-                                                 dilation, subtract_min, threads);
+          GRADREG_CALL(descriptor_backward, ptr<const float>(grad_out), float(scale), ptr<const float>(out),
+                       ptr<const float>(vol), ptr<const float>(variance), ptr<const uint8_t>(flags),
+                       ptr<float>(grad_vol), N, D, H, W, pairs.data(), K, radius, dilation, subtract_min, threads);
       },
       nogil);
   m.def(
-      "penalty_sum",
+      "penalty_derivative",
       [](const std::string& dtype, uintptr_t a, uintptr_t b, int64_t numel, bool squared, int threads) {
         if (is_double(dtype))
-          return gradreg::cpu::penalty_sum(ptr<const double>(a), ptr<const double>(b), numel, squared, threads);
-        return gradreg::cpu::penalty_sum(ptr<const float>(a), ptr<const float>(b), numel, squared, threads);
+          return GRADREG_CALL(penalty_derivative, ptr<const double>(a), ptr<double>(b), numel, squared, threads);
+        return GRADREG_CALL(penalty_derivative, ptr<const float>(a), ptr<float>(b), numel, squared, threads);
       },
       nogil);
 }

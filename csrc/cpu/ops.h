@@ -1,7 +1,7 @@
 // Entry points of the CPU core: raw pointers to contiguous buffers plus sizes.
-#pragma once
-
-#include <cstdint>
+//
+// No include guard, on purpose: module.cpp includes this list a second time inside namespace
+// gradreg_avx2 to declare the AVX2 copy of the kernels (isa_avx2.cpp). Include <cstdint> first.
 
 namespace gradreg {
 namespace cpu {
@@ -25,17 +25,15 @@ template <typename T>
 void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64_t N, int64_t D, int64_t H,
                         int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
                         bool per_item, int threads);
+// upstream = scale * grad_out
 template <typename T>
-void descriptor_backward(const T* grad_out, const T* out, const T* vol, const T* variance, const uint8_t* flags,
-                         T* grad_vol, int64_t N, int64_t D, int64_t H, int64_t W, const int* pairs, int K,
-                         int radius, int dilation, bool subtract_min, int threads);
+void descriptor_backward(const T* grad_out, T scale, const T* out, const T* vol, const T* variance,
+                         const uint8_t* flags, T* grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
+                         const int* pairs, int K, int radius, int dilation, bool subtract_min, int threads);
+// The fused loss's penalty: returns sum |a - b| (or sum (a - b)^2) and overwrites b with the
+// penalty's derivative w.r.t. a: sign(a - b) (or 2 (a - b)).
 template <typename T>
-void descriptor_loss_backward(T scale, bool squared, const T* target, const T* out, const T* vol,
-                              const T* variance, const uint8_t* flags, T* grad_vol, int64_t N, int64_t D,
-                              int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
-                              bool subtract_min, int threads);
-template <typename T>
-double penalty_sum(const T* a, const T* b, int64_t numel, bool squared, int threads);
+double penalty_derivative(const T* a, T* b, int64_t numel, bool squared, int threads);
 
 }  // namespace cpu
 }  // namespace gradreg

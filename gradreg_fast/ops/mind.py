@@ -56,7 +56,11 @@ def descriptor_forward(vol, kind, radius, dilation, per_item, backend):
 
 def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilation, per_item, backend,
                         target=None, squared=False):
-    """d(loss)/d(vol). ``upstream`` is grad_out, or (with ``target``) the scale of the fused penalty."""
+    """d(loss)/d(vol). ``upstream`` is grad_out, or (with ``target``) the scalar upstream of the fused loss.
+
+    ``target`` is the fixed image's descriptor (the penalty is formed per voxel in the kernel), except on
+    the CPU, where it is the penalty's derivative that the fused loss's forward left in its place.
+    """
     name = c.resolve(backend, vol, OP)
     if name == "cuda" and not hasattr(c.cuda_core(), "descriptor_backward"):
         name = "reference"
@@ -84,25 +88,27 @@ def descriptor_backward(upstream, out, vol, variance, flags, kind, radius, dilat
     n, _, d, h, w = vol.shape
     tail = (out.data_ptr(), vol.data_ptr(), variance.data_ptr(), flags.data_ptr(), grad_vol.data_ptr(), n, d, h, w,
             _FLAT[kind], radius, dilation, subtract_min)
-    if name == "cpu":
-        core, extra, dtype = c.cpu_core(), (c.threads(vol.numel()),), c.dtype_name(vol)
-    else:
-        core, dtype = c.cuda_core(), vol.dtype == torch.float64
-        nbytes = core.descriptor_workspace_bytes(dtype, n, d, h, w, len(pairs), True)
-        scratch = c.workspace(vol, nbytes)
-        extra = (scratch.data_ptr(), nbytes, c.stream(vol))
     # Every temporary whose pointer is passed stays bound to a name until the kernel has run.
+    if name == "cpu":
+        # On the CPU the fused loss's forward stored the penalty's derivative in `target`'s place
+        # (mind_loss.py), so its backward is the plain one with the upstream scalar as the scale.
+        grad = (upstream if target is None else target).contiguous()
+        scale = 1.0 if target is None else float(upstream)
+        c.cpu_core().descriptor_backward(c.dtype_name(vol), grad.data_ptr(), scale, *tail, c.threads(vol.numel()))
+        return grad_vol
+    core, dtype = c.cuda_core(), vol.dtype == torch.float64
+    nbytes = core.descriptor_workspace_bytes(dtype, n, d, h, w, len(pairs), True)
+    scratch = c.workspace(vol, nbytes)
+    extra = (scratch.data_ptr(), nbytes, c.stream(vol))
     if target is None:
         upstream = upstream.contiguous()
         result = core.descriptor_backward(dtype, upstream.data_ptr(), *tail, *extra)
     else:
         target = target.contiguous()
-        # CUDA reads the scalar on the device (no sync); on CPU reading it is free.
-        scale_tensor = upstream.to(vol.dtype).contiguous()
-        scale = scale_tensor.data_ptr() if name == "cuda" else float(upstream)
-        result = core.descriptor_loss_backward(dtype, scale, squared, target.data_ptr(), *tail, *extra)
-    if name == "cuda":
-        c.raise_cuda_error(OP, result)
+        scale_tensor = upstream.to(vol.dtype).contiguous()  # read on the device: no sync
+        result = core.descriptor_loss_backward(dtype, scale_tensor.data_ptr(), squared, target.data_ptr(), *tail,
+                                               *extra)
+    c.raise_cuda_error(OP, result)
     return grad_vol
 
 
@@ -137,12 +143,15 @@ def _setup_context(ctx, inputs, output):
     vol, kind, radius, dilation, per_item, backend = inputs
     out, variance, flags = output
     ctx.mark_non_differentiable(variance, flags)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for variance and flags
     ctx.save_for_backward(vol, out, variance, flags)
     ctx.args = (kind, radius, dilation, per_item, backend)
 
 
 def _backward(ctx, grad_out, _grad_variance, _grad_flags):
     vol, out, variance, flags = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
     return _descriptor_backward_op(grad_out, out, vol, variance, flags, *ctx.args), None, None, None, None, None
 
 

@@ -13,19 +13,23 @@ _PENALTIES = ("l1", "l2")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _penalty_sum(a, b, squared, name):
+def _penalty(out, target, squared, name):
+    """sum |out - target| (or its square). On the CPU, one pass also overwrites ``target`` with the
+    penalty's derivative w.r.t. ``out``, which is all the backward needs from it."""
     if name == "cpu":
-        return torch.tensor(c.cpu_core().penalty_sum(c.dtype_name(a), a.data_ptr(), b.data_ptr(), a.numel(), squared,
-                                                     c.threads(a.numel())), dtype=a.dtype)
+        total = c.cpu_core().penalty_derivative(c.dtype_name(out), out.data_ptr(), target.data_ptr(), out.numel(),
+                                                squared, c.threads(out.numel()))
+        return torch.tensor(total, dtype=out.dtype)
     if name == "cuda" and hasattr(c.cuda_core(), "penalty_sum"):
         core = c.cuda_core()
-        total = a.new_empty(())
-        nbytes = core.penalty_workspace_bytes(a.numel())
-        scratch = c.workspace(a, nbytes)
-        c.raise_cuda_error(OP, core.penalty_sum(a.dtype == torch.float64, a.data_ptr(), b.data_ptr(), a.numel(),
-                                                squared, total.data_ptr(), scratch.data_ptr(), nbytes, c.stream(a)))
+        total = out.new_empty(())
+        nbytes = core.penalty_workspace_bytes(out.numel())
+        scratch = c.workspace(out, nbytes)
+        c.raise_cuda_error(OP, core.penalty_sum(out.dtype == torch.float64, out.data_ptr(), target.data_ptr(),
+                                                out.numel(), squared, total.data_ptr(), scratch.data_ptr(), nbytes,
+                                                c.stream(out)))
         return total
-    diff = a - b
+    diff = out - target
     return (diff * diff if squared else diff.abs()).sum()
 
 
@@ -33,12 +37,16 @@ def _penalty_sum(a, b, squared, name):
 def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, radius: int, dilation: int, squared: bool,
                   per_item: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor]:
-    """(sum of penalties, warped descriptor, its variance, its flags, fixed descriptor)."""
+    """(sum of penalties, warped descriptor, its variance, its flags, fixed descriptor).
+
+    On the CPU the last output holds the penalty's derivative instead of the fixed descriptor (see
+    :func:`_penalty`): the backward needs nothing else, and the l1 case could not recover the sign later.
+    """
     with c.on_device_of(warped):
+        target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
         out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
-        target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0]
         name = c.resolve(backend, warped, "mind")
-        return _penalty_sum(out.contiguous(), target.contiguous(), squared, name), out, variance, flags, target
+        return _penalty(out.contiguous(), target, squared, name), out, variance, flags, target
 
 
 @_mind_loss_op.register_fake
@@ -68,11 +76,16 @@ def _setup_context(ctx, inputs, output):
     warped, fixed, kind, radius, dilation, squared, per_item, backend = inputs
     _, out, variance, flags, target = output
     ctx.mark_non_differentiable(out, variance, flags, target)
+    # Otherwise autograd hands the backward zero-filled gradients of the two descriptor-sized
+    # auxiliary outputs: 2 x 12 floats per voxel allocated for nothing.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(warped, out, variance, flags, target)
     ctx.args = (kind, radius, dilation, squared, per_item, backend)
 
 
 def _backward(ctx, grad_sum, *_):
+    if grad_sum is None:
+        return None, None, None, None, None, None, None, None
     warped, out, variance, flags, target = ctx.saved_tensors
     grad = _mind_loss_backward_op(grad_sum, out, warped, variance, flags, target, *ctx.args)
     return grad, None, None, None, None, None, None, None

@@ -6,10 +6,10 @@
 // with the box replicate-padded, then (SSC only) minus its minimum over k, divided by
 //   Vc(x) = clamp(mean_k patch_k(x), 0.001 m, 1000 m),  m = mean of that mean over the volume,
 // and mapped through exp(-x). m is held constant in the backward, as in the .item()-based
-// reference. For the 12 SSC channels only 6 distinct squared-difference maps exist (each pair
-// is a shifted copy of (I[y + d(a-b)] - I[y])^2), but we never store them: recomputing a
-// squared difference costs two loads, loading a stored one costs one load from a far larger
-// working set. The box filter is separable, so its cost grows with r, not r^3.
+// reference. For the 12 SSC channels only 6 distinct squared-difference maps exist: channel k is
+// f(x + s_k) for f(y) = (I[c(y + u)] - I[c(y + v)])^2, exactly, clamps included. The CPU forward
+// computes each map value once and lets both of its channels read it (csrc/cpu/mind.cpp); the
+// box filter is separable, so its cost grows with r, not r^3.
 #pragma once
 
 #include "common.h"
@@ -148,6 +148,15 @@ struct UpstreamFromTensor {
   GR_HD T operator()(int64_t i, T) const { return grad[i]; }
 };
 
+// The CPU's fused loss: the penalty's derivative w.r.t. the descriptor, stored by the forward,
+// times the upstream scalar / number of elements averaged.
+template <typename T>
+struct UpstreamFromScaledTensor {
+  const T* grad;
+  T scale;
+  GR_HD T operator()(int64_t i, T) const { return scale * grad[i]; }
+};
+
 template <typename T>
 struct UpstreamFromPenalty {
   const T* target;  // the fixed image's descriptor
@@ -155,8 +164,9 @@ struct UpstreamFromPenalty {
   bool squared;
   GR_HD T operator()(int64_t i, T out) const {
     const T d = out - target[i];
-    if (squared) return scale * T(2) * d;
-    return d > T(0) ? scale : (d < T(0) ? -scale : T(0));
+    // Branch-free, so that the CPU's 64-voxel blocks vectorise.
+    const T sign = T(d > T(0)) - T(d < T(0));
+    return scale * (squared ? T(2) * d : sign);
   }
 };
 
@@ -168,20 +178,24 @@ template <int B, typename T, typename Upstream>
 GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K, const T* vc, const uint8_t* flag,
                                      T tiny, T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box) {
   T dvar[B], total[B];
-  for (int i = 0; i < B; ++i) dvar[i] = total[i] = T(0);
+  const Upstream local_upstream = upstream;  // a local copy: grad_box stores cannot alias its fields
+  GR_SIMD for (int i = 0; i < B; ++i) dvar[i] = total[i] = T(0);
   for (int k = 0; k < K; ++k) {
-    for (int i = 0; i < B; ++i) {
+    GR_SIMD for (int i = 0; i < B; ++i) {
       const int64_t e = p0 + i + k * cs;
       const T o = out[e];
-      const T t = upstream(e, o) * o;
+      const T t = local_upstream(e, o) * o;
       grad_box[e] = -t / vc[i];
-      // t * patch / vc^2 = -t * log(o) / vc; 0 for o below the smallest normal (then t ~ 0 too)
-      dvar[i] -= (o >= tiny ? t * log_positive(o >= tiny ? o : T(1)) : T(0)) / vc[i];
+      // t * patch / vc^2 = -t * log(o) / vc; 0 for o below the smallest normal (then t ~ 0 too).
+      // Computed unconditionally and selected, so the loop has no branch and vectorises.
+      const bool normal = o >= tiny;
+      const T term = t * log_positive(normal ? o : T(1));
+      dvar[i] -= (normal ? term : T(0)) / vc[i];
     }
   }
-  for (int i = 0; i < B; ++i) dvar[i] = (flag[i] & kInClampRange) ? dvar[i] / T(K) : T(0);
+  GR_SIMD for (int i = 0; i < B; ++i) dvar[i] = (flag[i] & kInClampRange) ? dvar[i] / T(K) : T(0);
   for (int k = 0; k < K; ++k) {
-    for (int i = 0; i < B; ++i) {
+    GR_SIMD for (int i = 0; i < B; ++i) {
       const int64_t e = p0 + i + k * cs;
       grad_box[e] += dvar[i];
       total[i] += grad_box[e];
@@ -190,7 +204,7 @@ GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K
   if (subtract_min)
     for (int i = 0; i < B; ++i) grad_box[p0 + i + (flag[i] & 0x7F) * cs] -= total[i];
   for (int k = 0; k < K; ++k) {
-    for (int i = 0; i < B; ++i) {
+    GR_SIMD for (int i = 0; i < B; ++i) {
       const int64_t e = p0 + i + k * cs;
       // vc <= tiny only on a constant volume, where the descriptor is locally constant
       grad_box[e] = vc[i] > tiny ? grad_box[e] * inv_box : T(0);

@@ -1,0 +1,30 @@
+// The CPU kernels once more, compiled for AVX2 + FMA (x86-64-v3). module.cpp calls this copy when
+// the CPU has those instructions, the baseline copy otherwise, so one wheel runs everywhere while
+// the kernels vectorise 8 floats wide (measured: MIND-SSC forward 2.4x faster than the SSE2 build).
+//
+// Everything is compiled inside namespace gradreg_avx2, so no function of this copy (inline
+// helpers and template instantiations included) shares a linker symbol with the baseline copy:
+// the linker can never hand an AVX2 body to a baseline caller. The standard headers come first,
+// outside that namespace and before the target pragma, so their code stays baseline.
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#pragma GCC target("avx2,fma")
+
+namespace gradreg_avx2 {
+#include "gradient_magnitude.cpp"
+#include "mind.cpp"
+#include "warp.cpp"
+}  // namespace gradreg_avx2
+
+#endif
