@@ -87,10 +87,12 @@ def parse_ints(text: str | None, what: str, count: int | None = None):
 
 def settings_from_args(args):
     """:class:`gradreg_fast.register.Settings` from the registration flags (absent flags keep the defaults)."""
-    from .register.pipeline import Settings, quick_settings
+    from .register.pipeline import Settings, quick_settings, thorough_settings
 
     flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731  (demo has fewer flags)
-    settings = quick_settings() if flag("quick") else Settings()
+    if flag("quick") and flag("thorough"):
+        raise UsageError("give --quick or --thorough, not both")
+    settings = quick_settings() if flag("quick") else thorough_settings() if flag("thorough") else Settings()
     if flag("spacing") is not None:
         if not args.spacing > 0:
             raise UsageError(f"--spacing must be > 0 mm, got {args.spacing}")
@@ -139,9 +141,10 @@ def _add_registration(parser) -> None:
                        help="deformable stage: instance-optimised displacement field (default without a "
                             "checkpoint) or the dual-branch network fine-tuned on the pair")
     group.add_argument("--iterations", help="deformable Adam steps per pyramid level, coarse to fine (field: 3 "
-                                            "levels, default 40,40,20; network: 2 levels, default 100,50; one "
+                                            "levels, default 15,15,3; network: 2 levels, default 100,50; one "
                                             "number: every level)")
-    group.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 40,40)")
+    group.add_argument("--affine-iterations", help="affine Adam steps per pyramid level, at 1/4 and 1/2 scale "
+                                                   "(default 10,10; --thorough: 40,40)")
     group.add_argument("--affine", default="affine", choices=("affine", "rigid_scale", "translation", "none"),
                        help="affine stage model (default: affine)")
     group.add_argument("--init", default="com", choices=("com", "com_scale", "none"),
@@ -151,7 +154,9 @@ def _add_registration(parser) -> None:
     group.add_argument("--fixed-modality", default="auto", choices=("auto", "ct", "mr"),
                        help="intensity normalisation of the fixed image (auto: CT if it reaches -500 HU)")
     group.add_argument("--moving-modality", default="auto", choices=("auto", "ct", "mr"))
-    group.add_argument("--quick", action="store_true", help="far fewer iterations (a fast, rough result)")
+    group.add_argument("--quick", action="store_true", help="fewer iterations (a rough result)")
+    group.add_argument("--thorough", action="store_true",
+                       help="about 3x the iterations (on the bundled pair: Dice 0.708 instead of 0.646)")
     group.add_argument("--no-figure", action="store_true", help="skip overview.png")
 
 
@@ -223,10 +228,10 @@ def fresh_demo_dir(base: str = DEMO_OUT) -> Path:
     return candidate
 
 
-def demo_settings(quick: bool = False):
-    from .register.pipeline import Settings, quick_settings
+def demo_settings(quick: bool = False, thorough: bool = False):
+    from .register.pipeline import Settings, quick_settings, thorough_settings
 
-    return quick_settings() if quick else Settings()
+    return quick_settings() if quick else thorough_settings() if thorough else Settings()
 
 
 def cmd_demo(args) -> int:
@@ -411,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Register the bundled CT (moving) onto the MR (fixed) of another person and "
                                       "report organ Dice/ASD before and after, the runtime and the figure.")
     demo.add_argument("--out", help=f"output directory (default: a fresh ./{DEMO_OUT}[-N])")
-    demo.add_argument("--quick", action="store_true", help="far fewer iterations (a fast, rough result)")
-    demo.add_argument("--iterations", help="deformable Adam steps per pyramid level (default 40,40,20)")
-    demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 40,40)")
+    demo.add_argument("--quick", action="store_true", help="fewer iterations (a rough result)")
+    demo.add_argument("--thorough", action="store_true",
+                      help="about 3x the iterations (Dice 0.708 instead of 0.646 on this pair)")
+    demo.add_argument("--iterations", help="deformable Adam steps per pyramid level (default 15,15,3)")
+    demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 10,10)")
     _add_common(demo)
 
     sub.add_parser("train", help="train the dual-branch network (arguments go to gradreg_fast.train)",

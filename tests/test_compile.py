@@ -169,14 +169,17 @@ def test_opcheck_mind_descriptor_backward(kind, radius, dilation, gen):
 @MIND_KINDS
 def test_opcheck_mind_loss(kind, radius, dilation, gen):
     vol, fixed = _mind_args(gen)
-    _opcheck(torch.ops.gradreg.mind_loss.default, (vol, fixed, kind, radius, dilation, True, False, "cpu"))
+    _opcheck(torch.ops.gradreg.mind_loss.default, (vol, fixed, None, kind, radius, dilation, True, False, "cpu"))
+    # With a precomputed fixed descriptor instead of the fixed image.
+    descriptor = torch.ops.gradreg.mind_descriptor(fixed, kind, radius, dilation, False, "cpu")[0]
+    _opcheck(torch.ops.gradreg.mind_loss.default, (vol, None, descriptor, kind, radius, dilation, False, False, "cpu"))
 
 
 @MIND_KINDS
 def test_opcheck_mind_loss_backward(kind, radius, dilation, gen):
     vol, fixed = _mind_args(gen)
-    _, out, variance, flags, target = torch.ops.gradreg.mind_loss(vol.detach(), fixed, kind, radius, dilation, False,
-                                                                   True, "cpu")
+    _, out, variance, flags, target = torch.ops.gradreg.mind_loss(vol.detach(), fixed, None, kind, radius, dilation,
+                                                                   False, True, "cpu")
     _opcheck(torch.ops.gradreg.mind_loss_backward.default,
              (torch.tensor(0.5, dtype=torch.float64), out, vol.detach(), variance, flags, target, kind, radius,
               dilation, False, True, "cpu"))

@@ -223,3 +223,50 @@ class TestBadInput:
     def test_module_checks_on_call(self):
         with pytest.raises(ValueError, match="`penalty` must be one of"):
             gradreg_fast.MINDLoss(penalty="huber")(self.vol, self.vol)
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("per_item", [False, True])
+def test_precomputed_fixed_descriptor_gives_the_same_loss(descriptor, penalty, reduction, per_item, gen):
+    warped, fixed = _pair((2, 1, 5, 6, 7), torch.float64, False, gen)
+    fn = gradreg_fast.mind_ssc if descriptor == "ssc" else gradreg_fast.mind
+    fixed_descriptor = fn(fixed, per_item=per_item)
+    kept = fixed_descriptor.clone()
+    kwargs = dict(descriptor=descriptor, penalty=penalty, reduction=reduction, per_item=per_item, backend="cpu")
+    grad_output = None if reduction != "none" else torch.rand((2, CHANNELS[descriptor], 5, 6, 7), generator=gen,
+                                                               dtype=torch.float64)
+    loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed, **kwargs), [warped], grad_output)
+    for _ in range(2):  # twice: the descriptor must survive the first call
+        cached, (cached_grad,) = value_and_grads(
+            lambda w: gradreg_fast.mind_loss(w, fixed_descriptor=fixed_descriptor, **kwargs), [warped], grad_output)
+        torch.testing.assert_close(cached, loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(cached_grad, grad, rtol=1e-12, atol=0)
+    assert torch.equal(fixed_descriptor, kept)
+
+
+def test_backward_twice_with_retained_graph(gen):
+    warped, fixed = _pair((1, 1, 6, 5, 7), torch.float64, False, gen)
+    leaf = warped.clone().requires_grad_()
+    loss = gradreg_fast.mind_loss(leaf, fixed, backend="cpu")
+    (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, leaf)
+    assert torch.equal(first, second) and first.abs().sum() > 0
+
+
+def test_precomputed_fixed_descriptor_bad_input(gen):
+    warped, fixed = _pair((1, 1, 5, 6, 7), torch.float32, False, gen)
+    fixed_descriptor = gradreg_fast.mind_ssc(fixed)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        gradreg_fast.mind_loss(warped, fixed, fixed_descriptor=fixed_descriptor)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        gradreg_fast.mind_loss(warped)
+    with pytest.raises(ValueError, match="`fixed_descriptor` must have 6 channel"):
+        gradreg_fast.mind_loss(warped, descriptor="mind", fixed_descriptor=fixed_descriptor)
+    with pytest.raises(ValueError, match="same batch and spatial shapes"):
+        gradreg_fast.mind_loss(warped[:, :, 1:], fixed_descriptor=fixed_descriptor)
+    with pytest.raises(ValueError, match="must not require grad"):
+        gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.clone().requires_grad_())
+    with pytest.raises(TypeError, match="`warped` is torch.float32 but `fixed_descriptor` is torch.float64"):
+        gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.double())

@@ -124,6 +124,19 @@ void box_sum_lines_adjoint_at(const T* in, T* out, int64_t q, int64_t n, int64_t
   sum_rows(rows, count, out, width);
 }
 
+// Element q of the adjoint of the 1D replicate-padded box sum of one line g of length n (the
+// single-line case of box_sum_lines_adjoint_at, written out for the ends of short rows).
+template <typename T>
+T box_adjoint_at(const T* g, int64_t q, int64_t n, int radius) {
+  T acc = T(0);
+  for (int64_t i = std::max<int64_t>(0, q - radius); i <= std::min<int64_t>(n - 1, q + radius); ++i) acc += g[i];
+  if (q == 0)  // the window around i reaches r - i positions left of 0, all clamped to 0
+    for (int64_t i = 0; i < std::min<int64_t>(n, radius); ++i) acc += g[i] * T(radius - i);
+  if (q == n - 1)  // and r - (n - 1 - i) positions right of n - 1
+    for (int64_t i = std::max<int64_t>(0, n - radius); i < n; ++i) acc += g[i] * T(radius - (n - 1 - i));
+  return acc;
+}
+
 template <typename T>
 void box_sum_lines_adjoint(const T* in, T* out, int64_t n, int64_t width, int radius) {
   for (int64_t q = 0; q < n; ++q) box_sum_lines_adjoint_at(in, out + q * width, q, n, width, radius);
@@ -337,9 +350,9 @@ void box_filtered_channel_backward(const T* vol, const T* grad_box, T* grad_vol,
     for (int64_t y = 0; y < H; ++y) {
       const T* g = s.plane_grad.data() + y * W;
       T* gx = s.line_grad.data();
-      for (int64_t x = 0; x < x_lo; ++x) box_sum_lines_adjoint_at(g, gx + x, x, W, 1, radius);
+      for (int64_t x = 0; x < x_lo; ++x) gx[x] = box_adjoint_at(g, x, W, radius);
       window_sums(g, gx, x_lo, x_hi, radius);  // away from both ends: a plain window sum
-      for (int64_t x = x_hi; x < W; ++x) box_sum_lines_adjoint_at(g, gx + x, x, W, 1, radius);
+      for (int64_t x = x_hi; x < W; ++x) gx[x] = box_adjoint_at(g, x, W, radius);
 
       const int64_t off_a = clamp_index(z + dilation * pair[0], D) * HW + clamp_index(y + dilation * pair[1], H) * W;
       const int64_t off_b = clamp_index(z + dilation * pair[3], D) * HW + clamp_index(y + dilation * pair[4], H) * W;
@@ -487,7 +500,7 @@ void descriptor_backward(const T* grad_out, T scale, const T* out, const T* vol,
 }
 
 template <typename T>
-double penalty_derivative(const T* a, T* b, int64_t numel, bool squared, int threads) {
+double penalty_derivative(const T* a, const T* b, T* derivative, int64_t numel, bool squared, int threads) {
   constexpr int64_t kBlock = 4096;
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   double sum = 0.0;
@@ -500,14 +513,14 @@ double penalty_derivative(const T* a, T* b, int64_t numel, bool squared, int thr
       for (int64_t i = blk * kBlock; i < end; ++i) {
         const T d = a[i] - b[i];
         block_sum += d * d;
-        b[i] = T(2) * d;
+        derivative[i] = T(2) * d;
       }
     } else {  // two loops: with one, GCC keeps the l1 branch scalar (14x slower)
 #pragma omp simd reduction(+ : block_sum)
       for (int64_t i = blk * kBlock; i < end; ++i) {
         const T d = a[i] - b[i];
         block_sum += std::abs(d);
-        b[i] = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
+        derivative[i] = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
       }
     }
     sum += double(block_sum);
@@ -520,7 +533,7 @@ double penalty_derivative(const T* a, T* b, int64_t numel, bool squared, int thr
                                       int, int, int, bool, bool, int);                                         \
   template void descriptor_backward<T>(const T*, T, const T*, const T*, const T*, const uint8_t*, T*, int64_t,    \
                                        int64_t, int64_t, int64_t, const int*, int, int, int, bool, int);         \
-  template double penalty_derivative<T>(const T*, T*, int64_t, bool, int);
+  template double penalty_derivative<T>(const T*, const T*, T*, int64_t, bool, int);
 GRADREG_INSTANTIATE(float)
 GRADREG_INSTANTIATE(double)
 #undef GRADREG_INSTANTIATE

@@ -167,10 +167,13 @@ PYBIND11_MODULE(_C, m) {
       nogil);
   m.def(
       "penalty_derivative",
-      [](const std::string& dtype, uintptr_t a, uintptr_t b, int64_t numel, bool squared, int threads) {
+      [](const std::string& dtype, uintptr_t a, uintptr_t b, uintptr_t derivative, int64_t numel, bool squared,
+         int threads) {
         if (is_double(dtype))
-          return GRADREG_CALL(penalty_derivative, ptr<const double>(a), ptr<double>(b), numel, squared, threads);
-        return GRADREG_CALL(penalty_derivative, ptr<const float>(a), ptr<float>(b), numel, squared, threads);
+          return GRADREG_CALL(penalty_derivative, ptr<const double>(a), ptr<const double>(b),
+                              ptr<double>(derivative), numel, squared, threads);
+        return GRADREG_CALL(penalty_derivative, ptr<const float>(a), ptr<const float>(b), ptr<float>(derivative),
+                            numel, squared, threads);
       },
       nogil);
 }

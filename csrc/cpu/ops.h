@@ -30,10 +30,10 @@ template <typename T>
 void descriptor_backward(const T* grad_out, T scale, const T* out, const T* vol, const T* variance,
                          const uint8_t* flags, T* grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
                          const int* pairs, int K, int radius, int dilation, bool subtract_min, int threads);
-// The fused loss's penalty: returns sum |a - b| (or sum (a - b)^2) and overwrites b with the
-// penalty's derivative w.r.t. a: sign(a - b) (or 2 (a - b)).
+// The fused loss's penalty: returns sum |a - b| (or sum (a - b)^2) and writes the penalty's
+// derivative w.r.t. a, sign(a - b) (or 2 (a - b)), to `derivative` (which may be b itself).
 template <typename T>
-double penalty_derivative(const T* a, T* b, int64_t numel, bool squared, int threads);
+double penalty_derivative(const T* a, const T* b, T* derivative, int64_t numel, bool squared, int threads);
 
 }  // namespace cpu
 }  // namespace gradreg

@@ -13,13 +13,18 @@ _PENALTIES = ("l1", "l2")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _penalty(out, target, squared, name):
-    """sum |out - target| (or its square). On the CPU, one pass also overwrites ``target`` with the
-    penalty's derivative w.r.t. ``out``, which is all the backward needs from it."""
+def _penalty(out, target, squared, name, owns_target):
+    """(sum |out - target| or its square, what the backward needs of the target).
+
+    On the CPU one pass also forms the penalty's derivative w.r.t. ``out``, which is all the backward
+    needs: it overwrites ``target`` when the op owns it, or goes to a new buffer when the caller passed
+    a precomputed fixed descriptor (which must stay intact).
+    """
     if name == "cpu":
-        total = c.cpu_core().penalty_derivative(c.dtype_name(out), out.data_ptr(), target.data_ptr(), out.numel(),
-                                                squared, c.threads(out.numel()))
-        return torch.tensor(total, dtype=out.dtype)
+        derivative = target if owns_target else torch.empty_like(target)
+        total = c.cpu_core().penalty_derivative(c.dtype_name(out), out.data_ptr(), target.data_ptr(),
+                                                derivative.data_ptr(), out.numel(), squared, c.threads(out.numel()))
+        return torch.tensor(total, dtype=out.dtype), derivative
     if name == "cuda" and hasattr(c.cuda_core(), "penalty_sum"):
         core = c.cuda_core()
         total = out.new_empty(())
@@ -28,29 +33,36 @@ def _penalty(out, target, squared, name):
         c.raise_cuda_error(OP, core.penalty_sum(out.dtype == torch.float64, out.data_ptr(), target.data_ptr(),
                                                 out.numel(), squared, total.data_ptr(), scratch.data_ptr(), nbytes,
                                                 c.stream(out)))
-        return total
+        return total, target if owns_target else target.clone()
     diff = out - target
-    return (diff * diff if squared else diff.abs()).sum()
+    return (diff * diff if squared else diff.abs()).sum(), target if owns_target else target.clone()
 
 
 @torch.library.custom_op("gradreg::mind_loss", mutates_args=())
-def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, radius: int, dilation: int, squared: bool,
-                  per_item: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor]:
+def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor | None, fixed_descriptor: torch.Tensor | None, kind: str,
+                  radius: int, dilation: int, squared: bool, per_item: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of penalties, warped descriptor, its variance, its flags, fixed descriptor).
 
-    On the CPU the last output holds the penalty's derivative instead of the fixed descriptor (see
+    ``fixed_descriptor``, when given, is used instead of computing the descriptor of ``fixed``. On the
+    CPU the last output holds the penalty's derivative instead of the fixed descriptor (see
     :func:`_penalty`): the backward needs nothing else, and the l1 case could not recover the sign later.
+    (Outputs never alias inputs, as custom ops require: a given descriptor is copied, not returned.)
     """
     with c.on_device_of(warped):
-        target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
+        owns_target = fixed_descriptor is None
+        if owns_target:
+            target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
+        else:
+            target = fixed_descriptor.contiguous()
         out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
         name = c.resolve(backend, warped, "mind")
-        return _penalty(out.contiguous(), target, squared, name), out, variance, flags, target
+        total, target = _penalty(out.contiguous(), target, squared, name, owns_target)
+        return total, out, variance, flags, target
 
 
 @_mind_loss_op.register_fake
-def _(warped, fixed, kind, radius, dilation, squared, per_item, backend):
+def _(warped, fixed, fixed_descriptor, kind, radius, dilation, squared, per_item, backend):
     n, _, d, h, w = warped.shape
     k = len(KINDS[kind][0])
     return (warped.new_empty(()), warped.new_empty((n, k, d, h, w)), warped.new_empty((n, 1, d, h, w)),
@@ -73,7 +85,7 @@ def _(grad_sum, out, warped, variance, flags, target, kind, radius, dilation, sq
 
 
 def _setup_context(ctx, inputs, output):
-    warped, fixed, kind, radius, dilation, squared, per_item, backend = inputs
+    warped, fixed, fixed_descriptor, kind, radius, dilation, squared, per_item, backend = inputs
     _, out, variance, flags, target = output
     ctx.mark_non_differentiable(out, variance, flags, target)
     # Otherwise autograd hands the backward zero-filled gradients of the two descriptor-sized
@@ -85,18 +97,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_sum, *_):
     if grad_sum is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     warped, out, variance, flags, target = ctx.saved_tensors
     grad = _mind_loss_backward_op(grad_sum, out, warped, variance, flags, target, *ctx.args)
-    return grad, None, None, None, None, None, None, None
+    return (grad,) + (None,) * 8
 
 
 _mind_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, descriptor: str = "ssc", penalty: str = "l1",
+def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descriptor: str = "ssc", penalty: str = "l1",
               radius: int | None = None, dilation: int | None = None, reduction: str = "mean",
-              per_item: bool = False, backend: str | None = None) -> torch.Tensor:
+              per_item: bool = False, backend: str | None = None,
+              fixed_descriptor: torch.Tensor | None = None) -> torch.Tensor:
     """MIND similarity loss: the penalty between the descriptors of ``warped`` and ``fixed``.
 
     ``mean(|mind_ssc(warped) - mind_ssc(fixed)|)`` with the defaults; ``penalty="l2"`` squares instead
@@ -112,6 +125,11 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, descriptor: str = "ssc"
         penalty: ``"l1"`` or ``"l2"``.
         reduction: ``"mean"`` (over every element), ``"sum"``, or ``"none"``: the (N, K, D, H, W) map.
         per_item: see :func:`gradreg_fast.mind_ssc`.
+        fixed_descriptor: instead of ``fixed``, its descriptor, (N, K, D, H, W) without gradient, as
+            ``mind_ssc(fixed, radius, dilation, per_item)`` (or ``mind(...)``) returns it with the same
+            settings. It is exact, not an approximation (the descriptor of ``fixed`` does not depend on
+            ``warped``), and saves one descriptor per call when ``fixed`` stays the same across calls
+            (instance optimisation, an atlas). Give ``fixed`` or ``fixed_descriptor``, not both.
 
     Returns:
         A scalar, or the (N, K, D, H, W) map for ``reduction="none"``.
@@ -122,22 +140,32 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, descriptor: str = "ssc"
         raise ValueError(f"{OP}: `penalty` must be one of {_PENALTIES}, got {penalty!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{OP}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    if (fixed is None) == (fixed_descriptor is None):
+        raise ValueError(f"{OP}: give `fixed` or `fixed_descriptor`, exactly one of them")
     radius = _DEFAULTS[descriptor][0] if radius is None else radius
     dilation = _DEFAULTS[descriptor][1] if dilation is None else dilation
     check_descriptor_args(OP, "warped", warped, radius, dilation)
-    check_descriptor_args(OP, "fixed", fixed, radius, dilation)
-    c.check_same(OP, ("warped", "fixed"), warped, fixed)
+    if fixed is not None:
+        check_descriptor_args(OP, "fixed", fixed, radius, dilation)
+        c.check_same(OP, ("warped", "fixed"), warped, fixed)
+    else:
+        c.check_volume(OP, "fixed_descriptor", fixed_descriptor, channels=len(KINDS[descriptor][0]))
+        c.check_same(OP, ("warped", "fixed_descriptor"), warped, fixed_descriptor, spatial_only=True)
+        if fixed_descriptor.requires_grad:
+            raise ValueError(f"{OP}: `fixed_descriptor` must not require grad (compute it under torch.no_grad() "
+                             "or .detach() it); pass `fixed` to get a gradient w.r.t. the fixed image")
     backend = c.check_backend(backend)
     dtype = c.compute_dtype(warped)
     squared = penalty == "l2"
-    if reduction == "none" or fixed.requires_grad:
-        desc = lambda v: _descriptor_op(v.to(dtype), descriptor, radius, dilation, bool(per_item), backend)[0]  # noqa: E731
-        diff = desc(warped) - desc(fixed)
+    desc = lambda v: _descriptor_op(v.to(dtype), descriptor, radius, dilation, bool(per_item), backend)[0]  # noqa: E731
+    if reduction == "none" or (fixed is not None and fixed.requires_grad):
+        diff = desc(warped) - (desc(fixed) if fixed is not None else fixed_descriptor.to(dtype))
         loss = diff * diff if squared else diff.abs()
         loss = loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
         return loss.to(warped.dtype)
-    total = _mind_loss_op(warped.to(dtype), fixed.to(dtype).detach(), descriptor, radius, dilation, squared,
-                          bool(per_item), backend)[0]
+    total = _mind_loss_op(warped.to(dtype), None if fixed is None else fixed.to(dtype).detach(),
+                          None if fixed_descriptor is None else fixed_descriptor.to(dtype), descriptor, radius,
+                          dilation, squared, bool(per_item), backend)[0]
     if reduction == "mean":
         n, _, d, h, w = warped.shape
         total = total / (n * len(KINDS[descriptor][0]) * d * h * w)
@@ -160,9 +188,10 @@ class MINDLoss(torch.nn.Module):
         self.descriptor, self.penalty, self.radius, self.dilation = descriptor, penalty, radius, dilation
         self.reduction, self.per_item, self.backend = reduction, per_item, backend
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor | None = None,
+                fixed_descriptor: torch.Tensor | None = None) -> torch.Tensor:
         return mind_loss(warped, fixed, self.descriptor, self.penalty, self.radius, self.dilation, self.reduction,
-                         self.per_item, self.backend)
+                         self.per_item, self.backend, fixed_descriptor=fixed_descriptor)
 
     def extra_repr(self) -> str:
         return (f"descriptor={self.descriptor!r}, penalty={self.penalty!r}, radius={self.radius}, "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .. import mind_loss, warp
+from .. import mind_loss, mind_ssc, warp
 from ..io import Grid, Scan
 
 BODY_THRESHOLD = 0.05  # on intensities normalised to [0, 1]: above the air/background level of CT and MR
@@ -217,11 +217,13 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
         if model != "translation":
             groups.append({"params": [params], "lr": lr_matrix})
         optimizer = torch.optim.Adam(groups)
+        with torch.no_grad():  # the fixed image's descriptor, once per level
+            fixed_descriptor = mind_ssc(fixed_level[box], backend=backend)
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             flow = affine_flow(_matrix(model, params), shift, shape, spacing, factor)
             warped = warp(moving_level, flow, padding_mode="zeros", backend=backend)
-            loss = mind_loss(warped[box], fixed_level[box], backend=backend)
+            loss = mind_loss(warped[box], fixed_descriptor=fixed_descriptor, backend=backend)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
