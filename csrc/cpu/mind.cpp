@@ -386,10 +386,12 @@ void box_filtered_channel_backward(const T* vol, const T* grad_box, T* grad_vol,
 
 }  // namespace
 
+// The descriptor up to its last step: `patches` gets the centred box means (minimum subtracted),
+// `variance` their mean over the channels (not yet clamped), `flags` the argmin; returns m per item.
 template <typename T>
-void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64_t N, int64_t D, int64_t H,
-                        int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
-                        bool per_item, int threads) {
+std::vector<T> descriptor_patches(const T* vol, T* patches, T* variance, uint8_t* flags, int64_t N, int64_t D,
+                                  int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                                  bool subtract_min, bool per_item, int threads) {
   const int64_t DHW = D * H * W;
   const DescriptorMaps maps = descriptor_maps(pairs, K, dilation);
   // Tasks are (item, z-chunk), at least one per thread. Each chunk recomputes the r planes on either
@@ -405,26 +407,38 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
       const int64_t n = task / chunks;
       int64_t z_begin, z_end;
       static_chunk(D, static_cast<int>(task % chunks), static_cast<int>(chunks), z_begin, z_end);
-      task_sums[task] = box_and_center(vol + n * DHW, out + n * K * DHW, variance + n * DHW, flags + n * DHW,
+      task_sums[task] = box_and_center(vol + n * DHW, patches + n * K * DHW, variance + n * DHW, flags + n * DHW,
                                        z_begin, z_end, D, H, W, maps, K, radius, dilation, subtract_min, scratch);
     }
   }
-  constexpr int64_t kBlock = 4096;
-  const int64_t blocks = (DHW + kBlock - 1) / kBlock;
   std::vector<double> item_sums(N, 0.0);
   for (int64_t task = 0; task < N * chunks; ++task) item_sums[task / chunks] += task_sums[task];
   double total = 0.0;
-  for (double s : item_sums) total += s;
+  for (double item_sum : item_sums) total += item_sum;
+  std::vector<T> m(N);
+  for (int64_t n = 0; n < N; ++n) m[n] = per_item ? T(item_sums[n] / double(DHW)) : T(total / double(N * DHW));
+  return m;
+}
+
+constexpr int64_t kFinishBlock = 4096;
+
+template <typename T>
+void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64_t N, int64_t D, int64_t H,
+                        int64_t W, const int* pairs, int K, int radius, int dilation, bool subtract_min,
+                        bool per_item, int threads) {
+  const int64_t DHW = D * H * W, blocks = (DHW + kFinishBlock - 1) / kFinishBlock;
+  const std::vector<T> m = descriptor_patches(vol, out, variance, flags, N, D, H, W, pairs, K, radius, dilation,
+                                              subtract_min, per_item, threads);
   const T tiny = std::numeric_limits<T>::min();
   for (int64_t n = 0; n < N; ++n) {
-    const T m = per_item ? T(item_sums[n] / double(DHW)) : T(total / double(N * DHW));
     T* o = out + n * K * DHW;
+    T* vc = variance + n * DHW;
+    uint8_t* flag = flags + n * DHW;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t begin = b * kBlock, end = std::min(DHW, (b + 1) * kBlock);
-      T* vc = variance + n * DHW;
+      const int64_t begin = b * kFinishBlock, end = std::min(DHW, (b + 1) * kFinishBlock);
 #pragma omp simd
-      for (int64_t p = begin; p < end; ++p) vc[p] = descriptor_clamped_variance(vc[p], m, tiny, flags[n * DHW + p]);
+      for (int64_t p = begin; p < end; ++p) vc[p] = descriptor_clamped_variance(vc[p], m[n], tiny, flag[p]);
       for (int k = 0; k < K; ++k) {  // channel-outer, so the exp vectorises
         T* ok = o + k * DHW;
 #pragma omp simd
@@ -432,6 +446,58 @@ void descriptor_forward(const T* vol, T* out, T* variance, uint8_t* flags, int64
       }
     }
   }
+}
+
+template <typename T>
+double descriptor_penalty(const T* fixed, const T* out, T* derivative, T* variance, uint8_t* flags, int64_t N,
+                          int64_t D, int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                          bool subtract_min, bool per_item, bool squared, int threads) {
+  const int64_t DHW = D * H * W, blocks = (DHW + kFinishBlock - 1) / kFinishBlock;
+  const std::vector<T> m = descriptor_patches(fixed, derivative, variance, flags, N, D, H, W, pairs, K, radius,
+                                              dilation, subtract_min, per_item, threads);
+  const T tiny = std::numeric_limits<T>::min();
+  std::vector<double> block_sums(N * blocks, 0.0);  // added in order below: the sum is deterministic
+  for (int64_t n = 0; n < N; ++n) {
+    const T* o = out + n * K * DHW;
+    T* g = derivative + n * K * DHW;
+    const T* var = variance + n * DHW;
+    const uint8_t* flag = flags + n * DHW;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * kFinishBlock, end = std::min(DHW, (b + 1) * kFinishBlock);
+      T vc[kFinishBlock];
+      uint8_t unused[kFinishBlock];
+#pragma omp simd
+      for (int64_t p = begin; p < end; ++p) {
+        unused[p - begin] = flag[p];
+        vc[p - begin] = descriptor_clamped_variance(var[p], m[n], tiny, unused[p - begin]);
+      }
+      T sum = T(0);  // partial sums in T over one block
+      for (int k = 0; k < K; ++k) {
+        const T* ok = o + k * DHW;
+        T* gk = g + k * DHW;
+        if (squared) {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t p = begin; p < end; ++p) {
+            const T d = ok[p] - descriptor_value(gk[p], vc[p - begin]);
+            sum += d * d;
+            gk[p] = T(2) * d;
+          }
+        } else {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t p = begin; p < end; ++p) {
+            const T d = ok[p] - descriptor_value(gk[p], vc[p - begin]);
+            sum += std::abs(d);
+            gk[p] = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
+          }
+        }
+      }
+      block_sums[n * blocks + b] = double(sum);
+    }
+  }
+  double total = 0.0;
+  for (double block_sum : block_sums) total += block_sum;
+  return total;
 }
 
 template <typename T, typename Upstream>
@@ -533,7 +599,9 @@ double penalty_derivative(const T* a, const T* b, T* derivative, int64_t numel, 
                                       int, int, int, bool, bool, int);                                         \
   template void descriptor_backward<T>(const T*, T, const T*, const T*, const T*, const uint8_t*, T*, int64_t,    \
                                        int64_t, int64_t, int64_t, const int*, int, int, int, bool, int);         \
-  template double penalty_derivative<T>(const T*, const T*, T*, int64_t, bool, int);
+  template double penalty_derivative<T>(const T*, const T*, T*, int64_t, bool, int);                      \
+  template double descriptor_penalty<T>(const T*, const T*, T*, T*, uint8_t*, int64_t, int64_t, int64_t, int64_t,  \
+                                        const int*, int, int, int, bool, bool, bool, int);
 GRADREG_INSTANTIATE(float)
 GRADREG_INSTANTIATE(double)
 #undef GRADREG_INSTANTIATE

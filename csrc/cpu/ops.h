@@ -34,6 +34,14 @@ void descriptor_backward(const T* grad_out, T scale, const T* out, const T* vol,
 // derivative w.r.t. a, sign(a - b) (or 2 (a - b)), to `derivative` (which may be b itself).
 template <typename T>
 double penalty_derivative(const T* a, const T* b, T* derivative, int64_t numel, bool squared, int threads);
+// The fused loss against a fixed image whose descriptor is never stored: its centred patches are
+// formed in `derivative`, turned into descriptor values there and compared with `out` (the warped
+// descriptor) element by element, leaving the penalty's derivative. `variance` and `flags` are
+// scratch of one channel. Returns the penalty's sum.
+template <typename T>
+double descriptor_penalty(const T* fixed, const T* out, T* derivative, T* variance, uint8_t* flags, int64_t N,
+                          int64_t D, int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                          bool subtract_min, bool per_item, bool squared, int threads);
 
 }  // namespace cpu
 }  // namespace gradreg

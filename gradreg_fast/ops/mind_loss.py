@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as c
-from .mind import KINDS, _descriptor_op, check_descriptor_args, descriptor_backward, descriptor_forward
+from .mind import _FLAT, KINDS, _descriptor_op, check_descriptor_args, descriptor_backward, descriptor_forward
 
 OP = "mind_loss"
 _DEFAULTS = {"ssc": (2, 2), "mind": (1, 1)}  # radius, dilation
@@ -50,14 +50,28 @@ def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor | None, fixed_descri
     (Outputs never alias inputs, as custom ops require: a given descriptor is copied, not returned.)
     """
     with c.on_device_of(warped):
+        name = c.resolve(backend, warped, "mind")
+        out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
+        out = out.contiguous()
+        if name == "cpu" and fixed_descriptor is None:
+            # The fixed descriptor is never stored: it is formed in the derivative's buffer and consumed there.
+            derivative = torch.empty_like(out)
+            n, _, d, h, w = fixed.shape
+            fixed = fixed.contiguous()
+            scratch_variance = fixed.new_empty(fixed.shape)
+            scratch_flags = torch.empty(fixed.shape, dtype=torch.uint8)
+            pairs, subtract_min = KINDS[kind]
+            total = c.cpu_core().descriptor_penalty(
+                c.dtype_name(fixed), fixed.data_ptr(), out.data_ptr(), derivative.data_ptr(),
+                scratch_variance.data_ptr(), scratch_flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation,
+                subtract_min, per_item, squared, c.threads(fixed.numel()))
+            return torch.tensor(total, dtype=out.dtype), out, variance, flags, derivative
         owns_target = fixed_descriptor is None
         if owns_target:
             target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
         else:
             target = fixed_descriptor.contiguous()
-        out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
-        name = c.resolve(backend, warped, "mind")
-        total, target = _penalty(out.contiguous(), target, squared, name, owns_target)
+        total, target = _penalty(out, target, squared, name, owns_target)
         return total, out, variance, flags, target
 
 
