@@ -176,6 +176,13 @@ def test_opcheck_mind_loss(kind, radius, dilation, gen):
 
 
 @MIND_KINDS
+def test_opcheck_mind_loss_value(kind, radius, dilation, gen):
+    vol, fixed = _mind_args(gen)
+    _opcheck(torch.ops.gradreg.mind_loss_value.default, (vol.detach(), fixed, kind, radius, dilation, True, False,
+                                                          "cpu"))
+
+
+@MIND_KINDS
 def test_opcheck_mind_loss_backward(kind, radius, dilation, gen):
     vol, fixed = _mind_args(gen)
     _, out, variance, flags, target = torch.ops.gradreg.mind_loss(vol.detach(), fixed, None, kind, radius, dilation,

@@ -270,3 +270,24 @@ def test_precomputed_fixed_descriptor_bad_input(gen):
         gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.clone().requires_grad_())
     with pytest.raises(TypeError, match="`warped` is torch.float32 but `fixed_descriptor` is torch.float64"):
         gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.double())
+
+
+@pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("per_item", [False, True])
+@pytest.mark.parametrize("shape, radius, dilation", [((2, 1, 9, 6, 7), None, None), ((1, 1, 1, 5, 6), None, None),
+                                                     ((1, 1, 12, 5, 4), 3, 2), ((2, 1, 3, 8, 5), 1, 3)])
+def test_value_without_gradient_streams_the_fixed_descriptor(descriptor, penalty, per_item, shape, radius, dilation,
+                                                             gen):
+    # warped needs no gradient: the value-only op, whose fixed descriptor planes pass through a small
+    # ring (sizes with fewer planes than the ring, dilations whose channels run far apart).
+    warped, fixed = _pair(shape, torch.float64, False, gen)
+    kwargs = dict(descriptor=descriptor, penalty=penalty, per_item=per_item, radius=radius, dilation=dilation)
+    expected = reference.mind_loss(warped, fixed, **kwargs)
+    for reduction, scale in (("mean", 1.0), ("sum", expected.new_tensor(float(warped.numel()) * CHANNELS[descriptor]))):
+        value = gradreg_fast.mind_loss(warped, fixed, reduction=reduction, backend="cpu", **kwargs)
+        torch.testing.assert_close(value, expected * scale, rtol=1e-10, atol=0)
+    with torch.no_grad():  # also under no_grad, with a warped image that requires grad
+        value = gradreg_fast.mind_loss(warped.clone().requires_grad_(), fixed, backend="cpu", **kwargs)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    assert not value.requires_grad

@@ -271,15 +271,37 @@ void channel_xy_plane(const ChannelSource& source, const DescriptorMaps& maps, i
   box_sum_lines(s.x_boxed.data(), dst, H, W, radius);
 }
 
-// Box sums of every channel for the output planes [z_begin, z_end) of one item, centred (minimum
-// subtracted, variance and argmin stored) plane by plane while the K planes are still in cache.
-// Returns the sum of the variances. Map planes are streamed by source plane Zs; channel k turns
-// plane Zs into its xy-box plane Zs - sz_k, and emits output plane z once it holds plane z + r.
+// Where box_and_center keeps the K centred planes: the whole (K, D, H, W) output, or a ring of a
+// few planes per channel when they are consumed as soon as they are centred.
 template <typename T>
-double box_and_center(const T* vol, T* out, T* variance, uint8_t* flags, int64_t z_begin, int64_t z_end, int64_t D,
-                      int64_t H, int64_t W, const DescriptorMaps& maps, int K, int radius, int dilation,
-                      bool subtract_min, ForwardScratch<T>& s) {
-  const int64_t HW = H * W, DHW = D * HW, slots = 2 * radius + 1;
+struct PlaneStore {
+  T* data;
+  int64_t HW, channel_stride;
+  int64_t ring_planes;  // 0: plane z is at z
+  T* plane(int k, int64_t z) const { return data + k * channel_stride + (ring_planes ? z % ring_planes : z) * HW; }
+};
+
+// Planes a ring must hold: a channel runs at most max(sz) - min(sz) planes ahead of the slowest one,
+// and at the last source plane each channel emits up to r + 1 planes at once.
+inline int64_t ring_planes_needed(const DescriptorMaps& maps, int radius) {
+  return maps.shift_hi[0] - maps.shift_lo[0] + radius + 2;
+}
+
+struct NoPlaneCallback {
+  template <typename T>
+  void operator()(int64_t, const T*, int64_t) const {}
+};
+
+// Box sums of every channel for the output planes [z_begin, z_end) of one item, centred (minimum
+// subtracted, variance and argmin stored) plane by plane while the K planes are still in cache, then
+// handed to on_plane(z, channel 0's plane, channel stride). Returns the sum of the variances. Map
+// planes are streamed by source plane Zs; channel k turns plane Zs into its xy-box plane Zs - sz_k,
+// and emits output plane z once it holds plane z + r.
+template <typename T, typename OnPlane = NoPlaneCallback>
+double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uint8_t* flags, int64_t z_begin,
+                      int64_t z_end, int64_t D, int64_t H, int64_t W, const DescriptorMaps& maps, int K, int radius,
+                      int dilation, bool subtract_min, ForwardScratch<T>& s, const OnPlane& on_plane = OnPlane()) {
+  const int64_t HW = H * W, slots = 2 * radius + 1;
   const T inv_box = T(1) / T(double(slots) * double(slots) * double(slots));
   const int64_t need_lo = std::max<int64_t>(0, z_begin - radius), need_hi = std::min<int64_t>(D - 1, z_end - 1 + radius);
   std::vector<int64_t> emitted(K, z_begin);
@@ -301,32 +323,37 @@ double box_and_center(const T* vol, T* out, T* variance, uint8_t* flags, int64_t
         channel_xy_plane(source, maps, H, W, radius, s, ring + (zc % slots) * HW);
         // Emit every output plane whose window [z - r, z + r] (clamped) is now complete.
         for (int64_t& z = emitted[k]; z < z_end && std::min<int64_t>(D - 1, z + radius) <= zc; ++z) {
+          T* dst = store.plane(k, z);
           const T* planes[kMaxRows];
           int count = 0;
           for (int t = -radius; t <= radius; ++t) {
             planes[count++] = ring + (clamp_index(z + t, D) % slots) * HW;
             if (count == kMaxRows) {
-              sum_rows(planes, count, out + k * DHW + z * HW, HW);
-              planes[0] = out + k * DHW + z * HW;
+              sum_rows(planes, count, dst, HW);
+              planes[0] = dst;
               count = 1;
             }
           }
-          sum_rows(planes, count, out + k * DHW + z * HW, HW);
+          sum_rows(planes, count, dst, HW);
         }
       }
     }
     const int64_t all_emitted = *std::min_element(emitted.begin(), emitted.end());
     for (; centred < all_emitted; ++centred) {
+      T* plane = store.plane(0, centred);
+      T* var = variance + centred * HW;
+      uint8_t* flag = flags + centred * HW;
       T plane_sum = T(0);  // partial sums in T over one plane, then double across planes
 #pragma omp simd reduction(+ : plane_sum)
-      for (int64_t p = centred * HW; p < (centred + 1) * HW; ++p) {
+      for (int64_t i = 0; i < HW; ++i) {
         uint8_t argmin;
-        const T v = descriptor_center(out + p, DHW, K, inv_box, subtract_min, argmin);
-        variance[p] = v;
-        flags[p] = argmin;
+        const T v = descriptor_center(plane + i, store.channel_stride, K, inv_box, subtract_min, argmin);
+        var[i] = v;
+        flag[i] = argmin;
         plane_sum += v;
       }
       sum += double(plane_sum);
+      on_plane(centred, static_cast<const T*>(plane), store.channel_stride);
     }
   }
   return sum;
@@ -407,8 +434,9 @@ std::vector<T> descriptor_patches(const T* vol, T* patches, T* variance, uint8_t
       const int64_t n = task / chunks;
       int64_t z_begin, z_end;
       static_chunk(D, static_cast<int>(task % chunks), static_cast<int>(chunks), z_begin, z_end);
-      task_sums[task] = box_and_center(vol + n * DHW, patches + n * K * DHW, variance + n * DHW, flags + n * DHW,
-                                       z_begin, z_end, D, H, W, maps, K, radius, dilation, subtract_min, scratch);
+      const PlaneStore<T> store{patches + n * K * DHW, H * W, DHW, 0};
+      task_sums[task] = box_and_center(vol + n * DHW, store, variance + n * DHW, flags + n * DHW, z_begin, z_end, D,
+                                       H, W, maps, K, radius, dilation, subtract_min, scratch);
     }
   }
   std::vector<double> item_sums(N, 0.0);
@@ -497,6 +525,79 @@ double descriptor_penalty(const T* fixed, const T* out, T* derivative, T* varian
   }
   double total = 0.0;
   for (double block_sum : block_sums) total += block_sum;
+  return total;
+}
+
+template <typename T>
+double descriptor_penalty_streamed(const T* fixed, const T* out, T* variance, uint8_t* flags, int64_t N, int64_t D,
+                                   int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                                   bool subtract_min, bool per_item, bool squared, int threads) {
+  const int64_t HW = H * W, DHW = D * HW;
+  const DescriptorMaps maps = descriptor_maps(pairs, K, dilation);
+  const int64_t ring = ring_planes_needed(maps, radius);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (threads + N - 1) / N));
+  std::vector<double> variance_sums(N * chunks, 0.0), penalty_sums(N * chunks, 0.0);
+  std::vector<T> m(N);
+  const T tiny = std::numeric_limits<T>::min();
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma omp parallel num_threads(threads)
+    {
+      ForwardScratch<T> scratch(maps, K, H, W, radius);
+      std::vector<T> planes(static_cast<size_t>(K) * ring * HW);
+      const PlaneStore<T> store{planes.data(), HW, ring * HW, ring};
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < N * chunks; ++task) {
+        const int64_t n = task / chunks;
+        int64_t z_begin, z_end;
+        static_chunk(D, static_cast<int>(task % chunks), static_cast<int>(chunks), z_begin, z_end);
+        const T* vol = fixed + n * DHW;
+        T* var = variance + n * DHW;
+        uint8_t* flag = flags + n * DHW;
+        if (pass == 0) {  // the variances, for m
+          variance_sums[task] = box_and_center(vol, store, var, flag, z_begin, z_end, D, H, W, maps, K, radius,
+                                               dilation, subtract_min, scratch);
+          continue;
+        }
+        // The same planes again, each turned into descriptor values and compared as soon as it is centred.
+        const T* warped = out + n * K * DHW;
+        double penalty = 0.0;
+        auto compare = [&](int64_t z, const T* plane, int64_t channel_stride) {
+          T vc[kFinishBlock];
+          for (int64_t i0 = 0; i0 < HW; i0 += kFinishBlock) {
+            const int64_t len = std::min(kFinishBlock, HW - i0);
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+              uint8_t unused = flag[z * HW + i0 + i];
+              vc[i] = descriptor_clamped_variance(var[z * HW + i0 + i], m[n], tiny, unused);
+            }
+            T sum = T(0);
+            for (int k = 0; k < K; ++k) {
+              const T* patch = plane + k * channel_stride + i0;
+              const T* o = warped + k * DHW + z * HW + i0;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t i = 0; i < len; ++i) {
+                const T d = o[i] - descriptor_value(patch[i], vc[i]);
+                sum += squared ? d * d : std::abs(d);
+              }
+            }
+            penalty += double(sum);
+          }
+        };
+        box_and_center(vol, store, var, flag, z_begin, z_end, D, H, W, maps, K, radius, dilation, subtract_min,
+                       scratch, compare);
+        penalty_sums[task] = penalty;
+      }
+    }
+    if (pass == 0) {
+      std::vector<double> item_sums(N, 0.0);
+      for (int64_t task = 0; task < N * chunks; ++task) item_sums[task / chunks] += variance_sums[task];
+      double total = 0.0;
+      for (double item_sum : item_sums) total += item_sum;
+      for (int64_t n = 0; n < N; ++n) m[n] = per_item ? T(item_sums[n] / double(DHW)) : T(total / double(N * DHW));
+    }
+  }
+  double total = 0.0;
+  for (double penalty : penalty_sums) total += penalty;
   return total;
 }
 
@@ -601,7 +702,9 @@ double penalty_derivative(const T* a, const T* b, T* derivative, int64_t numel, 
                                        int64_t, int64_t, int64_t, const int*, int, int, int, bool, int);         \
   template double penalty_derivative<T>(const T*, const T*, T*, int64_t, bool, int);                      \
   template double descriptor_penalty<T>(const T*, const T*, T*, T*, uint8_t*, int64_t, int64_t, int64_t, int64_t,  \
-                                        const int*, int, int, int, bool, bool, bool, int);
+                                        const int*, int, int, int, bool, bool, bool, int);                     \
+  template double descriptor_penalty_streamed<T>(const T*, const T*, T*, uint8_t*, int64_t, int64_t, int64_t,      \
+                                                 int64_t, const int*, int, int, int, bool, bool, bool, int);
 GRADREG_INSTANTIATE(float)
 GRADREG_INSTANTIATE(double)
 #undef GRADREG_INSTANTIATE

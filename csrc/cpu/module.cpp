@@ -181,6 +181,21 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "descriptor_penalty_streamed",
+      [](const std::string& dtype, uintptr_t fixed, uintptr_t out, uintptr_t variance, uintptr_t flags, int64_t N,
+         int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius, int dilation, bool subtract_min,
+         bool per_item, bool squared, int threads) {
+        const int K = static_cast<int>(pairs.size() / 6);
+        if (is_double(dtype))
+          return GRADREG_CALL(descriptor_penalty_streamed, ptr<const double>(fixed), ptr<const double>(out),
+                              ptr<double>(variance), ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius,
+                              dilation, subtract_min, per_item, squared, threads);
+        return GRADREG_CALL(descriptor_penalty_streamed, ptr<const float>(fixed), ptr<const float>(out),
+                            ptr<float>(variance), ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
+                            subtract_min, per_item, squared, threads);
+      },
+      nogil);
+  m.def(
       "penalty_derivative",
       [](const std::string& dtype, uintptr_t a, uintptr_t b, uintptr_t derivative, int64_t numel, bool squared,
          int threads) {

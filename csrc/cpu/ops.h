@@ -42,6 +42,13 @@ template <typename T>
 double descriptor_penalty(const T* fixed, const T* out, T* derivative, T* variance, uint8_t* flags, int64_t N,
                           int64_t D, int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                           bool subtract_min, bool per_item, bool squared, int threads);
+// The same sum when no gradient is needed: the fixed image's descriptor planes live in a ring of a few
+// planes per thread (its box sums are computed twice, once for m and once to compare), so no buffer of
+// the fixed descriptor's size exists. `variance` and `flags` are scratch of one channel.
+template <typename T>
+double descriptor_penalty_streamed(const T* fixed, const T* out, T* variance, uint8_t* flags, int64_t N, int64_t D,
+                                   int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
+                                   bool subtract_min, bool per_item, bool squared, int threads);
 
 }  // namespace cpu
 }  // namespace gradreg

@@ -98,6 +98,35 @@ def _(grad_sum, out, warped, variance, flags, target, kind, radius, dilation, sq
     return warped.new_empty(warped.shape)
 
 
+@torch.library.custom_op("gradreg::mind_loss_value", mutates_args=())
+def _mind_loss_value_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, radius: int, dilation: int,
+                        squared: bool, per_item: bool, backend: str) -> torch.Tensor:
+    """The sum of penalties alone, when no gradient is needed (no autograd formula on purpose).
+
+    On the CPU only the warped descriptor is stored: the fixed image's descriptor planes stream through
+    a ring of a few planes (its box sums are computed twice, for m and to compare)."""
+    with c.on_device_of(warped):
+        name = c.resolve(backend, warped, "mind")
+        out = descriptor_forward(warped, kind, radius, dilation, per_item, backend)[0].contiguous()
+        if name == "cpu":
+            n, _, d, h, w = fixed.shape
+            fixed = fixed.contiguous()
+            scratch_variance = fixed.new_empty(fixed.shape)
+            scratch_flags = torch.empty(fixed.shape, dtype=torch.uint8)
+            total = c.cpu_core().descriptor_penalty_streamed(
+                c.dtype_name(fixed), fixed.data_ptr(), out.data_ptr(), scratch_variance.data_ptr(),
+                scratch_flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation, KINDS[kind][1], per_item, squared,
+                c.threads(fixed.numel()))
+            return torch.tensor(total, dtype=out.dtype)
+        target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
+        return _penalty(out, target, squared, name, True)[0]
+
+
+@_mind_loss_value_op.register_fake
+def _(warped, fixed, kind, radius, dilation, squared, per_item, backend):
+    return warped.new_empty(())
+
+
 def _setup_context(ctx, inputs, output):
     warped, fixed, fixed_descriptor, kind, radius, dilation, squared, per_item, backend = inputs
     _, out, variance, flags, target = output
@@ -130,7 +159,10 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
     (TransMorph's choice). When ``fixed`` needs no gradient and ``reduction`` is "mean" or "sum", one fused
     op computes it: the fixed descriptor is computed without autograd, and the backward forms the
     penalty's derivative per voxel inside the descriptor kernel, so no descriptor-sized gradient is
-    ever allocated. Otherwise both descriptors go through :func:`mind_ssc` / :func:`mind` with autograd.
+    ever allocated. On the CPU the fixed descriptor is never stored: with a gradient to ``warped`` it is
+    built in the buffer of the penalty's derivative; without one (``torch.no_grad()``, or ``warped``
+    not requiring grad) its planes stream through a small ring and only the warped descriptor exists.
+    Otherwise both descriptors go through :func:`mind_ssc` / :func:`mind` with autograd.
 
     Args:
         warped, fixed: (N, 1, D, H, W), same shape, dtype and device.
@@ -177,9 +209,14 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
         loss = diff * diff if squared else diff.abs()
         loss = loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
         return loss.to(warped.dtype)
-    total = _mind_loss_op(warped.to(dtype), None if fixed is None else fixed.to(dtype).detach(),
-                          None if fixed_descriptor is None else fixed_descriptor.to(dtype), descriptor, radius,
-                          dilation, squared, bool(per_item), backend)[0]
+    if fixed is not None and not (torch.is_grad_enabled() and warped.requires_grad):
+        # Only the value is needed (validation, metrics): no descriptor-sized buffer beyond the warped one.
+        total = _mind_loss_value_op(warped.to(dtype), fixed.to(dtype), descriptor, radius, dilation, squared,
+                                    bool(per_item), backend)
+    else:
+        total = _mind_loss_op(warped.to(dtype), None if fixed is None else fixed.to(dtype).detach(),
+                              None if fixed_descriptor is None else fixed_descriptor.to(dtype), descriptor, radius,
+                              dilation, squared, bool(per_item), backend)[0]
     if reduction == "mean":
         n, _, d, h, w = warped.shape
         total = total / (n * len(KINDS[descriptor][0]) * d * h * w)
