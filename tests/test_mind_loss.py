@@ -291,3 +291,32 @@ def test_value_without_gradient_streams_the_fixed_descriptor(descriptor, penalty
         value = gradreg_fast.mind_loss(warped.clone().requires_grad_(), fixed, backend="cpu", **kwargs)
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
     assert not value.requires_grad
+
+
+@pytest.mark.parametrize("case", ["constant", "near_constant", "constant_item"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_images_give_finite_losses_on_every_cpu_path(case, dtype, gen):
+    # The three CPU paths (with a gradient, value only, precomputed fixed descriptor) on images where
+    # m is 0 or tiny: finite, and equal to the reference (which keeps the documented all-ones result).
+    shape = (2, 1, 5, 6, 4)
+    warped = make_volume(shape, dtype, False, gen)
+    fixed = {"constant": torch.full(shape, 2.0, dtype=dtype),
+             "near_constant": 2.0 + make_volume(shape, dtype, False, gen, scale=1e-3),
+             "constant_item": torch.cat([torch.full((1, 1, 5, 6, 4), -1.0, dtype=dtype),
+                                         make_volume((1, 1, 5, 6, 4), dtype, False, gen)])}[case]
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    for per_item in (False, True):
+        expected = reference.mind_loss(warped, fixed, per_item=per_item)
+        loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed, per_item=per_item, backend="cpu"),
+                                        [warped])
+        value = gradreg_fast.mind_loss(warped, fixed, per_item=per_item, backend="cpu")
+        cached = gradreg_fast.mind_loss(warped, fixed_descriptor=gradreg_fast.mind_ssc(fixed, per_item=per_item),
+                                        per_item=per_item, backend="cpu")
+        for result in (loss, value, cached):
+            assert torch.isfinite(result)
+            torch.testing.assert_close(result, expected, **tolerance)
+        assert torch.isfinite(grad).all()
+    # Both images constant: every descriptor value is 1, the loss 0, the gradient 0.
+    flat = torch.full(shape, 0.5, dtype=dtype)
+    loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed * 0 + 3.0, backend="cpu"), [flat])
+    assert loss == 0 and torch.equal(grad, torch.zeros_like(grad))
