@@ -83,10 +83,7 @@ void warp_backward(const T* grad_out, const T* image, const T* flow, T* grad_ima
         for (int64_t c = 0; c < C; ++c) {
           const T g = go[c * DHW + p];
           if (grad_flow) trilinear_coord_grad(img + c * DHW, g, az, ay, ax, H, W, gz, gy, gx);
-          if (accum) {
-            T* dst = accum + (n * C + c) * DHW;
-            for_each_corner(az, ay, ax, H, W, [&](int64_t idx, T w, T, T, T) { dst[idx] += w * g; });
-          }
+          if (accum) scatter_trilinear(accum + (n * C + c) * DHW, az, ay, ax, H, W, g);
         }
         if (grad_flow) {
           T* gf = grad_flow + n * 3 * DHW;

@@ -77,6 +77,30 @@ GR_HD bool all_corners_inside(const LinearAxis<T>& az, const LinearAxis<T>& ay, 
   return az.lo_in && az.hi_in && ay.lo_in && ay.hi_in && ax.lo_in && ax.hi_in;
 }
 
+// dst[corner] += g * weight for each in-bounds corner: the image gradient of one trilinear sample.
+// With every corner inside (the common case) the weights are formed as for_each_corner forms them,
+// so both paths give the same bits, without its per-corner bounds tests.
+template <typename T>
+GR_HD void scatter_trilinear(T* dst, const LinearAxis<T>& az, const LinearAxis<T>& ay, const LinearAxis<T>& ax,
+                             int64_t H, int64_t W, T g) {
+  if (all_corners_inside(az, ay, ax)) {
+    T* p = dst + (az.lo * H + ay.lo) * W + ax.lo;
+    const int64_t HW = H * W;
+    const T z0 = T(1) - az.frac, z1 = az.frac, y0 = T(1) - ay.frac, y1 = ay.frac;
+    const T x0 = T(1) - ax.frac, x1 = ax.frac;
+    p[0] += z0 * y0 * x0 * g;
+    p[1] += z0 * y0 * x1 * g;
+    p[W] += z0 * y1 * x0 * g;
+    p[W + 1] += z0 * y1 * x1 * g;
+    p[HW] += z1 * y0 * x0 * g;
+    p[HW + 1] += z1 * y0 * x1 * g;
+    p[HW + W] += z1 * y1 * x0 * g;
+    p[HW + W + 1] += z1 * y1 * x1 * g;
+    return;
+  }
+  for_each_corner(az, ay, ax, H, W, [&](int64_t idx, T w, T, T, T) { dst[idx] += w * g; });
+}
+
 // The 8 corner values, z-major then y then x (corner bits zyx), of a sample with all corners inside.
 template <typename T>
 GR_HD void load_corners(const T* img, const LinearAxis<T>& az, const LinearAxis<T>& ay, const LinearAxis<T>& ax,
