@@ -259,7 +259,8 @@ def cmd_demo(args) -> int:
     asd = ", ".join(f"{_fmt(stages[s]['mean_asd'], 2)} {s}" for s in STAGES)
     print(f"mean organ Dice (liver, spleen, kidneys): {dice}")
     print(f"mean organ ASD (mm):                      {asd}")
-    print(f"runtime: {result.timings['registration_s']:.1f} s registration, {result.timings['total_s']:.1f} s in all")
+    print(f"runtime: {result.timings['registration_s']:.1f} s registration, {result.timings['total_s']:.1f} s in all "
+          f"(including {result.timings['startup_s']:.1f} s of one-time start-up: PyTorch's first custom-op call)")
     print(f"figure: {paths['overview.png'].resolve()}")
     print(f"outputs: {out.resolve()}")
     return 0
