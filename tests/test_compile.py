@@ -88,6 +88,22 @@ def test_mind_loss_composed_paths(gen):
     _check_compiled(per_element, [warped], make_volume((2, 12, 5, 4, 6), torch.float64, False, gen))
 
 
+def test_mind_loss_with_fixed_descriptor_and_value_only(gen):
+    warped = make_volume((2, 1, 5, 4, 6), torch.float64, True, gen)
+    fixed = make_volume((2, 1, 5, 4, 6), torch.float64, False, gen)
+    descriptor = gradreg_fast.mind_ssc(fixed)
+    cached = lambda w: gradreg_fast.mind_loss(w, fixed_descriptor=descriptor, backend="cpu")  # noqa: E731
+    _check_compiled(cached, [warped])
+    torch._dynamo.reset()
+    # Under no_grad: the value-only op, in one graph too.
+    expected = gradreg_fast.mind_loss(warped, fixed, backend="cpu")
+    counter = CompileCounterWithBackend("aot_eager")
+    value = torch.compile(lambda w: gradreg_fast.mind_loss(w, fixed, backend="cpu"), backend=counter, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(value(warped), expected, rtol=1e-12, atol=0)
+    assert counter.frame_count == 1
+
+
 def test_mind_loss_module_dynamic_shapes(gen):
     loss_fn = gradreg_fast.MINDLoss(backend="cpu")
 

@@ -281,7 +281,7 @@ def test_value_without_gradient_streams_the_fixed_descriptor(descriptor, penalty
                                                              gen):
     # warped needs no gradient: the value-only op, whose fixed descriptor planes pass through a small
     # ring (sizes with fewer planes than the ring, dilations whose channels run far apart).
-    warped, fixed = _pair(shape, torch.float64, False, gen)
+    warped, fixed = _pair(shape, torch.float64, True, gen)  # non-contiguous views
     kwargs = dict(descriptor=descriptor, penalty=penalty, per_item=per_item, radius=radius, dilation=dilation)
     expected = reference.mind_loss(warped, fixed, **kwargs)
     for reduction, scale in (("mean", 1.0), ("sum", expected.new_tensor(float(warped.numel()) * CHANNELS[descriptor]))):
