@@ -63,44 +63,48 @@ void sum_rows(const T* const* rows, int count, T* out, int64_t width) {
   }
 }
 
-// The most rows one sum_rows call takes; longer lists go in batches.
-constexpr int kMaxRows = 64;
+// out[x] = the sum of the rows added, for x < width. Rows are summed in batches of up to kMaxRows
+// (a batch's sum becomes the next batch's first row), so any window length works.
+template <typename T>
+class RowSum {
+ public:
+  RowSum(T* out, int64_t width) : out_(out), width_(width) {}
+  void add(const T* row) {
+    rows_[count_++] = row;
+    if (count_ == kMaxRows) {
+      sum_rows(rows_, count_, out_, width_);
+      rows_[0] = out_;
+      count_ = 1;
+    }
+  }
+  void finish() { sum_rows(rows_, count_, out_, width_); }
+
+ private:
+  static constexpr int kMaxRows = 64;
+  const T* rows_[kMaxRows];
+  int count_ = 0;
+  T* out_;
+  int64_t width_;
+};
 
 // out[x] = sum_{t=-r..r} in[x + t] for x in [lo, hi), all reads inside the line: the window as
 // 2r+1 shifted rows, so the sums vectorise along x (a loop over t inside one over x does not).
 template <typename T>
 void window_sums(const T* in, T* out, int64_t lo, int64_t hi, int radius) {
   if (hi <= lo) return;
-  const T* rows[kMaxRows];
-  int count = 0;
-  for (int t = -radius; t <= radius; ++t) {
-    rows[count++] = in + lo + t;
-    if (count == kMaxRows) {
-      sum_rows(rows, count, out + lo, hi - lo);
-      rows[0] = out + lo;
-      count = 1;
-    }
-  }
-  sum_rows(rows, count, out + lo, hi - lo);
+  RowSum<T> sum(out + lo, hi - lo);
+  for (int t = -radius; t <= radius; ++t) sum.add(in + lo + t);
+  sum.finish();
 }
 
 // out[i] = sum_{t=-r..r} in[clamp(i + t)] for i in [0, n), on `width` interleaved lines
 // (element (i, x) at in[i * width + x]): the 1D replicate-padded box sum, vectorised over x.
 template <typename T>
 void box_sum_lines(const T* in, T* out, int64_t n, int64_t width, int radius) {
-  const T* rows[kMaxRows];
   for (int64_t i = 0; i < n; ++i) {
-    T* o = out + i * width;
-    int count = 0;
-    for (int t = -radius; t <= radius; ++t) {
-      rows[count++] = in + clamp_index(i + t, n) * width;
-      if (count == kMaxRows) {  // radius > 31 only
-        sum_rows(rows, count, o, width);
-        rows[0] = o;
-        count = 1;
-      }
-    }
-    sum_rows(rows, count, o, width);
+    RowSum<T> sum(out + i * width, width);
+    for (int t = -radius; t <= radius; ++t) sum.add(in + clamp_index(i + t, n) * width);
+    sum.finish();
   }
 }
 
@@ -108,20 +112,12 @@ void box_sum_lines(const T* in, T* out, int64_t n, int64_t width, int radius) {
 // the sum over the padded positions j that replicate q of the window sums around j.
 template <typename T>
 void box_sum_lines_adjoint_at(const T* in, T* out, int64_t q, int64_t n, int64_t width, int radius) {
-  const T* rows[kMaxRows];
-  int count = 0;
+  RowSum<T> sum(out, width);
   const int64_t j_first = q == 0 ? -radius : q, j_last = q == n - 1 ? n - 1 + radius : q;
-  for (int64_t j = j_first; j <= j_last; ++j) {
-    for (int64_t i = std::max<int64_t>(0, j - radius); i <= std::min<int64_t>(n - 1, j + radius); ++i) {
-      rows[count++] = in + i * width;
-      if (count == kMaxRows) {  // near the ends, for radius > 3
-        sum_rows(rows, count, out, width);
-        rows[0] = out;
-        count = 1;
-      }
-    }
-  }
-  sum_rows(rows, count, out, width);
+  for (int64_t j = j_first; j <= j_last; ++j)
+    for (int64_t i = std::max<int64_t>(0, j - radius); i <= std::min<int64_t>(n - 1, j + radius); ++i)
+      sum.add(in + i * width);
+  sum.finish();
 }
 
 // Element q of the adjoint of the 1D replicate-padded box sum of one line g of length n (the
@@ -323,18 +319,9 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
         channel_xy_plane(source, maps, H, W, radius, s, ring + (zc % slots) * HW);
         // Emit every output plane whose window [z - r, z + r] (clamped) is now complete.
         for (int64_t& z = emitted[k]; z < z_end && std::min<int64_t>(D - 1, z + radius) <= zc; ++z) {
-          T* dst = store.plane(k, z);
-          const T* planes[kMaxRows];
-          int count = 0;
-          for (int t = -radius; t <= radius; ++t) {
-            planes[count++] = ring + (clamp_index(z + t, D) % slots) * HW;
-            if (count == kMaxRows) {
-              sum_rows(planes, count, dst, HW);
-              planes[0] = dst;
-              count = 1;
-            }
-          }
-          sum_rows(planes, count, dst, HW);
+          RowSum<T> sum(store.plane(k, z), HW);
+          for (int t = -radius; t <= radius; ++t) sum.add(ring + (clamp_index(z + t, D) % slots) * HW);
+          sum.finish();
         }
       }
     }
