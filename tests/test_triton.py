@@ -340,6 +340,22 @@ def mind_loss(device):
         grads.append(torch.autograd.grad(loss, warped)[0])
     _close(grads[0], grads[1], torch.float64, "MINDLoss grad")
 
+    # The value-only op (no gradient needed) and a precomputed fixed descriptor, with and without grad.
+    warped = _volume((2, 1, 5, 6, 4), torch.float64, device, gen)
+    fixed = _volume((2, 1, 5, 6, 4), torch.float64, device, gen)
+    expected = gr.mind_loss(warped, fixed, backend="reference")
+    with torch.no_grad():
+        _close(gr.mind_loss(warped.clone().requires_grad_(), fixed, backend="triton"), expected, torch.float64,
+               "mind_loss value only")
+    descriptor = gr.mind_ssc(fixed, backend="triton")
+    _close(gr.mind_loss(warped, fixed_descriptor=descriptor, backend="triton"), expected, torch.float64,
+           "mind_loss fixed_descriptor")
+    leaves = [warped.clone().requires_grad_() for _ in range(2)]
+    grad_cached = torch.autograd.grad(gr.mind_loss(leaves[0], fixed_descriptor=descriptor, backend="triton"),
+                                      leaves[0])[0]
+    grad_fixed = torch.autograd.grad(gr.mind_loss(leaves[1], fixed, backend="triton"), leaves[1])[0]
+    _close(grad_cached, grad_fixed, torch.float64, "mind_loss fixed_descriptor grad")
+
 
 @group
 def size_limits(device):
