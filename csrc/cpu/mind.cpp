@@ -109,14 +109,16 @@ void box_sum_lines(const T* in, T* out, int64_t n, int64_t width, int radius) {
 }
 
 // Row q of the adjoint of box_sum_lines: out[x] = sum_i in[i, x] * #{t : clamp(i + t) = q}, i.e.
-// the sum over the padded positions j that replicate q of the window sums around j.
+// the sum over the padded positions j that replicate q of the window sums around j. `in` holds
+// lines first, first + 1, ... (every line the window around q reaches).
 template <typename T>
-void box_sum_lines_adjoint_at(const T* in, T* out, int64_t q, int64_t n, int64_t width, int radius) {
+void box_sum_lines_adjoint_at(const T* in, T* out, int64_t q, int64_t n, int64_t width, int radius,
+                              int64_t first = 0) {
   RowSum<T> sum(out, width);
   const int64_t j_first = q == 0 ? -radius : q, j_last = q == n - 1 ? n - 1 + radius : q;
   for (int64_t j = j_first; j <= j_last; ++j)
     for (int64_t i = std::max<int64_t>(0, j - radius); i <= std::min<int64_t>(n - 1, j + radius); ++i)
-      sum.add(in + i * width);
+      sum.add(in + (i - first) * width);
   sum.finish();
 }
 
@@ -348,18 +350,19 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
 
 // grad_vol += d/dvol of sum over z in [z_begin, z_end) of the adjoint-box-filtered grad_box
 // times the squared difference of one pair: each plane of the adjoint is formed on the fly
-// (z, then y, then x), then scattered into the two voxels the squared difference read.
+// (z, then y, then x), then scattered into the two voxels the squared difference read. grad_box
+// holds the planes from `first` on (those the z-windows around [z_begin, z_end) reach).
 template <typename T>
-void box_filtered_channel_backward(const T* vol, const T* grad_box, T* grad_vol, int64_t z_begin, int64_t z_end,
-                                   int64_t D, int64_t H, int64_t W, const int* pair, int radius, int dilation,
-                                   BoxScratch<T>& s) {
+void box_filtered_channel_backward(const T* vol, const T* grad_box, int64_t first, T* grad_vol, int64_t z_begin,
+                                   int64_t z_end, int64_t D, int64_t H, int64_t W, const int* pair, int radius,
+                                   int dilation, BoxScratch<T>& s) {
   const int64_t HW = H * W;
   const int64_t shift_a = int64_t(dilation) * pair[2], shift_b = int64_t(dilation) * pair[5];
   int64_t lo, hi;
   inside_range(W, shift_a, shift_b, lo, hi);
   const int64_t x_lo = std::min<int64_t>(radius + 1, W), x_hi = std::max<int64_t>(x_lo, W - radius - 1);
   for (int64_t z = z_begin; z < z_end; ++z) {
-    box_sum_lines_adjoint_at(grad_box, s.plane.data(), z, D, HW, radius);
+    box_sum_lines_adjoint_at(grad_box, s.plane.data(), z, D, HW, radius, first);
     box_sum_lines_adjoint(s.plane.data(), s.plane_grad.data(), H, W, radius);
     for (int64_t y = 0; y < H; ++y) {
       const T* g = s.plane_grad.data() + y * W;
@@ -593,51 +596,64 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
                                      const T* variance, const uint8_t* flags, T* grad_vol, int64_t N, int64_t D,
                                      int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                      bool subtract_min, int threads) {
-  const int64_t DHW = D * H * W;
+  const int64_t HW = H * W, DHW = D * HW;
   const T inv_box = T(1) / T(double(2 * radius + 1) * double(2 * radius + 1) * double(2 * radius + 1));
   const T tiny = std::numeric_limits<T>::min();
-  std::unique_ptr<T[]> grad_box(new T[N * K * DHW]);  // every element is written below: no zero fill
+  // The volume goes by slabs of output planes. A slab's gradient w.r.t. the box sums (K channels, the
+  // slab plus the r planes its z-windows reach on either side) is formed first, then each channel's
+  // adjoint box filter and scatter run over the slab. The halo planes are formed twice, but the
+  // buffer is K x (slab + 2r) planes instead of K x D (127 MiB at 144x144x128), and stays in cache.
+  const int64_t slab = std::max<int64_t>(4 * radius, 16);
+  const int64_t halo_planes = std::min<int64_t>(D, slab + 2 * radius);
+  std::unique_ptr<T[]> grad_box(new T[K * halo_planes * HW]);  // every element used is written first
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, K)));
+  // Scatters go to per-thread volumes, summed in thread order at the end: the result does not depend
+  // on scheduling, only on the thread count.
+  std::vector<std::vector<T>> private_grads(parts);
+  for (int t = 0; t < parts; ++t) private_grads[t].assign(N * DHW, T(0));
+  constexpr int kLanes = 512;  // long runs per channel stream: the strided streams then prefetch well
   for (int64_t n = 0; n < N; ++n) {
     const T* o = out + n * K * DHW;
-    T* gb = grad_box.get() + n * K * DHW;
     const Upstream up = upstream_per_item[n];
-    const T* var = variance + n * DHW;
-    const uint8_t* flag = flags + n * DHW;
-    constexpr int kLanes = 512;  // long runs per channel stream: the 3 x K strided streams then prefetch well
-    const int64_t full = DHW / kLanes;
+    for (int64_t z0 = 0; z0 < D; z0 += slab) {
+      const int64_t z1 = std::min(D, z0 + slab);
+      const int64_t first = std::max<int64_t>(0, z0 - radius), last = std::min<int64_t>(D, z1 + radius);
+      const int64_t p0 = first * HW, count = (last - first) * HW;
+      // grad_box of planes [first, last), channel stride `count` (the block reads out at stride DHW).
+      const int64_t full = count / kLanes;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < full; ++b)
-      descriptor_backward_block<kLanes>(o, b * kLanes, DHW, K, var + b * kLanes, flag + b * kLanes, tiny, inv_box,
-                                        subtract_min, up, gb);
-    for (int64_t p = full * kLanes; p < DHW; ++p)
-      descriptor_backward_voxel(o, p, DHW, K, var[p], flag[p], tiny, inv_box, subtract_min, up, gb);
+      for (int64_t b = 0; b <= full; ++b) {
+        const int64_t begin = b * kLanes, end = std::min(count, begin + kLanes);
+        if (end - begin == kLanes) {
+          descriptor_backward_block<kLanes>(o, p0 + begin, DHW, K, variance + n * DHW + p0 + begin,
+                                            flags + n * DHW + p0 + begin, tiny, inv_box, subtract_min, up,
+                                            grad_box.get() + begin, count);
+        } else {
+          for (int64_t i = begin; i < end; ++i)
+            descriptor_backward_block<1>(o, p0 + i, DHW, K, variance + n * DHW + p0 + i, flags + n * DHW + p0 + i,
+                                         tiny, inv_box, subtract_min, up, grad_box.get() + i, count);
+        }
+      }
+#pragma omp parallel num_threads(parts)
+      {
+        const int tid = thread_id(), team = team_size();
+        BoxScratch<T> scratch(H, W);
+        int64_t begin, end;
+        static_chunk(K, tid, team, begin, end);
+        for (int64_t k = begin; k < end; ++k)
+          box_filtered_channel_backward(vol + n * DHW, grad_box.get() + k * count, first,
+                                        private_grads[tid].data() + n * DHW, z0, z1, D, H, W, pairs + 6 * k,
+                                        radius, dilation, scratch);
+      }
+    }
   }
-  // Tasks (item, channel, z-chunk) scatter into per-thread volumes, summed in thread order: the
-  // result does not depend on scheduling, only on the thread count.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (2 * threads + N * K - 1) / (N * K)));
-  const int64_t tasks = N * K * chunks;
-  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
-  std::vector<std::vector<T>> private_grads(parts);
 #pragma omp parallel num_threads(parts)
   {
-    const int tid = thread_id(), team = team_size();
-    private_grads[tid].assign(N * DHW, T(0));
-    BoxScratch<T> scratch(H, W);
-    int64_t begin, end;
-    static_chunk(tasks, tid, team, begin, end);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nk = task / chunks, n = nk / K, k = nk % K;
-      int64_t z_begin, z_end;
-      static_chunk(D, static_cast<int>(task % chunks), static_cast<int>(chunks), z_begin, z_end);
-      box_filtered_channel_backward(vol + n * DHW, grad_box.get() + nk * DHW, private_grads[tid].data() + n * DHW,
-                                    z_begin, z_end, D, H, W, pairs + 6 * k, radius, dilation, scratch);
-    }
-#pragma omp barrier
     int64_t b, e;
-    static_chunk(N * DHW, tid, team, b, e);
+    static_chunk(N * DHW, thread_id(), team_size(), b, e);
     for (int64_t i = b; i < e; ++i) {
       T acc = T(0);
-      for (int t = 0; t < team; ++t) acc += private_grads[t][i];
+      for (int t = 0; t < parts; ++t) acc += private_grads[t][i];
       grad_vol[i] = acc;
     }
   }

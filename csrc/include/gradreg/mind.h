@@ -171,12 +171,14 @@ struct UpstreamFromPenalty {
 };
 
 // Gradient w.r.t. the K box sums of the B voxels p0 .. p0+B-1 (channel stride cs), from the
-// descriptor values `out`, the clamped variances and the flag bytes. B = 1 on the GPU (a thread
-// per voxel); the CPU passes blocks so that its channel-outer loops vectorise. The patch distances
-// are recovered as -vc * log(out); where out underflowed to 0 their terms vanish (out log out -> 0).
+// descriptor values `out`, the clamped variances and the flag bytes, written to grad_box[i + k * gs]
+// (voxel i of the block, channel k). B = 1 on the GPU (a thread per voxel); the CPU passes blocks so
+// that its channel-outer loops vectorise. The patch distances are recovered as -vc * log(out); where
+// out underflowed to 0 their terms vanish (out log out -> 0).
 template <int B, typename T, typename Upstream>
 GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K, const T* vc, const uint8_t* flag,
-                                     T tiny, T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box) {
+                                     T tiny, T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box,
+                                     int64_t gs) {
   T dvar[B], total[B];
   const Upstream local_upstream = upstream;  // a local copy: grad_box stores cannot alias its fields
   GR_SIMD for (int i = 0; i < B; ++i) dvar[i] = total[i] = T(0);
@@ -185,7 +187,7 @@ GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K
       const int64_t e = p0 + i + k * cs;
       const T o = out[e];
       const T t = local_upstream(e, o) * o;
-      grad_box[e] = -t / vc[i];
+      grad_box[i + k * gs] = -t / vc[i];
       // t * patch / vc^2 = -t * log(o) / vc; 0 for o below the smallest normal (then t ~ 0 too).
       // Computed unconditionally and selected, so the loop has no branch and vectorises.
       const bool normal = o >= tiny;
@@ -196,26 +198,27 @@ GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K
   GR_SIMD for (int i = 0; i < B; ++i) dvar[i] = (flag[i] & kInClampRange) ? dvar[i] / T(K) : T(0);
   for (int k = 0; k < K; ++k) {
     GR_SIMD for (int i = 0; i < B; ++i) {
-      const int64_t e = p0 + i + k * cs;
-      grad_box[e] += dvar[i];
-      total[i] += grad_box[e];
+      const int64_t g = i + k * gs;
+      grad_box[g] += dvar[i];
+      total[i] += grad_box[g];
     }
   }
   if (subtract_min)
-    for (int i = 0; i < B; ++i) grad_box[p0 + i + (flag[i] & 0x7F) * cs] -= total[i];
+    for (int i = 0; i < B; ++i) grad_box[i + (flag[i] & 0x7F) * gs] -= total[i];
   for (int k = 0; k < K; ++k) {
     GR_SIMD for (int i = 0; i < B; ++i) {
-      const int64_t e = p0 + i + k * cs;
+      const int64_t g = i + k * gs;
       // vc <= tiny only on a constant volume, where the descriptor is locally constant
-      grad_box[e] = vc[i] > tiny ? grad_box[e] * inv_box : T(0);
+      grad_box[g] = vc[i] > tiny ? grad_box[g] * inv_box : T(0);
     }
   }
 }
 
+// One voxel p; grad_box has the layout of out (channel stride cs).
 template <typename T, typename Upstream>
 GR_HD void descriptor_backward_voxel(const T* out, int64_t p, int64_t cs, int K, T vc, uint8_t flag, T tiny,
                                      T inv_box, bool subtract_min, const Upstream& upstream, T* grad_box) {
-  descriptor_backward_block<1>(out, p, cs, K, &vc, &flag, tiny, inv_box, subtract_min, upstream, grad_box);
+  descriptor_backward_block<1>(out, p, cs, K, &vc, &flag, tiny, inv_box, subtract_min, upstream, grad_box + p, cs);
 }
 
 }  // namespace gradreg
