@@ -321,8 +321,9 @@ def test_emulated_deterministic_warp_gathers_many_collisions(emulated_core, gen)
     core = emulated_core
     nbytes = core.module.warp_workspace_bytes(n, d, h, w, True)
     grad_image = core.poisoned(shape, torch.float64)
+    workspace = core.workspace(nbytes)  # bound to a name: a temporary would be freed before the kernel runs
     core.call("warp_backward", True, grad_out.data_ptr(), image.data_ptr(), flow.data_ptr(), grad_image.data_ptr(), 0,
-              n, c, d, h, w, 0, True, core.workspace(nbytes).data_ptr(), nbytes, 0)
+              n, c, d, h, w, 0, True, workspace.data_ptr(), nbytes, 0)
     torch.testing.assert_close(grad_image, expected_image)
 
 
