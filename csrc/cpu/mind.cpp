@@ -165,10 +165,13 @@ struct ChannelSource {
 };
 
 struct DescriptorMaps {
-  std::vector<const int*> pair;  // per map: the (a, b) pair whose f it is (u = d a, v = d b)
-  std::vector<int> oriented;     // per map: 6 ints, that pair oriented so that a - b is canonical
+  std::vector<int> oriented;  // per map: 6 ints, the (a, b) pair whose f it is (u = d a, v = d b), oriented
+                              // so that a - b is canonical
   std::vector<ChannelSource> channel;
   int64_t shift_lo[3] = {0, 0, 0}, shift_hi[3] = {0, 0, 0};  // range of s over channels, per axis
+
+  int count() const { return static_cast<int>(oriented.size() / 6); }
+  const int* pair(int map) const { return oriented.data() + 6 * map; }
 };
 
 inline DescriptorMaps descriptor_maps(const int* pairs, int K, int dilation) {
@@ -182,15 +185,15 @@ inline DescriptorMaps descriptor_maps(const int* pairs, int K, int dilation) {
     const int a[3] = {swap ? pair[3] : pair[0], swap ? pair[4] : pair[1], swap ? pair[5] : pair[2]};
     const int b[3] = {swap ? pair[0] : pair[3], swap ? pair[1] : pair[4], swap ? pair[2] : pair[5]};
     int found = -1;
-    for (int j = 0; j < static_cast<int>(maps.oriented.size() / 6); ++j) {
-      const int* o = maps.oriented.data() + 6 * j;
+    for (int j = 0; j < maps.count(); ++j) {
+      const int* o = maps.pair(j);
       if (o[0] - o[3] == a[0] - b[0] && o[1] - o[4] == a[1] - b[1] && o[2] - o[5] == a[2] - b[2]) found = j;
     }
     if (found < 0) {
-      found = static_cast<int>(maps.oriented.size() / 6);
+      found = maps.count();
       maps.oriented.insert(maps.oriented.end(), {a[0], a[1], a[2], b[0], b[1], b[2]});
     }
-    const int* o = maps.oriented.data() + 6 * found;
+    const int* o = maps.pair(found);
     ChannelSource source{found, int64_t(dilation) * (a[0] - o[0]), int64_t(dilation) * (a[1] - o[1]),
                          int64_t(dilation) * (a[2] - o[2])};
     const int64_t shift[3] = {source.sz, source.sy, source.sx};
@@ -200,7 +203,6 @@ inline DescriptorMaps descriptor_maps(const int* pairs, int K, int dilation) {
     }
     maps.channel.push_back(source);
   }
-  for (size_t j = 0; j < maps.oriented.size() / 6; ++j) maps.pair.push_back(maps.oriented.data() + 6 * j);
   return maps;
 }
 
@@ -305,7 +307,7 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
   std::vector<int64_t> emitted(K, z_begin);
   int64_t centred = z_begin;
   double sum = 0.0;
-  const int map_count = static_cast<int>(maps.pair.size());
+  const int map_count = maps.count();
   for (int64_t Zs = need_lo + maps.shift_lo[0]; Zs <= need_hi + maps.shift_hi[0]; ++Zs) {
     for (int j = 0; j < map_count; ++j) {
       bool plane_ready = false;
@@ -314,7 +316,7 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
         const int64_t zc = Zs - source.sz;  // the channel's plane
         if (source.map != j || zc < need_lo || zc > need_hi) continue;
         if (!plane_ready) {
-          map_plane(vol, maps.pair[j], Zs, D, H, W, dilation, maps, s);
+          map_plane(vol, maps.pair(j), Zs, D, H, W, dilation, maps, s);
           plane_ready = true;
         }
         T* ring = s.rings.data() + static_cast<size_t>(k) * slots * HW;
@@ -479,17 +481,13 @@ double descriptor_penalty(const T* fixed, const T* out, T* derivative, T* varian
     const T* o = out + n * K * DHW;
     T* g = derivative + n * K * DHW;
     const T* var = variance + n * DHW;
-    const uint8_t* flag = flags + n * DHW;
+    uint8_t* flag = flags + n * DHW;  // scratch: the clamp's flag bit may be set here
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t begin = b * kFinishBlock, end = std::min(DHW, (b + 1) * kFinishBlock);
       T vc[kFinishBlock];
-      uint8_t unused[kFinishBlock];
 #pragma omp simd
-      for (int64_t p = begin; p < end; ++p) {
-        unused[p - begin] = flag[p];
-        vc[p - begin] = descriptor_clamped_variance(var[p], m[n], tiny, unused[p - begin]);
-      }
+      for (int64_t p = begin; p < end; ++p) vc[p - begin] = descriptor_clamped_variance(var[p], m[n], tiny, flag[p]);
       T sum = T(0);  // partial sums in T over one block
       for (int k = 0; k < K; ++k) {
         const T* ok = o + k * DHW;
@@ -556,10 +554,8 @@ double descriptor_penalty_streamed(const T* fixed, const T* out, T* variance, ui
           for (int64_t i0 = 0; i0 < HW; i0 += kFinishBlock) {
             const int64_t len = std::min(kFinishBlock, HW - i0);
 #pragma omp simd
-            for (int64_t i = 0; i < len; ++i) {
-              uint8_t unused = flag[z * HW + i0 + i];
-              vc[i] = descriptor_clamped_variance(var[z * HW + i0 + i], m[n], tiny, unused);
-            }
+            for (int64_t i = 0; i < len; ++i)  // flag is scratch here: the clamp may set its bit
+              vc[i] = descriptor_clamped_variance(var[z * HW + i0 + i], m[n], tiny, flag[z * HW + i0 + i]);
             T sum = T(0);
             for (int k = 0; k < K; ++k) {
               const T* patch = plane + k * channel_stride + i0;

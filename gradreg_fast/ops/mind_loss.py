@@ -16,12 +16,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 def _penalty(out, target, squared, name, owns_target):
     """(sum |out - target| or its square, what the backward needs of the target).
 
-    On the CPU one pass also forms the penalty's derivative w.r.t. ``out``, which is all the backward
-    needs: it overwrites ``target`` when the op owns it, or goes to a new buffer when the caller passed
-    a precomputed fixed descriptor (which must stay intact).
+    On the CPU (reached with a precomputed fixed descriptor, which must stay intact) one pass also forms
+    the penalty's derivative w.r.t. ``out`` in a new buffer: all the backward needs.
     """
     if name == "cpu":
-        derivative = target if owns_target else torch.empty_like(target)
+        derivative = torch.empty_like(target)
         total = c.cpu_core().penalty_derivative(c.dtype_name(out), out.data_ptr(), target.data_ptr(),
                                                 derivative.data_ptr(), out.numel(), squared, c.threads(out.numel()))
         return torch.tensor(total, dtype=out.dtype), derivative
@@ -36,6 +35,24 @@ def _penalty(out, target, squared, name, owns_target):
         return total, target if owns_target else target.clone()
     diff = out - target
     return (diff * diff if squared else diff.abs()).sum(), target if owns_target else target.clone()
+
+
+def _cpu_penalty_against_fixed(out, fixed, derivative, kind, radius, dilation, per_item, squared):
+    """The CPU core's penalty of ``out`` against the descriptor of ``fixed``, which it never stores: built in
+    ``derivative`` and left there as the penalty's derivative, or (``derivative`` None: a value alone)
+    streamed through a ring of planes."""
+    n, _, d, h, w = fixed.shape
+    fixed = fixed.contiguous()
+    scratch_variance = fixed.new_empty(fixed.shape)
+    scratch_flags = torch.empty(fixed.shape, dtype=torch.uint8)
+    head = (c.dtype_name(fixed), fixed.data_ptr(), out.data_ptr())
+    tail = (scratch_variance.data_ptr(), scratch_flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation,
+            KINDS[kind][1], per_item, squared, c.threads(fixed.numel()))
+    if derivative is None:
+        total = c.cpu_core().descriptor_penalty_streamed(*head, *tail)
+    else:
+        total = c.cpu_core().descriptor_penalty(*head, derivative.data_ptr(), *tail)
+    return torch.tensor(total, dtype=out.dtype)
 
 
 @torch.library.custom_op("gradreg::mind_loss", mutates_args=())
@@ -54,18 +71,9 @@ def _mind_loss_op(warped: torch.Tensor, fixed: torch.Tensor | None, fixed_descri
         out, variance, flags = descriptor_forward(warped, kind, radius, dilation, per_item, backend)
         out = out.contiguous()
         if name == "cpu" and fixed_descriptor is None:
-            # The fixed descriptor is never stored: it is formed in the derivative's buffer and consumed there.
             derivative = torch.empty_like(out)
-            n, _, d, h, w = fixed.shape
-            fixed = fixed.contiguous()
-            scratch_variance = fixed.new_empty(fixed.shape)
-            scratch_flags = torch.empty(fixed.shape, dtype=torch.uint8)
-            pairs, subtract_min = KINDS[kind]
-            total = c.cpu_core().descriptor_penalty(
-                c.dtype_name(fixed), fixed.data_ptr(), out.data_ptr(), derivative.data_ptr(),
-                scratch_variance.data_ptr(), scratch_flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation,
-                subtract_min, per_item, squared, c.threads(fixed.numel()))
-            return torch.tensor(total, dtype=out.dtype), out, variance, flags, derivative
+            total = _cpu_penalty_against_fixed(out, fixed, derivative, kind, radius, dilation, per_item, squared)
+            return total, out, variance, flags, derivative
         owns_target = fixed_descriptor is None
         if owns_target:
             target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
@@ -109,15 +117,7 @@ def _mind_loss_value_op(warped: torch.Tensor, fixed: torch.Tensor, kind: str, ra
         name = c.resolve(backend, warped, "mind")
         out = descriptor_forward(warped, kind, radius, dilation, per_item, backend)[0].contiguous()
         if name == "cpu":
-            n, _, d, h, w = fixed.shape
-            fixed = fixed.contiguous()
-            scratch_variance = fixed.new_empty(fixed.shape)
-            scratch_flags = torch.empty(fixed.shape, dtype=torch.uint8)
-            total = c.cpu_core().descriptor_penalty_streamed(
-                c.dtype_name(fixed), fixed.data_ptr(), out.data_ptr(), scratch_variance.data_ptr(),
-                scratch_flags.data_ptr(), n, d, h, w, _FLAT[kind], radius, dilation, KINDS[kind][1], per_item, squared,
-                c.threads(fixed.numel()))
-            return torch.tensor(total, dtype=out.dtype)
+            return _cpu_penalty_against_fixed(out, fixed, None, kind, radius, dilation, per_item, squared)
         target = descriptor_forward(fixed, kind, radius, dilation, per_item, backend)[0].contiguous()
         return _penalty(out, target, squared, name, True)[0]
 
