@@ -94,6 +94,18 @@ def downsample(volume: torch.Tensor, factor: int) -> torch.Tensor:
     return volume if factor == 1 else F.avg_pool3d(volume, factor, factor)
 
 
+def record_step(loss: torch.Tensor, factor: int, losses: list | None, progress) -> None:
+    """After an optimiser step at pyramid factor ``factor``: keep the loss value and advance the progress bar."""
+    if losses is None and progress is None:
+        return  # no .item(): it would wait for the device for nothing
+    value = loss.item()
+    if losses is not None:
+        losses.append(value)
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(level=f"1/{factor}", loss=f"{value:.4f}")
+
+
 def coarse_box(box, factor: int, coarse_shape, minimum: int = 8):
     """Slices of the full grid -> (N, C, ...) slices of the voxels covering them on a ``factor``-coarser grid.
 
@@ -226,10 +238,7 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
             loss = mind_loss(warped[box], fixed_descriptor=fixed_descriptor, backend=backend)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(level=f"1/{factor}", loss=f"{losses[-1]:.4f}")
+            record_step(loss, factor, losses, progress)
     with torch.no_grad():
         matrix = _matrix(model, params)
     return AffineResult(matrix.cpu().double().numpy(), shift.detach().cpu().double().numpy(), losses)

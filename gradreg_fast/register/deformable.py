@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import gradient_magnitude, mind_loss, mind_ssc, warp
 from ..losses import flow_smoothness
-from .affine import coarse_box, downsample
+from .affine import coarse_box, downsample, record_step
 
 
 @dataclass
@@ -191,10 +191,7 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
             loss = loss + settings.smoothness * flow_smoothness(velocity)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(level=f"1/{factor}", loss=f"{losses[-1]:.4f}")
+            record_step(loss, factor, losses, progress)
     velocity = velocity.detach()
     with torch.no_grad():
         flow = resize_flow(integrate(velocity, settings.squarings, backend), shape)
@@ -247,9 +244,7 @@ def optimize_network(fixed: torch.Tensor, moving: torch.Tensor, checkpoint=None,
                 loss, _ = loss_fn(_crop_output(output, box), moving_level[box], fixed_level[box])
                 loss.backward()
                 optimizer.step()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(level=f"1/{factor}", loss=f"{loss.item():.4f}")
+                record_step(loss, factor, None, progress)
         model.eval()
         with torch.no_grad():
             return model(moving, fixed).flow.detach()
