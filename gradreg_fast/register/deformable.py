@@ -46,7 +46,7 @@ class FieldSettings:
     0.61 and 0.73. Smoothness 0.6 / 0.9 / 1.5 gave Dice 0.735 / 0.708 / 0.648 and SDlogJ 0.49 / 0.42 /
     0.34; 0.9 is the default, trading a little overlap for a more regular field. Those figures were
     taken with 40, 40, 20 steps (now :func:`gradreg_fast.register.thorough_settings`); the default
-    15, 15, 3 steps give Dice 0.646 in about a third of the time (benchmarks/RESULTS.md).
+    15, 15, 3 steps give Dice 0.648 in about a third of the time (benchmarks/RESULTS.md).
     """
 
     levels: tuple = (2, 2, 1)  # image pyramid factor of each level, coarse to fine

@@ -70,7 +70,7 @@ def quick_settings() -> Settings:
 def thorough_settings() -> Settings:
     """About three times the default iterations.
 
-    On the bundled pair: mean organ Dice 0.708 instead of 0.646, in about 3x the time (RESULTS.md).
+    On the bundled pair: mean organ Dice 0.712 instead of 0.648, in about 3x the time (RESULTS.md).
     """
     settings = Settings(affine_iterations=(40, 40))
     settings.field.iterations = (40, 40, 20)
