@@ -290,8 +290,8 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         for stage, where in stage_points.items():
             label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0)
         warped_labels = label_maps["after"]
-        scored = label_ids or sorted({int(v) for v in np.unique(fixed_labels)} | {int(v) for v in np.unique(moving_ids)}
-                                     - {0})
+        scored = label_ids or sorted(({int(v) for v in np.unique(fixed_labels)}
+                                      | {int(v) for v in np.unique(moving_ids)}) - {0})
         report = {stage: _stage_metrics(fixed_labels, maps, out_grid.spacing, scored, label_names)
                   for stage, maps in label_maps.items()}
         # Before registration the moving organs may lie outside the fixed field of view (they do in the
