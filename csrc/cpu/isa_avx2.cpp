@@ -22,6 +22,7 @@
 #pragma GCC target("avx2,fma")
 
 namespace gradreg_avx2 {
+#include "cost_volume.cpp"
 #include "gradient_magnitude.cpp"
 #include "mind.cpp"
 #include "warp.cpp"

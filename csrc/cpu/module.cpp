@@ -196,6 +196,33 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "cost_volume_forward",
+      [](const std::string& dtype, uintptr_t fixed, uintptr_t moving, uintptr_t out, int64_t N, int64_t C, int64_t D,
+         int64_t H, int64_t W, int radius, int spacing, int grid, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(cost_volume_forward, ptr<const double>(fixed), ptr<const double>(moving), ptr<double>(out), N,
+                       C, D, H, W, radius, spacing, grid, threads);
+        else
+          GRADREG_CALL(cost_volume_forward, ptr<const float>(fixed), ptr<const float>(moving), ptr<float>(out), N, C,
+                       D, H, W, radius, spacing, grid, threads);
+      },
+      nogil);
+  m.def(
+      "cost_volume_backward",
+      [](const std::string& dtype, uintptr_t grad_out, uintptr_t fixed, uintptr_t moving, uintptr_t grad_fixed,
+         uintptr_t grad_moving, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int radius, int spacing,
+         int grid, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(cost_volume_backward, ptr<const double>(grad_out), ptr<const double>(fixed),
+                       ptr<const double>(moving), ptr<double>(grad_fixed), ptr<double>(grad_moving), N, C, D, H, W,
+                       radius, spacing, grid, threads);
+        else
+          GRADREG_CALL(cost_volume_backward, ptr<const float>(grad_out), ptr<const float>(fixed),
+                       ptr<const float>(moving), ptr<float>(grad_fixed), ptr<float>(grad_moving), N, C, D, H, W,
+                       radius, spacing, grid, threads);
+      },
+      nogil);
+  m.def(
       "penalty_derivative",
       [](const std::string& dtype, uintptr_t a, uintptr_t b, uintptr_t derivative, int64_t numel, bool squared,
          int threads) {

@@ -50,5 +50,15 @@ double descriptor_penalty_streamed(const T* fixed, const T* out, T* variance, ui
                                    int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                    bool subtract_min, bool per_item, bool squared, int threads);
 
+// The MIND cost volume (gradreg/cost_volume.h): out is (N, (2r+1)^3, ceil(D/g), ceil(H/g), ceil(W/g)).
+// grad_fixed or grad_moving may be null when not needed.
+template <typename T>
+void cost_volume_forward(const T* fixed, const T* moving, T* out, int64_t N, int64_t C, int64_t D, int64_t H,
+                         int64_t W, int radius, int spacing, int grid, int threads);
+template <typename T>
+void cost_volume_backward(const T* grad_out, const T* fixed, const T* moving, T* grad_fixed, T* grad_moving,
+                          int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int radius, int spacing, int grid,
+                          int threads);
+
 }  // namespace cpu
 }  // namespace gradreg
