@@ -1,6 +1,7 @@
 """mind_loss and MINDLoss: the fused loss against the reference, reductions, gradients to either
 image, dtypes and bad input."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_volume, value_and_grads
@@ -320,3 +321,54 @@ def test_constant_images_give_finite_losses_on_every_cpu_path(case, dtype, gen):
     flat = torch.full(shape, 0.5, dtype=dtype)
     loss, (grad,) = value_and_grads(lambda w: gradreg_fast.mind_loss(w, fixed * 0 + 3.0, backend="cpu"), [flat])
     assert loss == 0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+class TestRadiusAndDilation:
+    """The integers that reach the kernels: numpy integers are taken, bools and floats refused, sizes whose
+    boxes or offsets would overflow or exceed any volume refused before a kernel runs."""
+
+    @pytest.mark.parametrize("to_int", [np.int64, np.int32, np.uint8])
+    def test_numpy_integers(self, to_int, gen):
+        warped, fixed = _pair((1, 1, 5, 6, 7), torch.float64, False, gen)
+        expected = gradreg_fast.mind_loss(warped, fixed, radius=1, dilation=2, backend="cpu")
+        for fn in (gradreg_fast.mind_loss, lambda w, f, **kw: gradreg_fast.MINDLoss(**kw)(w, f)):
+            got = fn(warped, fixed, radius=to_int(1), dilation=to_int(2), backend="cpu")
+            assert torch.equal(got, expected)
+        descriptor = gradreg_fast.mind_ssc(warped, to_int(1), to_int(2))
+        assert torch.equal(descriptor, gradreg_fast.mind_ssc(warped, 1, 2))
+
+    @pytest.mark.parametrize("op", [gradreg_fast.mind_ssc, gradreg_fast.mind,
+                                    lambda v, **kw: gradreg_fast.mind_loss(v, v, **kw)])
+    @pytest.mark.parametrize("name, value", [("radius", True), ("radius", 2.0), ("radius", np.float64(1)),
+                                             ("dilation", False), ("dilation", 1.0), ("dilation", "2")])
+    def test_bools_and_floats_refused(self, op, name, value):
+        with pytest.raises(ValueError, match=f"`{name}` must be an int"):
+            op(torch.rand(1, 1, 4, 5, 6), **{name: value})
+
+    @pytest.mark.parametrize("op", [gradreg_fast.mind_ssc, gradreg_fast.mind,
+                                    lambda v, **kw: gradreg_fast.mind_loss(v, v, **kw)])
+    @pytest.mark.parametrize("name, value", [("radius", 2**30), ("radius", 4097), ("dilation", 2**30),
+                                             ("dilation", 2**62), ("dilation", np.int64(2**40))])
+    def test_huge_values_refused_before_any_kernel(self, op, name, value, monkeypatch):
+        # A kernel reached with these would size buffers or 32-bit indices from them.
+        def no_kernel(*args, **kwargs):
+            raise AssertionError("a kernel ran")
+
+        monkeypatch.setattr(torch.ops.gradreg, "mind_descriptor", no_kernel, raising=False)
+        with pytest.raises(ValueError, match=f"`{name}` must be an int >= [01] \\(and at most 4096\\)"):
+            op(torch.rand(1, 1, 4, 5, 6), **{name: value})
+
+    @pytest.mark.parametrize("kind", ["ssc", "mind"])
+    @pytest.mark.parametrize("shape, dilation", [((1, 1, 5, 4, 6), 6), ((2, 1, 3, 1, 4), 40), ((1, 1, 1, 1, 1), 9),
+                                                 ((1, 1, 7, 5, 6), 4096)])
+    def test_dilation_beyond_the_volume(self, kind, shape, dilation, gen):
+        # Every offset then lands on an edge voxel; the result is the reference's for that same dilation.
+        vol = make_volume(shape, torch.float64, False, gen)
+        fn, ref = (gradreg_fast.mind_ssc, reference.mind_ssc) if kind == "ssc" else (gradreg_fast.mind,
+                                                                                      reference.mind)
+        grad_out = make_volume((shape[0], CHANNELS[kind], *shape[2:]), torch.float64, False, gen)
+        out, (grad,) = value_and_grads(lambda v: fn(v, 1, dilation, backend="cpu"), [vol], grad_out)
+        small = min(dilation, 12)  # the reference pads by the dilation: keep its buffers small
+        ref_out, (ref_grad,) = value_and_grads(lambda v: ref(v, 1, small), [vol], grad_out)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 
@@ -42,12 +43,45 @@ def check_same(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor
 
 
 def check_backend(backend) -> str:
-    """The backend string carried into the custom op ("" = the global default)."""
+    """The backend string as given ("" = the global default)."""
     if backend is None:
         return ""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"`backend` must be one of {_backend.BACKENDS} or None, got {backend!r}")
     return backend
+
+
+def backend_for(backend, t: torch.Tensor, op: str) -> str:
+    """The concrete backend of one call, resolved once, in the public function, and carried into the
+    custom op and from there into its backward. The backward then runs on the backend whose buffers the
+    forward saved, whatever :func:`gradreg_fast.set_backend` says by then (the reference forward saves
+    placeholders that another backend's backward would read as data)."""
+    return _resolved(check_backend(backend), t.device, op)
+
+
+# Under torch.compile the choice is made when the graph is traced and is part of the graph: a later
+# set_backend does not recompile it (dynamo cannot trace the import probes of the resolution).
+@torch.compiler.assume_constant_result
+def _resolved(backend: str, device: torch.device, op: str) -> str:
+    return _backend.resolve(backend or None, device, op)
+
+
+# Larger boxes and offsets than any volume has: refused before a kernel sizes buffers or indices
+# from them (2 * radius + 1 and 4 * radius must stay far inside 32-bit integers).
+MAX_RADIUS = 4096
+MAX_DILATION = 4096
+
+
+def check_int_argument(op: str, name: str, value, minimum: int, maximum: int) -> int:
+    """``value`` as an int (Python or numpy integers; not bool, not float) in [minimum, maximum]."""
+    valid = not isinstance(value, bool)
+    try:
+        number = operator.index(value) if valid else None
+    except TypeError:
+        valid = False
+    if not valid or not minimum <= number <= maximum:
+        raise ValueError(f"{op}: `{name}` must be an int >= {minimum} (and at most {maximum}), got {value!r}")
+    return number
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -119,6 +119,6 @@ def gradient_magnitude(vol: torch.Tensor, eps: float = 1e-6, backend: str | None
     c.check_volume(OP, "vol", vol)
     if not eps >= 0:
         raise ValueError(f"{OP}: `eps` must be >= 0, got {eps}")
-    backend = c.check_backend(backend)
+    backend = c.backend_for(backend, vol, OP)
     work = vol.to(c.compute_dtype(vol))
     return _gradient_magnitude_op(work, float(eps), backend).to(vol.dtype)

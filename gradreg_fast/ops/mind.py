@@ -159,16 +159,21 @@ _descriptor_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_descriptor_args(op, name, vol, radius, dilation):
+    """(radius, dilation) as the kernels take them, after checking ``vol`` and both numbers."""
     c.check_volume(op, name, vol, channels=1)
-    if not isinstance(radius, int) or radius < 0:
-        raise ValueError(f"{op}: `radius` must be an int >= 0, got {radius!r}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{op}: `dilation` must be an int >= 1, got {dilation!r}")
+    radius = c.check_int_argument(op, "radius", radius, 0, c.MAX_RADIUS)
+    dilation = c.check_int_argument(op, "dilation", dilation, 1, c.MAX_DILATION)
+    # With replicate edges, every offset of a dilation >= (longest axis - 1) lands on the edge voxel:
+    # the result is exactly that of the smaller dilation, which keeps the kernels' padding small.
+    longest = max(vol.shape[2:])
+    if dilation >= longest:
+        dilation = max(1, longest - 1)
+    return radius, dilation
 
 
 def _descriptor(op, kind, vol, radius, dilation, per_item, backend):
-    check_descriptor_args(op, "vol", vol, radius, dilation)
-    backend = c.check_backend(backend)
+    radius, dilation = check_descriptor_args(op, "vol", vol, radius, dilation)
+    backend = c.backend_for(backend, vol, OP)
     out = _descriptor_op(vol.to(c.compute_dtype(vol)), kind, radius, dilation, bool(per_item), backend)[0]
     return out.to(vol.dtype)
 

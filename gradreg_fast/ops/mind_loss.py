@@ -190,7 +190,7 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
         raise ValueError(f"{OP}: give `fixed` or `fixed_descriptor`, exactly one of them")
     radius = _DEFAULTS[descriptor][0] if radius is None else radius
     dilation = _DEFAULTS[descriptor][1] if dilation is None else dilation
-    check_descriptor_args(OP, "warped", warped, radius, dilation)
+    radius, dilation = check_descriptor_args(OP, "warped", warped, radius, dilation)
     if fixed is not None:
         check_descriptor_args(OP, "fixed", fixed, radius, dilation)
         c.check_same(OP, ("warped", "fixed"), warped, fixed)
@@ -200,7 +200,7 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
         if fixed_descriptor.requires_grad:
             raise ValueError(f"{OP}: `fixed_descriptor` must not require grad (compute it under torch.no_grad() "
                              "or .detach() it); pass `fixed` to get a gradient w.r.t. the fixed image")
-    backend = c.check_backend(backend)
+    backend = c.backend_for(backend, warped, "mind")
     dtype = c.compute_dtype(warped)
     squared = penalty == "l2"
     desc = lambda v: _descriptor_op(v.to(dtype), descriptor, radius, dilation, bool(per_item), backend)[0]  # noqa: E731

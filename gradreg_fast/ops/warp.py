@@ -165,7 +165,7 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddin
         raise ValueError(f"{OP}: `mode` must be one of {_MODES}, got {mode!r}")
     if padding_mode not in _PADDINGS:
         raise ValueError(f"{OP}: `padding_mode` must be one of {_PADDINGS}, got {padding_mode!r}")
-    backend = c.check_backend(backend)
+    backend = c.backend_for(backend, image, OP)
     dtype = c.compute_dtype(image)
     out = _warp_op(image.to(dtype), flow.to(dtype), mode, padding_mode, bool(deterministic), backend)
     return out.to(image.dtype)
