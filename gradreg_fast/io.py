@@ -273,13 +273,22 @@ def resample(scan: Scan | np.ndarray, grid: Grid, affine: np.ndarray | None = No
                                     prefilter=False)
 
 
-def keep_labels(labels: np.ndarray, keep=None) -> np.ndarray:
-    """Labels as int64, with ids not in ``keep`` (when given) set to background 0."""
+def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
+    """Labels as int64, with ids not in ``keep`` (when given) set to background 0.
+
+    ``labels``: an array, or a :class:`Scan` (its file is then named in the error for non-integer
+    values); ``what`` names it in that error ("moving labels", ...).
+    """
+    if isinstance(labels, Scan):
+        what = f"{what} ({labels.path})" if labels.path else what
+        labels = labels.data
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         rounded = np.rint(labels)
-        if not np.allclose(rounded, labels):
-            raise NiftiError("a label map must hold whole numbers")
+        off = np.abs(rounded - labels) > 1e-3  # float label maps carry round-off from their writers
+        if off.any():
+            bad = labels[off].flat[0]
+            raise NiftiError(f"{what}: a label map must hold whole numbers, found {float(bad)!r}")
         labels = rounded
     labels = labels.astype(np.int64)
     if keep is not None:
@@ -362,7 +371,7 @@ def pair_on_grid(fixed: Scan, moving: Scan, fixed_labels: Scan | None = None, mo
     def labels_on_grid(seg, transform):
         if seg is None:
             return None
-        return tensor(resample(Scan(keep_labels(seg.data, label_ids), seg.affine), grid, order=0,
+        return tensor(resample(Scan(keep_labels(seg, label_ids, "labels"), seg.affine), grid, order=0,
                                world_transform=transform), torch.int64)
 
     fov = resample(np.ones(fixed.data.shape, np.uint8), grid, fixed.affine, order=0)

@@ -2,7 +2,10 @@
 
 Label maps are integer arrays (numpy or torch, any leading singleton dims are fine as long as both
 maps have the same shape); surface distances use the physical ``spacing`` (mm per voxel along each
-axis) with scipy's exact Euclidean distance transform. Flows are displacement fields in voxels,
+axis) and are exact Euclidean distances between surface voxels. :func:`surface_distances` computes
+them with a distance transform over the whole volume (the reference); :func:`label_metrics` finds
+the same distances by nearest-neighbour search between the two surfaces only, with every label's
+surface taken from one pass over the map, so its cost follows the surfaces, not volume x labels. Flows are displacement fields in voxels,
 (3, D, H, W) or (1, 3, D, H, W), channel k along spatial axis k (the :func:`gradreg_fast.warp` convention).
 
 Undefined values are NaN, never a made-up number: Dice when a label is absent from both maps, surface
@@ -114,24 +117,145 @@ def hausdorff95(a, b, spacing=1.0) -> float:
 
 def surface_metrics(a, b, spacing=1.0, labels=None) -> dict:
     """{label: {"asd": mm, "hd95": mm}} for label maps ``a`` and ``b``."""
-    a, b = _pair(a, b)
-    out = {}
-    for label in _labels(a, b, labels):
-        ab, ba = surface_distances(a == label, b == label, spacing)
-        if ab is None:
-            out[label] = {"asd": math.nan, "hd95": math.nan}
+    table = label_metrics(a, b, spacing, labels)
+    return {label: {"asd": v["asd"], "hd95": v["hd95"]} for label, v in table.items()}
+
+
+class LabelSurfaces:
+    """One label map, prepared for scoring: per scored label its voxel count and its surface voxels.
+
+    The surfaces of every label come from one pass over the map (a voxel of a scored label is on its
+    surface when a face neighbour holds another id, or lies beyond the map), so the cost does not grow
+    with the number of labels; preparing the fixed map once serves every stage it is scored against.
+
+    Args:
+        labels_map: integer label map (leading singleton dims are dropped).
+        labels: the ids to score, without repeats.
+        origin: where the map's voxel (0, 0, 0) lies on the lattice shared with the other map, in
+            voxels (integers). Two maps with different origins and shapes are compared where they lie;
+            beyond a map everything is background.
+    """
+
+    def __init__(self, labels_map, labels, origin=(0, 0, 0)):
+        array = _spatial(_numpy(labels_map, "labels_map"))
+        self.shape = array.shape
+        self.origin = np.asarray(origin, dtype=np.int64).reshape(-1)
+        if self.origin.shape != (array.ndim,):
+            raise ValueError(f"`origin` must hold {array.ndim} integers, got {origin!r}")
+        self.labels = np.asarray(labels)
+        self.index = _label_index(array, self.labels)  # 0: not scored, k + 1: labels[k]
+        count = len(self.labels) + 1
+        self.counts = np.bincount(self.index.ravel(), minlength=count)
+        on_surface = _boundary(self.index) & (self.index > 0)
+        points = np.stack(np.nonzero(on_surface), axis=1)
+        owner = self.index[on_surface]
+        order = np.argsort(owner, kind="stable")
+        splits = np.cumsum(np.bincount(owner, minlength=count))[:-1]
+        self._points = np.split(points[order] + self.origin, splits)  # [k] -> (S, ndim) lattice voxels
+        self._trees = {}
+
+    def points(self, k: int) -> np.ndarray:
+        """Surface voxels (lattice coordinates) of label ``labels[k - 1]``."""
+        return self._points[k]
+
+    def tree(self, k: int, spacing: np.ndarray):
+        from scipy.spatial import cKDTree
+
+        key = (k, spacing.tobytes())
+        if key not in self._trees:
+            self._trees[key] = cKDTree(self._points[k] * spacing)
+        return self._trees[key]
+
+
+def _label_index(array: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """int32 map: k + 1 where the voxel holds labels[k], else 0."""
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        low, high = int(array.min()), int(array.max())
+        if low >= 0 and high < 1 << 22:  # a lookup table beats a binary search per voxel
+            table = np.zeros(high + 1, np.int32)
+            inside = (labels >= 0) & (labels <= high)
+            table[labels[inside].astype(np.int64)] = np.flatnonzero(inside).astype(np.int32) + 1
+            return table[array]
+    if len(labels) == 0:
+        return np.zeros(array.shape, np.int32)
+    order = np.argsort(labels, kind="stable")
+    position = np.clip(np.searchsorted(labels[order], array), 0, len(labels) - 1)
+    return np.where(labels[order][position] == array, order[position] + 1, 0).astype(np.int32)
+
+
+def _boundary(index: np.ndarray) -> np.ndarray:
+    """Voxels with a face neighbour of another index, or on the map's border."""
+    edge = np.zeros(index.shape, bool)
+    for axis in range(index.ndim):
+        low = [slice(None)] * index.ndim
+        high = [slice(None)] * index.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        differs = index[tuple(low)] != index[tuple(high)]
+        edge[tuple(low)] |= differs
+        edge[tuple(high)] |= differs
+        low[axis], high[axis] = 0, -1
+        edge[tuple(low)] = True
+        edge[tuple(high)] = True
+    return edge
+
+
+def _overlap_counts(a: LabelSurfaces, b: LabelSurfaces) -> np.ndarray:
+    """Per index, the voxels where both maps hold that scored label (0 where their boxes do not meet)."""
+    low = np.maximum(a.origin, b.origin)
+    high = np.minimum(a.origin + np.asarray(a.shape), b.origin + np.asarray(b.shape))
+    count = len(a.labels) + 1
+    if np.any(high <= low):
+        return np.zeros(count, np.int64)
+    crop_a = a.index[tuple(slice(lo - o, hi - o) for lo, hi, o in zip(low, high, a.origin))]
+    crop_b = b.index[tuple(slice(lo - o, hi - o) for lo, hi, o in zip(low, high, b.origin))]
+    return np.bincount(crop_a[crop_a == crop_b], minlength=count)
+
+
+def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None) -> dict:
+    """{label: {"dice", "asd", "hd95"}}: all overlap and surface metrics per label.
+
+    Exact, and independent of the volume's size: Dice from voxel counts, and surface distances
+    between the two labels' surface voxels by nearest-neighbour search (the same Euclidean distances
+    as a distance transform of the whole volume, computed only on the surfaces).
+
+    Args:
+        a, b: label maps (arrays, tensors, or :class:`LabelSurfaces` prepared with the same labels).
+        labels: ids to score; by default every non-zero id present in either map.
+        b_origin: where ``b``'s voxel (0, 0, 0) lies in ``a``'s voxels; ``b`` may then have any shape,
+            and the maps are compared where they lie (beyond a map: background). Default: ``a`` and
+            ``b`` cover the same voxels and must have the same shape.
+        progress: something with ``update(n)`` (a tqdm bar), advanced once per label.
+    """
+    prepared = isinstance(a, LabelSurfaces) and isinstance(b, LabelSurfaces)
+    if not prepared:
+        if b_origin is None:
+            a, b = _pair(a, b)
         else:
+            a, b = _numpy(a, "a"), _numpy(b, "b")
+        a, b = _spatial(a), _spatial(b)
+        if a.ndim != b.ndim:
+            raise ValueError(f"`a` and `b` must have the same number of spatial dims, got {a.shape} and {b.shape}")
+        scored = np.asarray(list(dict.fromkeys(_labels(a, b, labels))), dtype=np.int64)
+        a = LabelSurfaces(a, scored)
+        b = LabelSurfaces(b, scored, np.zeros(a.origin.shape, np.int64) if b_origin is None else b_origin)
+    elif not np.array_equal(a.labels, b.labels):
+        raise ValueError("`a` and `b` were prepared with different label lists")
+    spacing = _check_spacing(spacing, len(a.shape))
+    overlap = _overlap_counts(a, b)
+    out = {}
+    for k, label in enumerate(a.labels.tolist(), start=1):
+        total = int(a.counts[k]) + int(b.counts[k])
+        entry = {"dice": 2.0 * int(overlap[k]) / total if total else math.nan, "asd": math.nan, "hd95": math.nan}
+        points_a, points_b = a.points(k), b.points(k)
+        if len(points_a) and len(points_b):
+            ab = b.tree(k, spacing).query(points_a * spacing)[0]
+            ba = a.tree(k, spacing).query(points_b * spacing)[0]
             pooled = np.concatenate([ab, ba])
-            out[label] = {"asd": float(pooled.mean()), "hd95": float(np.percentile(pooled, 95))}
+            entry["asd"], entry["hd95"] = float(pooled.mean()), float(np.percentile(pooled, 95))
+        out[int(label)] = entry
+        if progress is not None:
+            progress.update(1)
     return out
-
-
-def label_metrics(a, b, spacing=1.0, labels=None) -> dict:
-    """{label: {"dice", "asd", "hd95"}}: all overlap and surface metrics per label."""
-    a, b = _pair(a, b)
-    overlap = dice(a, b, labels)
-    surfaces = surface_metrics(a, b, spacing, list(overlap))
-    return {label: {"dice": overlap[label], **surfaces[label]} for label in overlap}
 
 
 # ----------------------------------------------------------------------------------------------- regularity

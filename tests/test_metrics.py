@@ -141,3 +141,97 @@ def test_folding_and_sdlogj_hand_computed():
         metrics.folding_percent(np.zeros((2,) + shape))
     with pytest.raises(ValueError, match="mask"):
         metrics.folding_percent(half, mask=np.ones((3, 3, 3), bool))
+
+
+def random_atlas(shape, labels, rng, blobs_per_label=2):
+    """A label map of ``labels`` ids: overlapping random boxes, later ones on top, some ids unused."""
+    atlas = np.zeros(shape, np.int64)
+    for label in labels:
+        for _ in range(blobs_per_label):
+            size = rng.integers(1, np.maximum(2, np.asarray(shape) // 3))
+            start = rng.integers(0, np.asarray(shape) - size + 1)
+            atlas[tuple(slice(s, s + n) for s, n in zip(start, size))] = label
+    return atlas
+
+
+def whole_volume_table(a, b, spacing, labels):
+    """Dice and ASD/HD95 per label from masks of the whole volume and its distance transform."""
+    table = {}
+    for label in labels:
+        in_a, in_b = a == label, b == label
+        total = int(in_a.sum() + in_b.sum())
+        dice = 2 * int((in_a & in_b).sum()) / total if total else math.nan
+        ab, ba = metrics.surface_distances(in_a, in_b, spacing)
+        if ab is None:
+            table[label] = {"dice": dice, "asd": math.nan, "hd95": math.nan}
+        else:
+            pooled = np.concatenate([ab, ba])
+            table[label] = {"dice": dice, "asd": pooled.mean(), "hd95": np.percentile(pooled, 95)}
+    return table
+
+
+def assert_same_table(got, expected):
+    assert list(got) == list(expected)
+    for label, values in expected.items():
+        for key, value in values.items():
+            if math.isnan(value):
+                assert math.isnan(got[label][key]), (label, key)
+            else:
+                assert got[label][key] == pytest.approx(value, rel=1e-12, abs=1e-12), (label, key)
+
+
+@pytest.mark.parametrize("shape, spacing", [((23, 17, 12), (1.3, 0.7, 2.1)), ((9, 1, 14), (1.0, 1.0, 1.0))])
+def test_label_metrics_equal_the_whole_volume_computation(shape, spacing):
+    rng = np.random.default_rng(sum(shape))
+    ids = [1, 2, 3, 5, 8, 13, 40, 255, 1000]
+    a, b = random_atlas(shape, ids, rng), random_atlas(shape, ids, rng)
+    b[b == 13] = 0  # one id only in a: distances undefined, Dice 0
+    asked = ids + [77]  # absent from both: everything undefined
+    got = metrics.label_metrics(a, b, spacing, labels=asked)
+    assert_same_table(got, whole_volume_table(a, b, spacing, asked))
+    assert got[13]["dice"] == 0.0 and math.isnan(got[77]["dice"])
+    # Default label list: every non-zero id present; as tensors with a leading singleton dim too.
+    default = metrics.label_metrics(torch.from_numpy(a)[None], torch.from_numpy(b)[None], spacing)
+    present = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+    assert_same_table(default, whole_volume_table(a, b, spacing, present))
+
+
+def test_label_metrics_of_maps_placed_apart_equal_the_embedding():
+    """Maps of different shapes placed on one lattice (b_origin) score as both embedded in a volume
+    covering them, including far apart (no common voxel) and touching their own borders."""
+    rng = np.random.default_rng(11)
+    spacing = (1.5, 0.9, 2.0)
+    a = random_atlas((14, 12, 9), [1, 2, 4], rng)
+    a[0, :3, :3] = 2  # on a's border: the border is outside
+    b = random_atlas((10, 15, 7), [1, 2, 4], rng)
+    for origin in [(3, -4, 2), (-6, 5, -3), (40, -3, 0)]:
+        low = np.minimum(0, origin)
+        high = np.maximum(a.shape, np.add(origin, b.shape))
+        big_a = np.zeros(tuple(high - low), np.int64)
+        big_b = np.zeros_like(big_a)
+        big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
+        big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(origin, low, b.shape))] = b
+        # In the big volume a map's border voxels are no longer on the volume's border: pad so that
+        # the surfaces stay those of the maps themselves.
+        big_a, big_b = np.pad(big_a, 1), np.pad(big_b, 1)
+        expected = whole_volume_table(big_a, big_b, spacing, [1, 2, 4])
+        assert_same_table(metrics.label_metrics(a, b, spacing, labels=[1, 2, 4], b_origin=origin), expected)
+    far = metrics.label_metrics(a, b, spacing, labels=[1], b_origin=(10**6, 0, 0))
+    assert far[1]["dice"] == 0.0 and far[1]["asd"] > 1.4e6
+
+
+def test_label_metrics_prepared_maps_and_progress():
+    rng = np.random.default_rng(5)
+    a, b = random_atlas((12, 10, 8), [1, 2, 3], rng), random_atlas((12, 10, 8), [1, 2, 3], rng)
+    fixed = metrics.LabelSurfaces(a, [1, 2, 3])
+    ticks = []
+
+    class Bar:
+        def update(self, n):
+            ticks.append(n)
+
+    got = metrics.label_metrics(fixed, metrics.LabelSurfaces(b, [1, 2, 3]), 1.5, progress=Bar())
+    assert_same_table(got, whole_volume_table(a, b, 1.5, [1, 2, 3]))
+    assert ticks == [1, 1, 1]
+    with pytest.raises(ValueError, match="different label lists"):
+        metrics.label_metrics(fixed, metrics.LabelSurfaces(b, [1, 2]), 1.0)

@@ -30,12 +30,13 @@ from scipy import ndimage
 
 from .. import metrics
 from .._atomic import atomic_write
-from ..io import (Fit, Grid, Scan, check_output_path, check_same_space, keep_labels, normalize_intensity, resample,
-                  pair_on_grid, read_nifti, write_displacement, write_nifti)
+from ..io import (Fit, Grid, Scan, _bounding_box, check_output_path, check_same_space, keep_labels,
+                  normalize_intensity, pair_on_grid, read_nifti, resample, write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
 from .deformable import FieldSettings, optimize_field, optimize_network
 
 OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "flow.nii.gz", "metrics.json", "overview.png")
+STAGES = ("before", "initial", "affine", "after")
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Result:
     fixed_labels: np.ndarray | None
     warped_labels: np.ndarray | None
     label_maps: dict  # stage -> moving labels on the output grid ("before", "initial", "affine", "after");
-    # metrics["stages"]["before"] is scored on a grid covering both scans instead (see register)
+    # metrics["stages"]["before"] is scored where the moving labels lie, beyond the output grid (see register)
     metrics: dict
     timings: dict
 
@@ -130,24 +131,49 @@ def _apply_world(transform: np.ndarray, world: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j...->i...", transform[:3, :3], world) + transform[:3, 3].reshape(3, 1, 1, 1)
 
 
-def covering_grid(grid: Grid, scans) -> Grid:
-    """A grid with ``grid``'s orientation and spacing that covers ``grid`` and every scan's field of view."""
-    corners = [np.array([[0, 0, 0], np.asarray(grid.shape) - 1], dtype=float)]
-    to_grid = np.linalg.inv(grid.affine)
-    for scan in scans:
-        n = np.asarray(scan.data.shape) - 1
-        box = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], dtype=float)
-        world = box @ scan.affine[:3, :3].T + scan.affine[:3, 3]
-        corners.append(world @ to_grid[:3, :3].T + to_grid[:3, 3])
-    corners = np.concatenate(corners)
-    low, high = np.floor(corners.min(axis=0) - 1e-6), np.ceil(corners.max(axis=0) + 1e-6)
+def _lattice_box(grid: Grid, scan_shape, scan_affine, index_box) -> tuple:
+    """(origin, shape): the voxels of ``grid``'s lattice (extended beyond the grid) that nearest-neighbour
+    sampling can map into the scan voxels ``index_box`` (slices), plus one voxel all round."""
+    low = np.array([s.start for s in index_box], float) - 0.5
+    high = np.array([s.stop - 1 for s in index_box], float) + 0.5
+    corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    to_lattice = np.linalg.inv(grid.affine) @ scan_affine
+    lattice = corners @ to_lattice[:3, :3].T + to_lattice[:3, 3]
+    origin = np.floor(lattice.min(axis=0)).astype(np.int64) - 1
+    top = np.ceil(lattice.max(axis=0)).astype(np.int64) + 1
+    return origin, tuple(int(n) for n in top - origin + 1)
+
+
+def _score_before(fixed_surfaces, moving_ids: np.ndarray, moving_affine: np.ndarray, out_grid: Grid, limit: int,
+                  names: dict, progress) -> dict:
+    """The "before" stage: identity in world space, the moving labels placed on the fixed output grid's
+    lattice beside (not inside) the fixed labels, over the box they occupy there.
+
+    Nothing is allocated for the space between the two scans, wherever they lie in the world; a
+    moving label box larger than ``limit`` voxels is not scored (NaN, with the reason in "skipped").
+    """
+    present = moving_ids != 0
+    if not present.any():
+        box = (np.zeros(3, np.int64), (1, 1, 1))
+    else:
+        box = _lattice_box(out_grid, moving_ids.shape, moving_affine, _bounding_box(present))
+    origin, shape = box
+    if math.prod(shape) > limit:
+        labels = fixed_surfaces.labels.tolist()
+        if progress is not None:
+            progress.update(len(labels))
+        report = _stage_report({k: {"dice": math.nan, "asd": math.nan, "hd95": math.nan} for k in labels}, names)
+        report["skipped"] = (f"the moving labels span {'x'.join(map(str, shape))} voxels on the fixed grid, more "
+                             f"than the working grid's {limit}: not scored")
+        return report
     shift = np.eye(4)
-    shift[:3, 3] = low
-    return Grid(tuple((high - low + 1).astype(int)), grid.affine @ shift)
+    shift[:3, 3] = origin
+    placed = resample(Scan(moving_ids, moving_affine), Grid(shape, out_grid.affine @ shift), order=0)
+    moving = metrics.LabelSurfaces(placed, fixed_surfaces.labels, origin)
+    return _stage_report(metrics.label_metrics(fixed_surfaces, moving, out_grid.spacing, progress=progress), names)
 
 
-def _stage_metrics(fixed_labels, moving_labels, spacing, labels, names) -> dict:
-    per_label = metrics.label_metrics(fixed_labels, moving_labels, spacing, labels)
+def _stage_report(per_label: dict, names: dict) -> dict:
     table = {str(k): {"name": names.get(k, str(k)), **v} for k, v in per_label.items()}
 
     def mean(key):
@@ -209,10 +235,27 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     if fixed_seg is not None:
         check_same_space(fixed_raw, fixed_seg, "fixed labels")
         check_same_space(moving_raw, moving_seg, "moving labels")
+        fixed_ids = keep_labels(fixed_seg, label_ids, "fixed labels")  # non-integer maps fail here, named
+        moving_ids = keep_labels(moving_seg, label_ids, "moving labels")
     fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality), fixed_raw.affine, fixed_raw.path)
     moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality), moving_raw.affine, moving_raw.path)
     grid_fit = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size).fit(16, settings.fit)
+    out_grid = grid_fit.original
     timings["load_s"] = time.perf_counter() - start
+
+    # Scored first: it needs no registration, and a problem with the labels shows before the work starts.
+    report, metric_bar, metrics_s = {}, None, 0.0
+    if fixed_seg is not None:
+        tick = time.perf_counter()
+        scored = label_ids or sorted(({int(v) for v in np.unique(fixed_ids)} | {int(v) for v in np.unique(moving_ids)})
+                                     - {0})
+        metric_bar = tqdm(total=len(STAGES) * len(scored), desc="metrics", disable=not progress, leave=False)
+        fixed_labels = resample(Scan(_compact(fixed_ids), fixed_seg.affine), out_grid, order=0)
+        fixed_surfaces = metrics.LabelSurfaces(fixed_labels, scored)
+        report["before"] = _score_before(fixed_surfaces, _compact(moving_ids), moving_seg.affine, out_grid,
+                                         max(math.prod(grid_fit.grid.shape), math.prod(out_grid.shape)),
+                                         label_names, metric_bar)
+        metrics_s += time.perf_counter() - tick
     tick = time.perf_counter()
     _start_ops(device, backend)
     timings["startup_s"] = time.perf_counter() - tick
@@ -266,7 +309,6 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
 
     # 5. apply once on the output grid, evaluate
     tick = time.perf_counter()
-    out_grid = grid_fit.original
     flow_out = grid_fit.to_original(flow[0].numpy(), fill="edge").astype(np.float64)
     points = _world_points(out_grid)
     registered = _apply_world(affine_world, _world_points(out_grid, flow_out))
@@ -279,29 +321,27 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         "warped": _sample(moving.data, moving.affine, registered, 1, 0.0),
         "warped_original": _sample(moving_raw.data, moving_raw.affine, registered, 1, background),
     }
-    fixed_labels = warped_labels = None
+    warped_labels = None
     label_maps = {}
-    report = {}
     if fixed_seg is not None:
-        fixed_labels = _sample(keep_labels(fixed_seg.data, label_ids), fixed_seg.affine, points, 0, 0)
-        moving_ids = keep_labels(moving_seg.data, label_ids)
+        moving_compact = _compact(moving_ids)
         stage_points = {"before": points, "initial": _apply_world(initial, points),
                         "affine": _apply_world(affine_world, points), "after": registered}
         for stage, where in stage_points.items():
-            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0)
+            label_maps[stage] = _sample(moving_compact, moving_seg.affine, where, 0, 0)
         warped_labels = label_maps["after"]
-        scored = label_ids or sorted(({int(v) for v in np.unique(fixed_labels)}
-                                      | {int(v) for v in np.unique(moving_ids)}) - {0})
-        report = {stage: _stage_metrics(fixed_labels, maps, out_grid.spacing, scored, label_names)
-                  for stage, maps in label_maps.items()}
-        # Before registration the moving organs may lie outside the fixed field of view (they do in the
-        # demo pair), where surface distances on the fixed grid are undefined: score identity on a grid
-        # covering both fields of view instead (same orientation and spacing).
-        cover = covering_grid(out_grid, [fixed_seg, moving_seg])
-        report["before"] = _stage_metrics(_sample(keep_labels(fixed_seg.data, label_ids), fixed_seg.affine,
-                                                  _world_points(cover), 0, 0),
-                                          _sample(moving_ids, moving_seg.affine, _world_points(cover), 0, 0),
-                                          cover.spacing, scored, label_names)
+        metric_tick = time.perf_counter()
+        # "before" was scored at the start, on the fixed lattice beyond the fixed grid where the moving
+        # organs lie (before any alignment they may lie outside the fixed field of view, as in the demo).
+        for stage in STAGES[1:]:
+            moving_surfaces = metrics.LabelSurfaces(label_maps[stage], fixed_surfaces.labels)
+            report[stage] = _stage_report(metrics.label_metrics(fixed_surfaces, moving_surfaces, out_grid.spacing,
+                                                                progress=metric_bar), label_names)
+        metric_bar.close()
+        metrics_s += time.perf_counter() - metric_tick
+        timings["metrics_s"] = metrics_s
+    else:
+        fixed_labels = None
     flow_box = flow[(slice(None), slice(None)) + box]
     regularity = {"folding_percent": metrics.folding_percent(flow_box),
                   "sd_log_jacobian": metrics.sd_log_jacobian(flow_box)}
@@ -317,7 +357,8 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         "initial_transform": initial.tolist(), "affine_transform": affine_world.tolist(),
         "stages": report, **regularity, "runtime_s": timings["registration_s"], "timings_s": timings,
         "settings": _jsonable(asdict(settings)),
-        "notes": ("stages: before = identity in world space (scored on a grid covering both fields of view), "
+        "notes": ("stages: before = identity in world space (scored on the fixed grid's lattice extended to where "
+                  "the moving labels lie), "
                   "initial = centre-of-mass alignment, affine = after the affine stage, after = affine + "
                   "deformable (scored on the fixed image's grid). ASD/HD95 in mm. Folding and SDlogJ of the "
                   "deformable field inside the fixed field of view."),
@@ -338,6 +379,11 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return _jsonable(value.item())
     return value
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """Label ids in the smallest integer type that holds them (less memory to resample and score)."""
+    return labels.astype(_label_dtype(labels), copy=False)
 
 
 def _label_dtype(labels: np.ndarray):
