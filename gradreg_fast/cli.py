@@ -113,7 +113,8 @@ def settings_from_args(args):
     settings.method = flag("method") or ("network" if checkpoint else "field")
     if flag("iterations") is not None:
         if settings.method == "field":
-            settings.field.iterations = parse_ints(args.iterations, "--iterations", len(settings.field.levels))
+            levels = getattr(settings.field, "levels", None)  # a fixed pyramid, or one level per number given
+            settings.field.iterations = parse_ints(args.iterations, "--iterations", len(levels) if levels else None)
         else:
             settings.network_iterations = parse_ints(args.iterations, "--iterations", len(settings.network_levels))
     if flag("affine_iterations") is not None:
