@@ -188,9 +188,6 @@ class TestBadInput:
         with pytest.raises(TypeError, match="`fixed` must be a floating-point tensor"):
             gradreg_fast.mind_loss(self.vol, self.vol.long())
 
-    def test_different_dtypes(self):
-        with pytest.raises(TypeError, match="`warped` is torch.float32 but `fixed` is torch.float64"):
-            gradreg_fast.mind_loss(self.vol, self.vol.double())
 
     def test_different_devices(self):
         with pytest.raises(ValueError, match="`warped` is on cpu but `fixed` is on meta"):
@@ -204,10 +201,15 @@ class TestBadInput:
         with pytest.raises(ValueError, match="`warped` must have 1 channel"):
             gradreg_fast.mind_loss(torch.ones(1, 2, 4, 5, 6), torch.ones(1, 2, 4, 5, 6))
 
-    @pytest.mark.parametrize("other_shape", [(2, 1, 4, 5, 6), (1, 1, 4, 5, 7)])
-    def test_shape_mismatch(self, other_shape):
-        with pytest.raises(ValueError, match="`warped` and `fixed` must have the same shapes"):
-            gradreg_fast.mind_loss(self.vol, torch.ones(other_shape))
+    @pytest.mark.parametrize("shape, other_shape", [((1, 1, 4, 5, 6), (1, 1, 4, 5, 7)),
+                                                    ((2, 1, 4, 5, 6), (3, 1, 4, 5, 6)),
+                                                    ((2, 1, 4, 5, 6), (1, 1, 4, 6, 5))])
+    def test_shape_mismatch(self, shape, other_shape):
+        with pytest.raises(ValueError, match="`warped` and `fixed` must have the same batch and spatial shapes"):
+            gradreg_fast.mind_loss(torch.ones(shape), torch.ones(other_shape))
+        descriptor = gradreg_fast.mind_ssc(torch.ones(other_shape))
+        with pytest.raises(ValueError, match="`warped` and `fixed_descriptor` must have the same batch and spatial shapes"):
+            gradreg_fast.mind_loss(torch.ones(shape), fixed_descriptor=descriptor)
 
     def test_bad_radius_and_dilation(self):
         with pytest.raises(ValueError, match="`radius` must be an int >= 0"):
@@ -269,8 +271,8 @@ def test_precomputed_fixed_descriptor_bad_input(gen):
         gradreg_fast.mind_loss(warped[:, :, 1:], fixed_descriptor=fixed_descriptor)
     with pytest.raises(ValueError, match="must not require grad"):
         gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.clone().requires_grad_())
-    with pytest.raises(TypeError, match="`warped` is torch.float32 but `fixed_descriptor` is torch.float64"):
-        gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.double())
+    with pytest.raises(TypeError, match="`fixed_descriptor` must be a floating-point tensor"):
+        gradreg_fast.mind_loss(warped, fixed_descriptor=fixed_descriptor.long())
 
 
 @pytest.mark.parametrize("descriptor", ["ssc", "mind"])
@@ -372,3 +374,152 @@ class TestRadiusAndDilation:
         ref_out, (ref_grad,) = value_and_grads(lambda v: ref(v, 1, small), [vol], grad_out)
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
+
+
+def _peer_style_loss(warped, fixed, descriptor="ssc", penalty="l1", reduction="mean", **kwargs):
+    """The loss as the originals write it: two descriptors through autograd, torch broadcasting between them."""
+    fn = reference.mind_ssc if descriptor == "ssc" else reference.mind
+    diff = fn(warped, **kwargs) - fn(fixed, **kwargs)
+    loss = diff.square() if penalty == "l2" else diff.abs()
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+class TestMixedPrecision:
+    """A network's low-precision output against a float32 image (autocast), and mixed dtypes generally."""
+
+    @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("penalty", ["l1", "l2"])
+    def test_under_autocast_matches_float32(self, low, penalty, gen):
+        fixed = make_volume((2, 1, 6, 5, 7), torch.float32, False, gen)
+        net = torch.nn.Conv3d(1, 1, 3, padding=1)
+        moving = make_volume((2, 1, 6, 5, 7), torch.float32, False, gen)
+        with torch.autocast("cpu", dtype=low):
+            warped = net(moving)  # low precision, as a network's output under autocast
+            assert warped.dtype == low
+            loss = gradreg_fast.MINDLoss(penalty=penalty)(warped, fixed)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        # The same math in float32 from the same low-precision values.
+        leaf = warped.detach().float().requires_grad_()
+        expected = _peer_style_loss(leaf, fixed, penalty=penalty)
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+        # The gradient that reached the network is the float32 one, cast to the output's dtype on the way.
+        low_leaf = warped.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=low):
+            gradreg_fast.MINDLoss(penalty=penalty)(low_leaf, fixed).backward()
+        assert low_leaf.grad.dtype == low
+        torch.testing.assert_close(low_leaf.grad, leaf.grad.to(low))
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+    @pytest.mark.parametrize("warped_dtype, fixed_dtype, result_dtype", [
+        (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float16, torch.float32),
+        (torch.float32, torch.float64, torch.float64), (torch.float64, torch.bfloat16, torch.float64),
+        (torch.float16, torch.bfloat16, torch.float32)])
+    @pytest.mark.parametrize("path", ["fused", "value", "fixed_descriptor", "none"])
+    def test_computed_in_the_wider_dtype(self, warped_dtype, fixed_dtype, result_dtype, path, gen):
+        warped = make_volume((1, 1, 5, 6, 4), warped_dtype, False, gen)
+        fixed = make_volume((1, 1, 5, 6, 4), fixed_dtype, False, gen)
+        wide = torch.promote_types(torch.promote_types(warped_dtype, fixed_dtype), torch.float32)
+        if path == "fixed_descriptor":
+            call = lambda w: gradreg_fast.mind_loss(w, fixed_descriptor=gradreg_fast.mind_ssc(fixed))  # noqa: E731
+            expected_fixed = gradreg_fast.mind_ssc(fixed).to(wide)  # the descriptor as given, widened
+            expected_fn = lambda w: (reference.mind_ssc(w.to(wide)) - expected_fixed).abs().mean()  # noqa: E731
+            result_dtype = torch.promote_types(warped_dtype, expected_fixed.dtype if fixed_dtype == wide
+                                               else gradreg_fast.mind_ssc(fixed).dtype)
+        else:
+            reduction = "none" if path == "none" else "mean"
+            call = lambda w: gradreg_fast.mind_loss(w, fixed, reduction=reduction)  # noqa: E731
+            expected_fn = lambda w: _peer_style_loss(w.to(wide), fixed.to(wide), reduction=reduction)  # noqa: E731
+        leaf = warped.clone().requires_grad_(path != "value")
+        loss = call(leaf)
+        assert loss.dtype == result_dtype
+        expected = expected_fn(warped.clone())
+        tight = 1e-10 if wide == torch.float64 else 1e-5
+        torch.testing.assert_close(loss, expected.to(result_dtype), rtol=tight, atol=tight)
+        if path != "value":
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            assert grad.dtype == warped_dtype
+
+
+class TestAtlasBroadcasting:
+    """A batch of warped images against one atlas (and one warped image against a batch), as the original
+    broadcasts its two descriptors."""
+
+    @pytest.mark.parametrize("descriptor", ["ssc", "mind"])
+    @pytest.mark.parametrize("penalty", ["l1", "l2"])
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("warped_batch, fixed_batch", [(3, 1), (1, 3)])
+    @pytest.mark.parametrize("fixed_needs_grad", [False, True])
+    def test_matches_the_broadcasting_original(self, descriptor, penalty, reduction, warped_batch, fixed_batch,
+                                               fixed_needs_grad, gen):
+        warped = make_volume((warped_batch, 1, 5, 6, 4), torch.float64, warped_batch > 1, gen)
+        fixed = make_volume((fixed_batch, 1, 5, 6, 4), torch.float64, False, gen)
+        kwargs = dict(descriptor=descriptor, penalty=penalty, reduction=reduction)
+        grad_output = None if reduction != "none" else make_volume((3, CHANNELS[descriptor], 5, 6, 4),
+                                                                   torch.float64, False, gen)
+        inputs = [warped, fixed] if fixed_needs_grad else [warped]
+        call = lambda w, f=fixed: gradreg_fast.mind_loss(w, f, backend="cpu", **kwargs)  # noqa: E731
+        ref = lambda w, f=fixed: _peer_style_loss(w, f, **kwargs)  # noqa: E731
+        loss, grads = value_and_grads(call, inputs, grad_output)
+        ref_loss, ref_grads = value_and_grads(ref, inputs, grad_output)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11 * ref_grad.abs().max().item())
+        with torch.no_grad():
+            torch.testing.assert_close(call(warped), ref_loss, rtol=1e-12, atol=1e-14)
+
+    @pytest.mark.parametrize("warped_batch, fixed_batch", [(3, 1), (1, 3), (2, 2)])
+    @pytest.mark.parametrize("per_item", [False, True])
+    def test_fixed_descriptor(self, warped_batch, fixed_batch, per_item, gen):
+        warped = make_volume((warped_batch, 1, 4, 6, 5), torch.float64, False, gen)
+        fixed = make_volume((fixed_batch, 1, 4, 6, 5), torch.float64, False, gen)
+        descriptor = gradreg_fast.mind_ssc(fixed, per_item=per_item)
+        loss, (grad,) = value_and_grads(
+            lambda w: gradreg_fast.MINDLoss(penalty="l2", per_item=per_item)(w, fixed_descriptor=descriptor), [warped])
+        ref_loss, (ref_grad,) = value_and_grads(
+            lambda w: _peer_style_loss(w, fixed, penalty="l2", per_item=per_item), [warped])
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11 * ref_grad.abs().max().item())
+
+
+class TestCallConventions:
+    """MINDLoss takes the keyword names of the losses it replaces."""
+
+    @pytest.fixture
+    def pair(self, gen):
+        return _pair((2, 1, 5, 4, 6), torch.float64, False, gen)
+
+    @pytest.mark.parametrize("call", [
+        lambda fn, w, f: fn(w, f),
+        lambda fn, w, f: fn(warped=w, fixed=f),
+        lambda fn, w, f: fn(y_pred=w, y_true=f),    # VoxelMorph, TransMorph
+        lambda fn, w, f: fn(y_true=f, y_pred=w),
+        lambda fn, w, f: fn(input=w, target=f),     # MONAI
+        lambda fn, w, f: fn(w, target=f),
+    ])
+    def test_keywords(self, call, pair):
+        warped, fixed = pair
+        fn = gradreg_fast.MINDLoss(penalty="l2")
+        loss, (grad,) = value_and_grads(lambda w: call(fn, w, fixed), [warped])
+        ref_loss, (ref_grad,) = value_and_grads(lambda w: _peer_style_loss(w, fixed, penalty="l2"), [warped])
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11 * ref_grad.abs().max().item())
+
+    def test_the_same_argument_twice(self, pair):
+        warped, fixed = pair
+        with pytest.raises(TypeError, match="`warped` and `y_pred` name the same argument"):
+            gradreg_fast.MINDLoss()(warped, fixed, y_pred=warped)
+        with pytest.raises(TypeError, match="`y_true` and `target` name the same argument"):
+            gradreg_fast.MINDLoss()(input=warped, y_true=fixed, target=fixed)
+        with pytest.raises(TypeError, match="the warped image is missing"):
+            gradreg_fast.MINDLoss()(target=fixed)
+
+    def test_default_is_l1_and_transmorph_is_l2(self, pair):
+        warped, fixed = pair
+        assert torch.equal(gradreg_fast.MINDLoss()(warped, fixed), gradreg_fast.MINDLoss(penalty="l1")(warped, fixed))
+        torch.testing.assert_close(gradreg_fast.MINDLoss()(warped, fixed), _peer_style_loss(warped, fixed),
+                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(gradreg_fast.MINDLoss(penalty="l2")(warped, fixed),
+                                   _peer_style_loss(warped, fixed, penalty="l2"), rtol=1e-12, atol=0)

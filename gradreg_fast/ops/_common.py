@@ -107,6 +107,13 @@ def threads(numel: int) -> int:
     return torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1
 
 
+def without_autocast(device: torch.device):
+    """Autocast switched off for ``device`` type while a loss is computed in the dtype chosen for it."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def on_device_of(t: torch.Tensor):
     """Make ``t``'s GPU current while a kernel is launched on it (a no-op for CPU tensors)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

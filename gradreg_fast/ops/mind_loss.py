@@ -165,20 +165,23 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
     Otherwise both descriptors go through :func:`mind_ssc` / :func:`mind` with autograd.
 
     Args:
-        warped, fixed: (N, 1, D, H, W), same shape, dtype and device.
+        warped, fixed: (N, 1, D, H, W) and (M, 1, D, H, W) on one device, with M == N, or one of N and M
+            equal to 1 (an atlas against a batch: its descriptor broadcasts, as the original's does). Their
+            dtypes may differ (autocast): both are computed in the wider one, float16/bfloat16 in float32,
+            and the loss has the wider dtype.
         descriptor: ``"ssc"`` (MIND-SSC, 12 channels; radius 2, dilation 2 by default) or ``"mind"``
             (six-neighbourhood MIND, 6 channels; radius 1, dilation 1 by default).
         penalty: ``"l1"`` or ``"l2"``.
         reduction: ``"mean"`` (over every element), ``"sum"``, or ``"none"``: the (N, K, D, H, W) map.
         per_item: see :func:`gradreg_fast.mind_ssc`.
-        fixed_descriptor: instead of ``fixed``, its descriptor, (N, K, D, H, W) without gradient, as
+        fixed_descriptor: instead of ``fixed``, its descriptor, (M, K, D, H, W) without gradient, as
             ``mind_ssc(fixed, radius, dilation, per_item)`` (or ``mind(...)``) returns it with the same
             settings. It is exact, not an approximation (the descriptor of ``fixed`` does not depend on
             ``warped``), and saves one descriptor per call when ``fixed`` stays the same across calls
             (instance optimisation, an atlas). Give ``fixed`` or ``fixed_descriptor``, not both.
 
     Returns:
-        A scalar, or the (N, K, D, H, W) map for ``reduction="none"``.
+        A scalar, or the (max(N, M), K, D, H, W) map for ``reduction="none"``.
     """
     if descriptor not in KINDS:
         raise ValueError(f"{OP}: `descriptor` must be one of {tuple(KINDS)}, got {descriptor!r}")
@@ -193,43 +196,87 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
     radius, dilation = check_descriptor_args(OP, "warped", warped, radius, dilation)
     if fixed is not None:
         check_descriptor_args(OP, "fixed", fixed, radius, dilation)
-        c.check_same(OP, ("warped", "fixed"), warped, fixed)
+        _check_pair(("warped", "fixed"), warped, fixed)
+        other = fixed
     else:
         c.check_volume(OP, "fixed_descriptor", fixed_descriptor, channels=len(KINDS[descriptor][0]))
-        c.check_same(OP, ("warped", "fixed_descriptor"), warped, fixed_descriptor, spatial_only=True)
+        _check_pair(("warped", "fixed_descriptor"), warped, fixed_descriptor)
         if fixed_descriptor.requires_grad:
             raise ValueError(f"{OP}: `fixed_descriptor` must not require grad (compute it under torch.no_grad() "
                              "or .detach() it); pass `fixed` to get a gradient w.r.t. the fixed image")
+        other = fixed_descriptor
     backend = c.backend_for(backend, warped, "mind")
-    dtype = c.compute_dtype(warped)
-    squared = penalty == "l2"
-    desc = lambda v: _descriptor_op(v.to(dtype), descriptor, radius, dilation, bool(per_item), backend)[0]  # noqa: E731
-    if reduction == "none" or (fixed is not None and fixed.requires_grad):
-        diff = desc(warped) - (desc(fixed) if fixed is not None else fixed_descriptor.to(dtype))
+    # Mixed precision (a network's bfloat16/float16 output against a float32 image under autocast): both
+    # are computed in the wider dtype, float16/bfloat16 in float32, and the loss comes in the wider dtype.
+    result_dtype = torch.promote_types(warped.dtype, other.dtype)
+    dtype = c.compute_dtype(warped.new_empty((), dtype=result_dtype))
+    settings = (descriptor, radius, dilation, penalty == "l2", bool(per_item), backend)
+    # Autocast would otherwise run the composed path's arithmetic (and the reference's) in low precision.
+    with c.without_autocast(warped.device):
+        loss = _loss(warped.to(dtype), None if fixed is None else fixed.to(dtype),
+                     None if fixed_descriptor is None else fixed_descriptor.to(dtype), reduction, *settings)
+    return loss.to(result_dtype)
+
+
+def _check_pair(names, warped, other):
+    """Same device and spatial shape; batch sizes equal, or one of them 1 (an atlas), as torch broadcasts."""
+    if warped.device != other.device:
+        raise ValueError(f"{OP}: `{names[0]}` is on {warped.device} but `{names[1]}` is on {other.device}")
+    n, m = warped.shape[0], other.shape[0]
+    if warped.shape[2:] != other.shape[2:] or not (n == m or n == 1 or m == 1):
+        raise ValueError(
+            f"{OP}: `{names[0]}` and `{names[1]}` must have the same batch and spatial shapes (or a batch of 1 "
+            f"against any batch), got {tuple(warped.shape)} and {tuple(other.shape)}"
+        )
+
+
+def _loss(warped, fixed, fixed_descriptor, reduction, descriptor, radius, dilation, squared, per_item, backend):
+    """mind_loss on checked arguments of one compute dtype."""
+    desc = lambda v: _descriptor_op(v, descriptor, radius, dilation, per_item, backend)[0]  # noqa: E731
+    n = max(warped.shape[0], (fixed if fixed is not None else fixed_descriptor).shape[0])
+    if fixed is not None and fixed.shape[0] < n and not fixed.requires_grad:
+        # An atlas against a batch: its descriptor once (m from the atlas alone, as when the original's
+        # descriptors broadcast), then the fused path with that descriptor for every item.
+        with torch.no_grad():
+            fixed, fixed_descriptor = None, desc(fixed)
+    if fixed_descriptor is not None and fixed_descriptor.shape[0] < n:
+        fixed_descriptor = fixed_descriptor.expand(n, *fixed_descriptor.shape[1:])
+    composed = (reduction == "none" or (fixed is not None and fixed.requires_grad) or warped.shape[0] < n)
+    if composed:
+        diff = desc(warped) - (desc(fixed) if fixed is not None else fixed_descriptor)
         loss = diff * diff if squared else diff.abs()
-        loss = loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
-        return loss.to(warped.dtype)
+        return loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
     if fixed is not None and not (torch.is_grad_enabled() and warped.requires_grad):
         # Only the value is needed (validation, metrics): no descriptor-sized buffer beyond the warped one.
-        total = _mind_loss_value_op(warped.to(dtype), fixed.to(dtype), descriptor, radius, dilation, squared,
-                                    bool(per_item), backend)
+        total = _mind_loss_value_op(warped, fixed, descriptor, radius, dilation, squared, per_item, backend)
     else:
-        total = _mind_loss_op(warped.to(dtype), None if fixed is None else fixed.to(dtype).detach(),
-                              None if fixed_descriptor is None else fixed_descriptor.to(dtype), descriptor, radius,
-                              dilation, squared, bool(per_item), backend)[0]
+        total = _mind_loss_op(warped, None if fixed is None else fixed.detach(), fixed_descriptor, descriptor, radius,
+                              dilation, squared, per_item, backend)[0]
     if reduction == "mean":
-        n, _, d, h, w = warped.shape
-        total = total / (n * len(KINDS[descriptor][0]) * d * h * w)
-    return total.to(warped.dtype)
+        total = total / (warped.numel() * len(KINDS[descriptor][0]))
+    return total
+
+
+def _one_of(name, value, **aliases):
+    given = {k: v for k, v in ({name: value} | aliases).items() if v is not None}
+    if len(given) > 1:
+        raise TypeError(f"MINDLoss.forward: {' and '.join(f'`{k}`' for k in given)} name the same argument; "
+                        "give one of them")
+    return next(iter(given.values()), None)
 
 
 class MINDLoss(torch.nn.Module):
     """Module form of :func:`mind_loss`, a drop-in for MONAI/VoxelMorph/TransMorph similarity losses.
 
+    The default penalty is L1 (``mean |D(warped) - D(fixed)|``). TransMorph's MIND loss squares the
+    difference: to reproduce it, ``MINDLoss(penalty="l2")``.
+
     Example::
 
-        loss_fn = MINDLoss()              # MIND-SSC, L1, mean
-        loss = loss_fn(warped, fixed)     # (N, 1, D, H, W) each
+        loss_fn = MINDLoss()                           # MIND-SSC, L1, mean
+        loss = loss_fn(warped, fixed)                  # (N, 1, D, H, W) each
+        loss = loss_fn(y_pred=warped, y_true=fixed)    # VoxelMorph / TransMorph keywords
+        loss = loss_fn(input=warped, target=fixed)     # MONAI keywords
     """
 
     def __init__(self, descriptor: str = "ssc", penalty: str = "l1", radius: int | None = None,
@@ -239,8 +286,17 @@ class MINDLoss(torch.nn.Module):
         self.descriptor, self.penalty, self.radius, self.dilation = descriptor, penalty, radius, dilation
         self.reduction, self.per_item, self.backend = reduction, per_item, backend
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor | None = None,
-                fixed_descriptor: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, warped: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
+                fixed_descriptor: torch.Tensor | None = None, *, y_pred: torch.Tensor | None = None,
+                y_true: torch.Tensor | None = None, input: torch.Tensor | None = None,  # noqa: A002
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss_fn(warped, fixed)``, or with the keywords of the ecosystems it replaces a loss of:
+        ``y_pred=, y_true=`` (VoxelMorph, TransMorph) or ``input=, target=`` (MONAI)."""
+        warped = _one_of("warped", warped, y_pred=y_pred, input=input)
+        fixed = _one_of("fixed", fixed, y_true=y_true, target=target)
+        if warped is None:
+            raise TypeError("MINDLoss.forward: the warped image is missing (positional, or `warped=`, `y_pred=` "
+                            "or `input=`)")
         return mind_loss(warped, fixed, self.descriptor, self.penalty, self.radius, self.dilation, self.reduction,
                          self.per_item, self.backend, fixed_descriptor=fixed_descriptor)
 
