@@ -23,6 +23,7 @@ import torch
 from scipy import ndimage
 
 from ._atomic import atomic_output
+from .body import moments_init
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CT_WINDOW = (-200.0, 300.0)  # HU; an abdominal soft-tissue window (fat, organs and vessels keep contrast)
@@ -347,8 +348,6 @@ def load_pair(fixed_path, moving_path, fixed_labels=None, moving_labels=None, *,
     if init == "com":
         if moving_to_fixed is not None:
             raise ValueError("give `init='com'` or `moving_to_fixed`, not both")
-        from .register.affine import moments_init  # the registration package imports this module
-
         moving_to_fixed = moments_init(fixed, moving)
     pair = pair_on_grid(fixed, moving, fixed_seg, moving_seg, spacing=spacing, size=size, multiple=multiple,
                         fit=fit, label_ids=label_ids, moving_to_fixed=moving_to_fixed)
