@@ -146,5 +146,64 @@ def reference_vjp(fn, inputs, grad_outputs, needs):
     return [g if need else None for g, need in zip(grads, needs)]
 
 
+def _forward_mode_error(public_name: str):
+    return NotImplementedError(
+        f"gradreg_fast.{public_name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad, jacfwd) is not "
+        "implemented; use reverse mode (.backward(), torch.autograd.grad, torch.func.grad/vjp/jacrev)"
+    )
+
+
+def _no_double_backward(public_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"gradreg_fast.{public_name}: double backward (the gradient of a gradient) is not "
+                           "supported; the backward of this op has no derivative of its own")
+    return backward
+
+
+def _loop_vmap_rule(op):
+    """vmap of ``op`` as one call per slice along the vmapped dimension, stacked: exactly what vmap means
+    for an op whose result depends on its whole input (MIND's mean over the batch)."""
+    def rule(info, in_dims, *args):
+        results = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+    return rule
+
+
+def functorch_ready(op, public_name: str, setup_context=None, backward=None):
+    """``op`` (a custom op) as torch.func and forward-mode AD see it correctly.
+
+    A custom op's registered autograd formula is an autograd.Function without ``setup_context``, which
+    torch.func transforms refuse, and forward-mode AD passes it by with a zero tangent. Eager calls go
+    through an autograd.Function built here instead, with the same ``setup_context`` and ``backward``
+    (none: the backward of a backward, which raises), a ``jvp`` that raises a clear error, and vmap
+    through a per-slice rule registered on the op. Under torch.compile the op is called as it is (its
+    registered formula is what AOTAutograd uses; dynamo cannot trace a custom ``jvp``)."""
+    torch.library.register_vmap(op, _loop_vmap_rule(op))
+
+    def forward(*args):
+        return op(*args)
+
+    def jvp(ctx, *tangents):
+        raise _forward_mode_error(public_name)
+
+    function = type(f"{public_name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context or (lambda ctx, inputs, output: None)),
+        "backward": staticmethod(backward or _no_double_backward(public_name)),
+        "jvp": staticmethod(jvp),
+        "generate_vmap_rule": True,
+    })
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return function.apply(*args)
+
+    return call
+
+
 cpu_core = _backend.cpu_core
 cuda_core = _backend.cuda_core

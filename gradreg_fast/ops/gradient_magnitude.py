@@ -92,10 +92,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     vol, out = ctx.saved_tensors
-    return _gradient_magnitude_backward_op(grad_out, vol, out, ctx.eps, ctx.backend), None, None
+    return _gradient_magnitude_backward(grad_out, vol, out, ctx.eps, ctx.backend), None, None
 
 
 _gradient_magnitude_op.register_autograd(_backward, setup_context=_setup_context)
+_gradient_magnitude = c.functorch_ready(_gradient_magnitude_op, OP, _setup_context, _backward)
+_gradient_magnitude_backward = c.functorch_ready(_gradient_magnitude_backward_op, OP)
 
 
 def gradient_magnitude(vol: torch.Tensor, eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
@@ -121,4 +123,4 @@ def gradient_magnitude(vol: torch.Tensor, eps: float = 1e-6, backend: str | None
         raise ValueError(f"{OP}: `eps` must be >= 0, got {eps}")
     backend = c.backend_for(backend, vol, OP)
     work = vol.to(c.compute_dtype(vol))
-    return _gradient_magnitude_op(work, float(eps), backend).to(vol.dtype)
+    return _gradient_magnitude(work, float(eps), backend).to(vol.dtype)

@@ -152,10 +152,13 @@ def _backward(ctx, grad_out, _grad_variance, _grad_flags):
     vol, out, variance, flags = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None
-    return _descriptor_backward_op(grad_out, out, vol, variance, flags, *ctx.args), None, None, None, None, None
+    return _descriptor_backward(grad_out, out, vol, variance, flags, *ctx.args), None, None, None, None, None
 
 
 _descriptor_op.register_autograd(_backward, setup_context=_setup_context)
+# What the public functions call (see _common.functorch_ready), named by the kind of descriptor.
+_descriptor = c.functorch_ready(_descriptor_op, "mind_ssc / mind", _setup_context, _backward)
+_descriptor_backward = c.functorch_ready(_descriptor_backward_op, "mind_ssc / mind")
 
 
 def check_descriptor_args(op, name, vol, radius, dilation):
@@ -171,10 +174,10 @@ def check_descriptor_args(op, name, vol, radius, dilation):
     return radius, dilation
 
 
-def _descriptor(op, kind, vol, radius, dilation, per_item, backend):
+def _public_descriptor(op, kind, vol, radius, dilation, per_item, backend):
     radius, dilation = check_descriptor_args(op, "vol", vol, radius, dilation)
     backend = c.backend_for(backend, vol, OP)
-    out = _descriptor_op(vol.to(c.compute_dtype(vol)), kind, radius, dilation, bool(per_item), backend)[0]
+    out = _descriptor(vol.to(c.compute_dtype(vol)), kind, radius, dilation, bool(per_item), backend)[0]
     return out.to(vol.dtype)
 
 
@@ -202,7 +205,7 @@ def mind_ssc(vol: torch.Tensor, radius: int = 2, dilation: int = 2, per_item: bo
     Returns:
         (N, 12, D, H, W), values in (0, 1], differentiable w.r.t. ``vol``.
     """
-    return _descriptor("mind_ssc", "ssc", vol, radius, dilation, per_item, backend)
+    return _public_descriptor("mind_ssc", "ssc", vol, radius, dilation, per_item, backend)
 
 
 def mind(vol: torch.Tensor, radius: int = 1, dilation: int = 1, per_item: bool = False,
@@ -217,4 +220,4 @@ def mind(vol: torch.Tensor, radius: int = 1, dilation: int = 1, per_item: bool =
     Returns:
         (N, 6, D, H, W), differentiable w.r.t. ``vol``.
     """
-    return _descriptor("mind", "mind", vol, radius, dilation, per_item, backend)
+    return _public_descriptor("mind", "mind", vol, radius, dilation, per_item, backend)

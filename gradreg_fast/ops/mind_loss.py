@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as c
-from .mind import _FLAT, KINDS, _descriptor_op, check_descriptor_args, descriptor_backward, descriptor_forward
+from .mind import _FLAT, KINDS, _descriptor, check_descriptor_args, descriptor_backward, descriptor_forward
 
 OP = "mind_loss"
 _DEFAULTS = {"ssc": (2, 2), "mind": (1, 1)}  # radius, dilation
@@ -142,11 +142,15 @@ def _backward(ctx, grad_sum, *_):
     if grad_sum is None:
         return (None,) * 9
     warped, out, variance, flags, target = ctx.saved_tensors
-    grad = _mind_loss_backward_op(grad_sum, out, warped, variance, flags, target, *ctx.args)
+    grad = _mind_loss_backward(grad_sum, out, warped, variance, flags, target, *ctx.args)
     return (grad,) + (None,) * 8
 
 
 _mind_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_mind_loss = c.functorch_ready(_mind_loss_op, OP, _setup_context, _backward)
+_mind_loss_backward = c.functorch_ready(_mind_loss_backward_op, OP)
+# The value path has no gradient; the wrapper still refuses forward-mode AD instead of a zero tangent.
+_mind_loss_value = c.functorch_ready(_mind_loss_value_op, OP)
 
 
 def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descriptor: str = "ssc", penalty: str = "l1",
@@ -232,7 +236,7 @@ def _check_pair(names, warped, other):
 
 def _loss(warped, fixed, fixed_descriptor, reduction, descriptor, radius, dilation, squared, per_item, backend):
     """mind_loss on checked arguments of one compute dtype."""
-    desc = lambda v: _descriptor_op(v, descriptor, radius, dilation, per_item, backend)[0]  # noqa: E731
+    desc = lambda v: _descriptor(v, descriptor, radius, dilation, per_item, backend)[0]  # noqa: E731
     n = max(warped.shape[0], (fixed if fixed is not None else fixed_descriptor).shape[0])
     if fixed is not None and fixed.shape[0] < n and not fixed.requires_grad:
         # An atlas against a batch: its descriptor once (m from the atlas alone, as when the original's
@@ -248,9 +252,9 @@ def _loss(warped, fixed, fixed_descriptor, reduction, descriptor, radius, dilati
         return loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
     if fixed is not None and not (torch.is_grad_enabled() and warped.requires_grad):
         # Only the value is needed (validation, metrics): no descriptor-sized buffer beyond the warped one.
-        total = _mind_loss_value_op(warped, fixed, descriptor, radius, dilation, squared, per_item, backend)
+        total = _mind_loss_value(warped, fixed, descriptor, radius, dilation, squared, per_item, backend)
     else:
-        total = _mind_loss_op(warped, None if fixed is None else fixed.detach(), fixed_descriptor, descriptor, radius,
+        total = _mind_loss(warped, None if fixed is None else fixed.detach(), fixed_descriptor, descriptor, radius,
                               dilation, squared, per_item, backend)[0]
     if reduction == "mean":
         total = total / (warped.numel() * len(KINDS[descriptor][0]))

@@ -125,12 +125,14 @@ def _backward(ctx, grad_out):
     need_image, need_flow = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.mode != "nearest"
     if not (need_image or need_flow):
         return None, None, None, None, None, None
-    gi, gf = _warp_backward_op(grad_out, image, flow, ctx.mode, ctx.padding_mode, ctx.deterministic, need_image,
+    gi, gf = _warp_backward(grad_out, image, flow, ctx.mode, ctx.padding_mode, ctx.deterministic, need_image,
                                need_flow, ctx.backend)
     return (gi if need_image else None), (gf if need_flow else None), None, None, None, None
 
 
 _warp_op.register_autograd(_backward, setup_context=_setup_context)
+_warp = c.functorch_ready(_warp_op, OP, _setup_context, _backward)
+_warp_backward = c.functorch_ready(_warp_backward_op, OP)
 
 
 def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
@@ -167,5 +169,5 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddin
         raise ValueError(f"{OP}: `padding_mode` must be one of {_PADDINGS}, got {padding_mode!r}")
     backend = c.backend_for(backend, image, OP)
     dtype = c.compute_dtype(image)
-    out = _warp_op(image.to(dtype), flow.to(dtype), mode, padding_mode, bool(deterministic), backend)
+    out = _warp(image.to(dtype), flow.to(dtype), mode, padding_mode, bool(deterministic), backend)
     return out.to(image.dtype)
