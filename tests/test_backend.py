@@ -233,3 +233,12 @@ def test_backward_runs_on_the_backend_of_its_forward(forward_backend, backward_b
         for grad, expected_grad in zip(grads, expected):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-11 * expected_grad.abs().max().item(),
                                        msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_cpu_core_is_an_attribute_after_a_plain_import():
+    # README: `gradreg_fast._C.cpu_isa()` after `import gradreg_fast`, with no `import gradreg_fast._C`.
+    code = "import gradreg_fast; print(gradreg_fast._C.cpu_isa())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=_clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("baseline", "avx2"), result.stdout
