@@ -6,7 +6,9 @@
     gradreg train ...                                # the trainer (gradreg_fast.train.cli_main)
 
 Every subcommand takes ``--device`` and ``--backend`` and shows tqdm progress bars (``--quiet`` hides
-them). Outputs never overwrite inputs, and existing outputs are only replaced with ``--force``; the
+them). Outputs never overwrite inputs, and existing outputs are only replaced with ``--force``, as a
+whole set (:func:`gradreg_fast.register.pipeline.save_result`: metrics.json comes last and names each
+file of its run with a checksum; a folder caught mid-swap holds ``gradreg_incomplete.json``); the
 demo, when no ``--out`` is given, writes to a fresh folder (./gradreg_demo_out, else
 ./gradreg_demo_out-2, -3, ...) so that running it twice never clobbers anything.
 
@@ -130,7 +132,13 @@ def _add_common(parser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for torch and the fused CPU ops (default: torch's; "
                                                     "on a busy machine also export OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--force", action="store_true", help="replace existing outputs (never inputs)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the result files of an earlier run in the output folder, as one set: the new "
+                             "files are written hidden, then swapped in, and metrics.json, written last, names every "
+                             "file of the run with its SHA-256 (its \"files\" entry); files of the earlier run "
+                             "that the new one does not write are removed, other files in the folder are kept, and "
+                             "inputs are never written. A folder holding gradreg_incomplete.json was interrupted "
+                             "mid-swap and may mix two runs; --force repairs it")
 
 
 def _add_registration(parser) -> None:
@@ -430,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
@@ -448,8 +460,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"gradreg {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # NiftiError and UsageError are ValueErrors
-        print(f"gradreg {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # NiftiError and UsageError are ValueErrors; PermissionError is an OSError
+        print(f"gradreg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError as exc:
+        print(f"gradreg {args.command}: error: out of memory{': ' + _one_line(exc) if str(exc) else ''} (try a "
+              f"coarser --spacing or a smaller --size)", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -418,6 +418,27 @@ def check_output_path(path, inputs=(), force: bool = False, what: str = "output"
     return path
 
 
+def check_writable_dir(folder, what: str = "output directory") -> Path:
+    """Refuse, before any work, a folder that cannot be created or written to (read-only, a file in the
+    way): a one-line PermissionError or FileExistsError. A file is created and removed to find out, as
+    permission bits alone say nothing for root or on read-only mounts."""
+    import tempfile
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(f"{what} {folder}: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gradreg-write-test.", dir=existing)
+    except OSError as exc:
+        raise PermissionError(f"{what} {folder} cannot be written to ({existing}: {exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
 def write_nifti(path, array, affine: np.ndarray, dtype=None, intent: str | None = None, description: str = "",
                 inputs=(), force: bool = False) -> Path:
     """Write ``array`` (i, j, k[, ...]) with ``affine`` as NIfTI, atomically (temp file + os.replace).

@@ -115,3 +115,148 @@ def test_before_stage_memory_does_not_grow_with_the_world_offset(tmp_path):
     assert before[(1000.0, 0.0, 0.0)]["mean_dice"] == 0.0
     assert 980 < before[(1000.0, 0.0, 0.0)]["mean_asd"] < 1010
     assert before[(0.0, 1e6, -1e6)]["mean_asd"] == pytest.approx(np.sqrt(2) * 1e6, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- output sets
+
+MARKER = "gradreg_incomplete.json"
+PACKAGE_FILES = {"warped.nii.gz", "warped_labels.nii.gz", "flow.nii.gz", "metrics.json", "overview.png"}
+
+
+def folder_state(out):
+    """"incomplete" when the folder is marked mid-change; else the run's set of (name, sha256), after
+    checking that metrics.json names exactly the package's files present, with their checksums."""
+    import hashlib
+
+    out = Path(out)
+    names = {p.name for p in out.iterdir()}
+    if MARKER in names:
+        return "incomplete"
+    manifest = strict_json(out / "metrics.json")["files"]
+    assert names & PACKAGE_FILES == set(manifest) | {"metrics.json"}, (names, manifest)
+    for name, entry in manifest.items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"], name
+    return frozenset((name, entry["sha256"]) for name, entry in manifest.items())
+
+
+def hidden_temporaries(out):
+    return sorted(p.name for p in Path(out).iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def results(case):
+    with_labels = register(case["fixed"], case["moving"], case["fixed_labels"], case["moving_labels"], quick(),
+                           device="cpu", progress=False)
+    plain = register(case["fixed"], case["moving"], settings=quick(), device="cpu", progress=False)
+    return with_labels, plain
+
+
+def test_force_replaces_the_set_and_keeps_other_files(case, results, tmp_path):
+    from gradreg_fast.register.pipeline import save_result
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    own_input = out / "fixed.nii.gz"  # an input that lives in the output folder
+    own_input.write_bytes(Path(case["fixed"]).read_bytes())
+    inputs = [own_input, case["moving"], case["fixed_labels"], case["moving_labels"]]
+    first = save_result(results[0], out, inputs=inputs)
+    assert set(first) == PACKAGE_FILES
+    old = folder_state(out)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_result(results[1], out, inputs=inputs, figure=False)
+    assert folder_state(out) == old
+    second = save_result(results[1], out, inputs=inputs, force=True, figure=False)
+    assert set(second) == {"warped.nii.gz", "flow.nii.gz", "metrics.json"}
+    new = folder_state(out)
+    assert new != old and not (out / "warped_labels.nii.gz").exists() and not (out / "overview.png").exists()
+    assert (out / "my_notes.txt").read_text() == "mine" and own_input.read_bytes() == Path(case["fixed"]).read_bytes()
+    assert hidden_temporaries(out) == []
+    # The same through the command line: labels and figure, then --force without them.
+    cli_out = tmp_path / "cli"
+    args = ["register", "--fixed", str(case["fixed"]), "--moving", str(case["moving"]), "--out", str(cli_out), *FAST]
+    labels = ["--fixed-labels", str(case["fixed_labels"]), "--moving-labels", str(case["moving_labels"])]
+    assert cli.main(args + labels) == 0
+    assert (cli_out / "warped_labels.nii.gz").exists() and (cli_out / "overview.png").exists()
+    assert cli.main(args + ["--force", "--no-figure"]) == 0
+    assert {p.name for p in cli_out.iterdir()} == {"warped.nii.gz", "flow.nii.gz", "metrics.json"}
+    folder_state(cli_out)
+
+
+KILL_SCRIPT = r"""
+import os, pickle, shutil, signal, sys
+from pathlib import Path
+from gradreg_fast.register.pipeline import save_result
+
+result_file, old, work = sys.argv[1:4]
+inputs = sys.argv[4:]
+with open(result_file, "rb") as f:
+    result = pickle.load(f)
+step = 0
+while True:
+    step += 1
+    target = Path(work) / f"kill{step:02d}"
+    shutil.copytree(old, target)
+    pid = os.fork()
+    if pid == 0:  # the child dies by SIGKILL just before its step-th file-system change
+        count = [0]
+        real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "rmdir")}
+        def hooked(name):
+            def call(*args, **kwargs):
+                count[0] += 1
+                if count[0] == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real[name](*args, **kwargs)
+            return call
+        for name in real:
+            setattr(os, name, hooked(name))
+        save_result(result, target, inputs=inputs, force=True, figure=False)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, status
+        print(step, flush=True)
+        break
+    assert os.WTERMSIG(status) == signal.SIGKILL, status
+    if step > 60:
+        raise SystemExit("too many steps")
+"""
+
+
+def test_a_kill_at_any_step_of_a_force_rewrite_leaves_one_complete_set_or_the_marker(case, results, tmp_path):
+    """SIGKILL before each file-system change of a --force rewrite (labels and figure -> neither): the
+    folder holds the old set, the new set, or the marker; never an unmarked mix."""
+    import pickle
+
+    from gradreg_fast.register.pipeline import check_outputs, save_result
+
+    old = tmp_path / "old"
+    inputs = [str(case[k]) for k in ("fixed", "moving", "fixed_labels", "moving_labels")]
+    save_result(results[0], old, inputs=inputs)
+    (old / "my_notes.txt").write_text("mine")
+    old_state = folder_state(old)
+    (tmp_path / "result.pkl").write_bytes(pickle.dumps(results[1]))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "result.pkl"), str(old), str(work), *inputs],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    states = {}
+    for folder in sorted(work.iterdir()):
+        state = folder_state(folder)
+        states[folder.name] = "old" if state == old_state else state if state == "incomplete" else "new"
+        assert (folder / "my_notes.txt").read_text() == "mine"
+        if state == "incomplete":  # marked: a plain run refuses the folder, --force repairs it
+            with pytest.raises(FileExistsError, match="interrupted"):
+                check_outputs(folder, inputs, False, force=False)
+            save_result(results[1], folder, inputs=inputs, force=True, figure=False)
+            assert folder_state(folder) != "incomplete" and hidden_temporaries(folder) == []
+            assert {p.name for p in folder.iterdir()} == {"warped.nii.gz", "flow.nii.gz", "metrics.json",
+                                                          "my_notes.txt"}
+    sequence = list(states.values())
+    assert sequence[0] == "old" and sequence[-1] == "new" and "incomplete" in sequence, states
+    first_new = sequence.index("new")
+    assert set(sequence[first_new:]) == {"new"}, states

@@ -4,7 +4,7 @@ Stages (each timed):
 
 1. read both scans, normalise intensities per modality, choose the working grid (the fixed image's,
    padded to multiples of 16);
-2. initial alignment: centres of mass of the body masks (:func:`affine.moments_init`);
+2. initial alignment: centres of mass of the body masks (:func:`gradreg_fast.body.moments_init`);
 3. affine: optimised on MIND-SSC, coarse to fine (:func:`affine.optimize_affine`); the moving scan is
    then resampled once from its own voxels through initial alignment and affine together;
 4. deformable: a displacement field (default) or the dual-branch network, instance-optimised on the
@@ -29,8 +29,8 @@ import torch
 from scipy import ndimage
 
 from .. import metrics
-from .._atomic import atomic_write
-from ..io import (Fit, Grid, Scan, _bounding_box, check_output_path, check_same_space, keep_labels,
+from .._atomic import INCOMPLETE_MARKER, FileSet, atomic_write
+from ..io import (Fit, Grid, Scan, _bounding_box, check_output_path, check_same_space, check_writable_dir, keep_labels,
                   normalize_intensity, pair_on_grid, read_nifti, resample, write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
 from .deformable import FieldSettings, optimize_field, optimize_network
@@ -401,42 +401,82 @@ def output_paths(out_dir, with_labels: bool) -> dict:
 
 
 def check_outputs(out_dir, inputs, with_labels: bool, force: bool) -> dict:
-    """The output paths; refuses outputs that are inputs, or that exist without ``force``."""
+    """The output paths; refuses outputs that are inputs, that exist without ``force``, or a folder that
+    an interrupted run left mid-change (without ``force``) or that cannot be written to."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output directory {out_dir} exists and is not a directory")
+    if (out_dir / INCOMPLETE_MARKER).exists() and not force:
+        raise FileExistsError(f"output directory {out_dir} holds the files of an interrupted run "
+                              f"({INCOMPLETE_MARKER}); use --force (force=True) to replace them")
     paths = output_paths(out_dir, with_labels)
     for path in paths.values():
         check_output_path(path, inputs, force)
+    check_writable_dir(out_dir)
     return paths
+
+
+def previous_outputs(out_dir) -> set:
+    """Names of the files that earlier runs of the package wrote into ``out_dir`` (and only those): the
+    files its metrics.json names, those an interrupted run's marker names, and for a metrics.json of a
+    version without a manifest, the package's own file names."""
+    out_dir = Path(out_dir)
+    names = set()
+    for manifest, keys in ((out_dir / INCOMPLETE_MARKER, ("previous", "new")), (out_dir / "metrics.json", None)):
+        try:
+            content = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(content, dict):
+            continue
+        if keys is not None:
+            names |= {n for key in keys for n in content.get(key, ()) if n in OUTPUT_FILES}
+        elif isinstance(content.get("files"), dict):
+            names |= {n for n in content["files"] if n in OUTPUT_FILES} | {"metrics.json"}
+        elif "stages" in content and "settings" in content:  # written before metrics.json named its files
+            names |= set(OUTPUT_FILES)
+    return names
 
 
 def write_json(path, payload) -> Path:
     """Strict JSON, written atomically."""
     path = Path(path)
-    text = json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(_json_bytes(payload)))
     return path
 
 
-def save_result(result: Result, out_dir, inputs=(), force: bool = False, figure: bool = True) -> dict:
-    """Write warped.nii.gz, warped_labels.nii.gz (with labels), flow.nii.gz, metrics.json, overview.png."""
-    paths = check_outputs(out_dir, inputs, result.warped_labels is not None, force)
-    grid = result.fit.original
-    write_nifti(paths["warped.nii.gz"], result.warped_original.astype(np.float32), grid.affine, inputs=inputs,
-                force=force, description="gradreg: moving warped onto fixed")
-    if result.warped_labels is not None:
-        labels = result.warped_labels
-        write_nifti(paths["warped_labels.nii.gz"], labels, grid.affine, dtype=_label_dtype(labels), inputs=inputs,
-                    force=force, description="gradreg: moving labels warped (nearest)")
-    write_displacement(paths["flow.nii.gz"], result.displacement_mm, grid, inputs=inputs, force=force)
-    write_json(paths["metrics.json"], result.metrics)
-    if figure:
-        from ..viz import overview
+def _json_bytes(payload) -> bytes:
+    return (json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n").encode()
 
-        names = {int(k): v["name"] for k, v in result.metrics["stages"].get("after", {}).get("labels", {}).items()}
-        overview(paths["overview.png"], result.fixed, result.moving_initial, result.warped, grid,
-                 fixed_labels=result.fixed_labels, warped_labels=result.warped_labels, label_names=names)
-    else:
-        paths.pop("overview.png")
-    return paths
+
+def save_result(result: Result, out_dir, inputs=(), force: bool = False, figure: bool = True) -> dict:
+    """Write warped.nii.gz, warped_labels.nii.gz (with labels), flow.nii.gz, overview.png and metrics.json
+    as one set (see :class:`gradreg_fast._atomic.FileSet`): metrics.json comes last and names every
+    file of the run with its SHA-256 (``"files"``); with ``force`` the files of an earlier run in the
+    folder are replaced as a whole, and those the new run does not write are removed. Other files in
+    the folder are never touched. Returns {name: path}."""
+    paths = check_outputs(out_dir, inputs, result.warped_labels is not None, force)
+    out_dir = Path(out_dir)
+    files = FileSet(out_dir, previous=previous_outputs(out_dir), protect=inputs)
+    if force:
+        files.remove_stale_temporaries(OUTPUT_FILES)
+    grid = result.fit.original
+    try:
+        write_nifti(files.stage("warped.nii.gz"), result.warped_original.astype(np.float32), grid.affine,
+                    inputs=inputs, force=True, description="gradreg: moving warped onto fixed")
+        if result.warped_labels is not None:
+            labels = result.warped_labels
+            write_nifti(files.stage("warped_labels.nii.gz"), labels, grid.affine, dtype=_label_dtype(labels),
+                        inputs=inputs, force=True, description="gradreg: moving labels warped (nearest)")
+        write_displacement(files.stage("flow.nii.gz"), result.displacement_mm, grid, inputs=inputs, force=True)
+        if figure:
+            from ..viz import overview
+
+            names = {int(k): v["name"] for k, v in result.metrics["stages"].get("after", {}).get("labels", {}).items()}
+            overview(files.stage("overview.png"), result.fixed, result.moving_initial, result.warped, grid,
+                     fixed_labels=result.fixed_labels, warped_labels=result.warped_labels, label_names=names)
+    except BaseException:
+        files.discard()
+        raise
+    written = files.commit("metrics.json", lambda checksums: _json_bytes({**result.metrics, "files": checksums}))
+    return {name: written[name] for name in paths if name in written}
