@@ -49,6 +49,35 @@ def atomic_write(path, write) -> None:
             os.fsync(f.fileno())
 
 
+# ----------------------------------------------------------------------------------------------- signals
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (temporaries removed, nothing half-written
+    left in place)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) instead of ending the
+    process on the spot; the previous handler comes back afterwards. Only the main thread can set
+    handlers, so elsewhere this does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ----------------------------------------------------------------------------------------------- file sets
 
 INCOMPLETE_MARKER = "gradreg_incomplete.json"

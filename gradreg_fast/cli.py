@@ -27,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-from ._atomic import atomic_write
+from ._atomic import Terminated, atomic_write, sigterm_as_interrupt
 
 DEMO_LABELS = {1: "spleen", 2: "right kidney", 3: "left kidney", 5: "liver"}
 DEMO_OUT = "gradreg_demo_out"
@@ -444,10 +444,24 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return cmd_train(argv[1:])  # the trainer parses its own flags (and --help)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with sigterm_as_interrupt():
+        try:
+            if argv and argv[0] == "train":
+                return cmd_train(argv[1:])  # the trainer parses its own flags (and --help)
+        except KeyboardInterrupt as exc:
+            return _interrupted("train", exc)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return _run(args)
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    terminated = isinstance(exc, Terminated)
+    print(f"gradreg {command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130  # 128 + the signal's number, as a shell reports it
+
+
+def _run(args) -> int:
     command = {"register": cmd_register, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
     try:
         if args.threads is not None:
@@ -457,9 +471,8 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(args.threads)
         return command(args)
-    except KeyboardInterrupt:
-        print(f"gradreg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(args.command, exc)
     except (OSError, ValueError) as exc:  # NiftiError and UsageError are ValueErrors; PermissionError is an OSError
         print(f"gradreg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -260,3 +260,98 @@ def test_a_kill_at_any_step_of_a_force_rewrite_leaves_one_complete_set_or_the_ma
     assert sequence[0] == "old" and sequence[-1] == "new" and "incomplete" in sequence, states
     first_new = sequence.index("new")
     assert set(sequence[first_new:]) == {"new"}, states
+
+
+# ----------------------------------------------------------------------------------------------- SIGTERM
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    return env
+
+
+# Runs `gradreg register` in-process with a hook: "start" prints a line once the registration has
+# begun (the test then sends SIGTERM); "save" sends SIGTERM to itself right after a staged file is written.
+TERM_SCRIPT = r"""
+import os, signal, sys
+from gradreg_fast import cli
+from gradreg_fast.register import pipeline
+
+mode = sys.argv[1]
+if mode == "start":
+    real_start = pipeline._start_ops
+    def started(*args, **kwargs):
+        print("started", flush=True)
+        return real_start(*args, **kwargs)
+    pipeline._start_ops = started
+else:
+    real_write = pipeline.write_displacement
+    def write_then_die(*args, **kwargs):
+        path = real_write(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+    pipeline.write_displacement = write_then_die
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["start", "save"])
+def test_sigterm_ends_register_cleanly(case, tmp_path, mode):
+    out = tmp_path / "out"
+    script = tmp_path / "term.py"
+    script.write_text(TERM_SCRIPT)
+    iterations = ["--iterations", "400", "--affine-iterations", "200"] if mode == "start" else FAST[:4]
+    args = ["register", "--fixed", str(case["fixed"]), "--moving", str(case["moving"]), "--fixed-labels",
+            str(case["fixed_labels"]), "--moving-labels", str(case["moving_labels"]), "--out", str(out),
+            *iterations, "--quiet", "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, str(script), mode, *args], env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        if mode == "start":
+            assert process.stdout.readline().strip() == "started"
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err
+    assert err.strip() == "gradreg register: terminated (SIGTERM)"
+    assert not out.exists() or list(out.iterdir()) == []  # nothing half-written, no hidden temporaries
+
+
+TRAIN_TERM_SCRIPT = r"""
+import os, signal, sys
+import torch
+from gradreg_fast import cli
+
+real_save = torch.save
+calls = [0]
+def save_then_die(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 2:  # the second checkpoint: one complete last.pt exists
+        os.kill(os.getpid(), signal.SIGTERM)
+torch.save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "term.py"
+    script.write_text(TRAIN_TERM_SCRIPT)
+    args = ["train", "--model", "vm", "--enc", "4,4,4,4", "--dec", "4", "--refine", "", "--shape", "16,16,16",
+            "--train-pairs", "4", "--val-pairs", "1", "--descriptor", "mind", "--lr", "1e-3", "--steps", "20",
+            "--checkpoint-every", "1", "--val-every", "1000", "--log-every", "1", "--num-workers", "0",
+            "--no-progress", "--device", "cpu", "--out-dir", str(out)]
+    run = subprocess.run([sys.executable, str(script), *args], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 143, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "gradreg train: terminated (SIGTERM)"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    import torch
+
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1

@@ -20,6 +20,7 @@ rows written after the checkpoint by the interrupted run are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -37,7 +38,7 @@ from .. import _backend
 from ..data import NiftiPairs, SyntheticPairs
 from ..losses import RegistrationLoss
 from ..models import DualBranchNet, build_model
-from .._atomic import atomic_write
+from .._atomic import atomic_write, sigterm_as_interrupt
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluation import folding_percentage, mean_dice, warp_labels
@@ -255,6 +256,8 @@ class Trainer:
         if config.backend is not None:
             _backend.set_backend(config.backend)
         logs = progress = tensorboard = None
+        stack = contextlib.ExitStack()
+        stack.enter_context(sigterm_as_interrupt())  # SIGTERM (a scheduler's, torchrun's) cleans up like Ctrl-C
         try:
             if self.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,7 @@ class Trainer:
             _backend.set_backend(previous_backend)
             if self.owns_process_group:
                 dist.destroy_process_group()
+            stack.close()
         return self.out_dir / "best.pt"
 
     def _loop(self, logs, progress, tensorboard) -> None:
