@@ -288,3 +288,165 @@ def test_opcheck(gen):
                                         (grad_out, fixed.detach(), moving.detach(), 1, 2, 2, need_fixed,
                                          need_moving, "cpu"))
         assert all(result == "SUCCESS" for result in results.values()), results
+
+
+# ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)
+
+CORE_CASES = [
+    ((2, 3, 5, 4, 7), 1, 1, 1),
+    ((1, 2, 7, 5, 9), 2, 2, 3),
+    ((1, 1, 1, 5, 3), 2, 1, 2),
+    ((2, 2, 4, 1, 6), 1, 2, 2),
+    ((1, 3, 3, 3, 1), 0, 1, 1),
+]
+
+
+def _check_core(module, device, shape, radius, spacing, grid, dtype, gen):
+    """The core's entry points against the reference, with outputs poisoned (NaN) before each call."""
+    n, c, d, h, w = shape
+    fixed, moving = (t.to(device) for t in _inputs(shape, dtype, False, gen))
+    stream = torch.cuda.current_stream(device).cuda_stream if torch.device(device).type == "cuda" else 0
+    is_double = dtype == torch.float64
+    out = torch.full((n, (2 * radius + 1) ** 3, -(-d // grid), -(-h // grid), -(-w // grid)), float("nan"),
+                     dtype=dtype, device=device)
+    err = module.cost_volume_forward(is_double, fixed.data_ptr(), moving.data_ptr(), out.data_ptr(), n, c, d, h, w,
+                                     radius, spacing, grid, stream)
+    assert err == "", err
+    expected = reference.mind_cost_volume(fixed, moving, radius, spacing, grid)
+    torch.testing.assert_close(out, expected, **_tolerances(dtype, expected))
+    grad_out = make_volume(out.shape, dtype, False, gen).to(device)
+    _, expected_grads = value_and_grads(lambda f, m: reference.mind_cost_volume(f, m, radius, spacing, grid),
+                                        [fixed, moving], grad_out)
+    for want_fixed, want_moving in ((True, True), (True, False), (False, True)):
+        grads = [torch.full(shape, float("nan"), dtype=dtype, device=device) if want else None
+                 for want in (want_fixed, want_moving)]
+        err = module.cost_volume_backward(is_double, grad_out.data_ptr(), fixed.data_ptr(), moving.data_ptr(),
+                                          *(g.data_ptr() if g is not None else 0 for g in grads), n, c, d, h, w,
+                                          radius, spacing, grid, stream)
+        assert err == "", err
+        for grad, expected_grad in zip(grads, expected_grads):
+            if grad is not None:
+                torch.testing.assert_close(grad, expected_grad, **_tolerances(dtype, expected_grad))
+
+
+def _check_core_bad_arguments(module, device):
+    vol = torch.randn(1, 1, 3, 4, 5, device=device)
+    out = torch.empty(1, 27, 3, 4, 5, device=device)
+    p = vol.data_ptr()
+    assert "radius" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 1, 3, 4, 5, 33, 1, 1, 0)
+    assert "radius" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 1, 3, 4, 5, -1, 1, 1, 0)
+    assert "spacing" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 1, 3, 4, 5, 1, 0, 1, 0)
+    assert "4096" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 1, 3, 4, 5, 32, 129, 1, 0)
+    assert "grid" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 1, 3, 4, 5, 1, 1, 0, 0)
+    assert "sizes" in module.cost_volume_forward(False, p, p, out.data_ptr(), 1, 0, 3, 4, 5, 1, 1, 1, 0)
+    assert "sizes" in module.cost_volume_forward(False, p, p, out.data_ptr(), 2**40, 1, 2**20, 4, 5, 1, 1, 1, 0)
+    assert "pointers" in module.cost_volume_forward(False, 0, p, out.data_ptr(), 1, 1, 3, 4, 5, 1, 1, 1, 0)
+    assert "pointers" in module.cost_volume_backward(False, 0, p, p, p, 0, 1, 1, 3, 4, 5, 1, 1, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def emulated_core(tmp_path_factory):
+    """csrc/cuda compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so every
+    grid-stride loop strides), as tests/test_cuda.py builds it."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the emulated CUDA core")
+    pybind11 = pytest.importorskip("pybind11")
+    out = tmp_path_factory.mktemp("cost_volume_emulation")
+    common = ["-std=c++17", "-O1", "-fPIC", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
+              "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90"]
+    objects = []
+    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        obj = out / (source.stem + ".o")
+        subprocess.run([compiler, "-x", "c++", *common, "-c", str(source), "-o", str(obj)], check=True)
+        objects.append(str(obj))
+    library = out / f"_cuda_cost_volume_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    subprocess.run([compiler, *common, "-shared", *includes, "-DGRADREG_CUDA_MODULE=_cuda_cost_volume_emulated",
+                    str(ROOT / "csrc" / "cuda" / "module.cpp"), *objects, "-o", str(library)], check=True)
+    spec = importlib.util.spec_from_file_location("_cuda_cost_volume_emulated", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_core(emulated_core, dtype, gen):
+    for shape, radius, spacing, grid in CORE_CASES:
+        _check_core(emulated_core, "cpu", shape, radius, spacing, grid, dtype, gen)
+
+
+@pytest.mark.slow
+def test_emulated_cuda_core_bad_arguments(emulated_core):
+    _check_core_bad_arguments(emulated_core, "cpu")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_core(dtype, gen):
+    module = gradreg_fast._backend.cuda_core()
+    assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
+    for shape, radius, spacing, grid in CORE_CASES + [((1, 12, 22, 16, 6), 4, 1, 1)]:
+        _check_core(module, "cuda", shape, radius, spacing, grid, dtype, gen)
+    _check_core_bad_arguments(module, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, radius, spacing, grid", CASES)
+def test_gpu_matches_reference(backend, shape, radius, spacing, grid, dtype, gen):
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    _check_against_reference(backend, shape, radius, spacing, grid, dtype, dtype == torch.float64, gen, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_gradcheck(backend, gen):
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    fixed, moving = (t.cuda().requires_grad_() for t in _inputs((2, 2, 3, 4, 5), torch.float64, False, gen))
+    fn = lambda f, m: gradreg_fast.mind_cost_volume(f, m, 1, 2, 2, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (fixed, moving))
+
+
+# ---------------------------------------------------------------- Triton (interpreter on the CPU, or a GPU)
+
+# (shape, radius, spacing, grid, dtype): the interpreter is slow, so one dtype per case (float64 cases
+# non-contiguous).
+TRITON_CASES = [
+    ((2, 3, 5, 4, 7), 1, 1, 1, torch.float32),
+    ((1, 12, 4, 3, 5), 1, 2, 3, torch.float64),
+    ((1, 1, 1, 5, 3), 2, 1, 2, torch.float32),
+    ((2, 2, 4, 1, 6), 1, 2, 2, torch.float64),
+    ((1, 2, 3, 3, 1), 0, 1, 1, torch.float32),
+]
+
+
+def triton_checks(device):
+    """Run in a subprocess (see the module docstring); raises on the first mismatch."""
+    gen = torch.Generator().manual_seed(11)
+    for shape, radius, spacing, grid, dtype in TRITON_CASES:
+        _check_against_reference("triton", shape, radius, spacing, grid, dtype, dtype == torch.float64, gen, device)
+    fixed, moving = (t.to(device).requires_grad_() for t in _inputs((1, 2, 3, 2, 4), torch.float64, False, gen))
+    fn = lambda f, m: gradreg_fast.mind_cost_volume(f, m, 1, 1, 2, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (fixed, moving), fast_mode=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_interpreter_on_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "cpu"], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"Triton checks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny tensors: no OpenMP team per small torch op
+    triton_checks(sys.argv[1])

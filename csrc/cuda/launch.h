@@ -53,6 +53,15 @@ std::string penalty_sum(bool is_double, uintptr_t a, uintptr_t b, int64_t numel,
                         uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
 int64_t penalty_workspace_bytes(int64_t numel);
 
+// The MIND cost volume (gradreg/cost_volume.h): out is (N, (2r+1)^3, ceil(D/g), ceil(H/g), ceil(W/g)).
+// grad_fixed or grad_moving may be 0 when not needed. No workspace.
+std::string cost_volume_forward(bool is_double, uintptr_t fixed, uintptr_t moving, uintptr_t out, int64_t N,
+                                int64_t C, int64_t D, int64_t H, int64_t W, int radius, int spacing, int grid,
+                                uintptr_t stream);
+std::string cost_volume_backward(bool is_double, uintptr_t grad_out, uintptr_t fixed, uintptr_t moving,
+                                 uintptr_t grad_fixed, uintptr_t grad_moving, int64_t N, int64_t C, int64_t D,
+                                 int64_t H, int64_t W, int radius, int spacing, int grid, uintptr_t stream);
+
 // Compute capabilities with SASS in this binary, and the PTX one (JIT-compiled on newer GPUs).
 int ptx_architecture();
 std::string device_check(int device);

@@ -42,6 +42,11 @@ PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
   m.def("penalty_sum", &gc::penalty_sum, "is_double"_a, "a"_a, "b"_a, "numel"_a, "squared"_a, "out"_a,
         "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
   m.def("penalty_workspace_bytes", &gc::penalty_workspace_bytes, "numel"_a, nogil);
+  m.def("cost_volume_forward", &gc::cost_volume_forward, "is_double"_a, "fixed"_a, "moving"_a, "out"_a, "N"_a, "C"_a,
+        "D"_a, "H"_a, "W"_a, "radius"_a, "spacing"_a, "grid"_a, "stream"_a, nogil);
+  m.def("cost_volume_backward", &gc::cost_volume_backward, "is_double"_a, "grad_out"_a, "fixed"_a, "moving"_a,
+        "grad_fixed"_a, "grad_moving"_a, "N"_a, "C"_a, "D"_a, "H"_a, "W"_a, "radius"_a, "spacing"_a, "grid"_a,
+        "stream"_a, nogil);
   m.def("ptx_architecture", &gc::ptx_architecture);
   m.def("device_check", &gc::device_check, "device"_a, nogil);
 }

@@ -10,6 +10,9 @@ from .. import reference
 from . import _common as c
 
 OP = "mind_cost_volume"
+# The name the backend rule looks kernels up by: triton_kernels/cost_volume.py and the cores'
+# cost_volume_forward / cost_volume_backward.
+KERNELS = "cost_volume"
 # (2 * 32 + 1)^3 = 274625 displacements: far beyond any search a registration runs, and small enough
 # that every channel index and the per-row work of the kernels stay well inside their integer types.
 MAX_RADIUS = 32
@@ -58,7 +61,7 @@ def _work(fixed: torch.Tensor, radius: int) -> int:
 
 
 def _launch_forward(fixed, moving, radius, spacing, grid, backend):
-    name = c.resolve(backend, fixed, OP)
+    name = c.resolve(backend, fixed, KERNELS)
     if name == "reference":
         return reference.mind_cost_volume(fixed, moving, radius, spacing, grid)
     fixed, moving = fixed.contiguous(), moving.contiguous()
@@ -83,7 +86,7 @@ def _launch_forward(fixed, moving, radius, spacing, grid, backend):
 
 
 def _launch_backward(grad_out, fixed, moving, radius, spacing, grid, need_fixed, need_moving, backend):
-    name = c.resolve(backend, fixed, OP)
+    name = c.resolve(backend, fixed, KERNELS)
     if name == "cuda" and not hasattr(c.cuda_core(), "cost_volume_backward"):
         name = "reference"
     if name == "reference":
