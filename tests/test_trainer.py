@@ -307,3 +307,29 @@ def test_short_training_lowers_the_loss_and_raises_dice_on_held_out_pairs(tmp_pa
     assert trained["folding_pct"] < 1.0
     losses = [float(r["loss"]) for r in _rows(tmp_path / "run" / "train_log.csv")]
     assert sum(losses[-3:]) < sum(losses[:3]) - 0.01, losses
+
+
+def test_resume_between_log_rows_writes_the_same_rows(tmp_path, monkeypatch):
+    """log_every (2) does not divide checkpoint_every (3): a run killed after step 5 and resumed from its
+    step-3 checkpoint must rewrite rows 4, 6, 7 as the uninterrupted run wrote them (row 4 averages steps
+    3 and 4, so the interval in progress at the checkpoint has to travel in it)."""
+    from gradreg_fast.train import trainer as trainer_module
+
+    kept = {}
+    real_save = trainer_module.save_checkpoint
+
+    def save_and_keep(payload, path):
+        real_save(payload, path)
+        if Path(path).name == "last.pt":
+            kept[payload["step"]] = Path(path).read_bytes()
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_and_keep)
+    settings = dict(log_every=2, checkpoint_every=3, val_every=100, steps=7)
+    Trainer(_config(tmp_path, **settings)).fit()
+    out = tmp_path / "run"
+    columns = ("step", "loss", "isim", "gsim", "igreg", "greg", "lr")
+    whole = [{k: r[k] for k in columns} for r in _rows(out / "train_log.csv")]
+    assert [int(r["step"]) for r in whole] == [2, 4, 6, 7]
+    (out / "last.pt").write_bytes(kept[3])  # as if killed after step 5: the last checkpoint is step 3's
+    Trainer(_config(tmp_path, resume="auto", **settings)).fit()
+    assert [{k: r[k] for k in columns} for r in _rows(out / "train_log.csv")] == whole

@@ -102,6 +102,7 @@ class Trainer:
                              f"{config.batch_size} on {self.world_size} process(es)")
 
         self.step, self.best, self.metrics = 0, None, {}
+        self.log_window = None  # a resumed run's partly filled log interval (see _loop)
         resume_from = self._resume_path()
         if resume_from is not None:
             self._restore(read_checkpoint(resume_from))
@@ -164,6 +165,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the configured lr wins, e.g. to fine-tune
             group["lr"] = self.config.lr
         self.step, self.best, self.metrics = checkpoint["step"], checkpoint["best"], checkpoint["metrics"]
+        self.log_window = checkpoint.get("log_window")  # absent from checkpoints of earlier versions
         set_rng_state(checkpoint["rng"])
 
     # -- training ------------------------------------------------------------------------------------
@@ -236,8 +238,16 @@ class Trainer:
         self.best = {"metric": metric, "value": value, "step": self.step}
         return True
 
-    def _checkpoint(self) -> dict:
+    def _log_window(self, sums, count: int, started: float) -> dict:
+        """The log interval in progress, averaged over processes (every process must call this), so that
+        a run resumed from a checkpoint taken between two log rows writes the same next row."""
+        if sums is not None:
+            sums = self._mean_over_processes(sums).cpu()
+        return {"sums": sums, "count": count, "seconds": time.perf_counter() - started}
+
+    def _checkpoint(self, log_window: dict | None = None) -> dict:
         return {
+            "log_window": log_window,
             "model_config": self.model.config,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -284,6 +294,10 @@ class Trainer:
     def _loop(self, logs, progress, tensorboard) -> None:
         config = self.config
         sums, count, started = None, 0, time.perf_counter()
+        if self.log_window is not None and self.log_window["count"] > 0:
+            sums = self.log_window["sums"].to(self.device)
+            count = self.log_window["count"]
+            started -= self.log_window["seconds"]
         while self.step < config.steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             for batch in self._batches(epoch, skip):
@@ -307,7 +321,10 @@ class Trainer:
                             for key in values:
                                 tensorboard.add_scalar(f"train/{key}", row[key], self.step)
                     sums, count, started = None, 0, time.perf_counter()
-                if self.step % config.val_every == 0 or last:
+                validating = self.step % config.val_every == 0 or last
+                checkpointing = self.step % config.checkpoint_every == 0 or last
+                window = self._log_window(sums, count, started) if validating or checkpointing else None
+                if validating:
                     self.metrics = self.validate()
                     improved = self._improved(self.metrics)
                     if self.is_main:
@@ -318,9 +335,9 @@ class Trainer:
                             for key, value in self.metrics.items():
                                 tensorboard.add_scalar(f"val/{key}", value, self.step)
                         if improved:
-                            save_checkpoint(self._checkpoint(), self.out_dir / "best.pt")
-                if self.is_main and (self.step % config.checkpoint_every == 0 or last):
-                    save_checkpoint(self._checkpoint(), self.out_dir / "last.pt")
+                            save_checkpoint(self._checkpoint(window), self.out_dir / "best.pt")
+                if self.is_main and checkpointing:
+                    save_checkpoint(self._checkpoint(window), self.out_dir / "last.pt")
                 if self.is_main:
                     progress.update(1)
                 if last:
