@@ -26,6 +26,8 @@ namespace gradreg_avx2 {
 #include "gradient_magnitude.cpp"
 #include "mind.cpp"
 #include "warp.cpp"
+#include "lncc.cpp"
+#include "integrate.cpp"
 }  // namespace gradreg_avx2
 
 #endif

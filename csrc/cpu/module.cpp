@@ -233,4 +233,60 @@ PYBIND11_MODULE(_C, m) {
                             numel, squared, threads);
       },
       nogil);
+  m.def(
+      "lncc_forward",
+      [](const std::string& dtype, uintptr_t warped, uintptr_t fixed, int64_t fixed_batch_stride, uintptr_t loss_map,
+         uintptr_t coefficients, int coefficient_count, int64_t N, int64_t D, int64_t H, int64_t W, int window,
+         double eps, double smooth_nr, bool monai, int threads) {
+        if (is_double(dtype))
+          return GRADREG_CALL(lncc_forward, ptr<const double>(warped), ptr<const double>(fixed), fixed_batch_stride,
+                              ptr<double>(loss_map), ptr<double>(coefficients), coefficient_count, N, D, H, W, window,
+                              eps, smooth_nr, monai, threads);
+        return GRADREG_CALL(lncc_forward, ptr<const float>(warped), ptr<const float>(fixed), fixed_batch_stride,
+                            ptr<float>(loss_map), ptr<float>(coefficients), coefficient_count, N, D, H, W, window, eps,
+                            smooth_nr, monai, threads);
+      },
+      nogil);
+  m.def(
+      "lncc_backward",
+      [](const std::string& dtype, uintptr_t coefficients, int coefficient_count, uintptr_t grad_map,
+         double grad_scale, uintptr_t warped, uintptr_t fixed, int64_t fixed_batch_stride, uintptr_t grad_warped,
+         uintptr_t grad_fixed, int64_t N, int64_t D, int64_t H, int64_t W, int window, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(lncc_backward, ptr<const double>(coefficients), coefficient_count, ptr<const double>(grad_map),
+                       grad_scale, ptr<const double>(warped), ptr<const double>(fixed), fixed_batch_stride,
+                       ptr<double>(grad_warped), ptr<double>(grad_fixed), N, D, H, W, window, threads);
+        else
+          GRADREG_CALL(lncc_backward, ptr<const float>(coefficients), coefficient_count, ptr<const float>(grad_map),
+                       grad_scale, ptr<const float>(warped), ptr<const float>(fixed), fixed_batch_stride,
+                       ptr<float>(grad_warped), ptr<float>(grad_fixed), N, D, H, W, window, threads);
+      },
+      nogil);
+  m.def(
+      "integrate_forward",
+      [](const std::string& dtype, uintptr_t velocity, uintptr_t out, uintptr_t scratch, uintptr_t checkpoints,
+         int interval, int64_t N, int64_t D, int64_t H, int64_t W, int steps, int padding, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(integrate_forward, ptr<const double>(velocity), ptr<double>(out), ptr<double>(scratch),
+                       ptr<double>(checkpoints), interval, N, D, H, W, steps, padding, threads);
+        else
+          GRADREG_CALL(integrate_forward, ptr<const float>(velocity), ptr<float>(out), ptr<float>(scratch),
+                       ptr<float>(checkpoints), interval, N, D, H, W, steps, padding, threads);
+      },
+      nogil);
+  m.def(
+      "integrate_backward",
+      [](const std::string& dtype, uintptr_t velocity, uintptr_t checkpoints, int interval, uintptr_t grad_out,
+         uintptr_t grad_velocity, uintptr_t scratch, int64_t N, int64_t D, int64_t H, int64_t W, int steps,
+         int padding, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(integrate_backward, ptr<const double>(velocity), ptr<const double>(checkpoints), interval,
+                       ptr<const double>(grad_out), ptr<double>(grad_velocity), ptr<double>(scratch), N, D, H, W,
+                       steps, padding, threads);
+        else
+          GRADREG_CALL(integrate_backward, ptr<const float>(velocity), ptr<const float>(checkpoints), interval,
+                       ptr<const float>(grad_out), ptr<float>(grad_velocity), ptr<float>(scratch), N, D, H, W,
+                       steps, padding, threads);
+      },
+      nogil);
 }

@@ -60,5 +60,29 @@ void cost_volume_backward(const T* grad_out, const T* fixed, const T* moving, T*
                           int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int radius, int spacing, int grid,
                           int threads);
 
+// lncc_loss: returns the sum of -cc over every voxel; writes -cc per voxel to loss_map and the
+// coefficients d(-cc)/d(window sums) (3 for the warped image, or 5 with the fixed image's) to
+// coefficients when these are not null. fixed_batch_stride is 0 for one fixed image against a batch.
+template <typename T>
+double lncc_forward(const T* warped, const T* fixed, int64_t fixed_batch_stride, T* loss_map, T* coefficients,
+                    int coefficient_count, int64_t N, int64_t D, int64_t H, int64_t W, int window, double eps,
+                    double smooth_nr, bool monai, int threads);
+// Upstream gradient: grad_map per voxel, or grad_scale everywhere when grad_map is null. grad_fixed
+// (one volume per item) needs coefficient_count 5; grad_warped or grad_fixed may be null.
+template <typename T>
+void lncc_backward(const T* coefficients, int coefficient_count, const T* grad_map, double grad_scale,
+                   const T* warped, const T* fixed, int64_t fixed_batch_stride, T* grad_warped, T* grad_fixed,
+                   int64_t N, int64_t D, int64_t H, int64_t W, int window, int threads);
+
+// integrate_velocity: scratch holds two fields (forward) or three (backward). checkpoints, when not
+// null, holds the fields u_k for k = interval, 2 interval, ... < steps, written by the forward and
+// read by the backward (which recomputes every other field from the nearest one below it).
+template <typename T>
+void integrate_forward(const T* velocity, T* out, T* scratch, T* checkpoints, int interval, int64_t N, int64_t D,
+                       int64_t H, int64_t W, int steps, int padding, int threads);
+template <typename T>
+void integrate_backward(const T* velocity, const T* checkpoints, int interval, const T* grad_out, T* grad_velocity,
+                        T* scratch, int64_t N, int64_t D, int64_t H, int64_t W, int steps, int padding, int threads);
+
 }  // namespace cpu
 }  // namespace gradreg

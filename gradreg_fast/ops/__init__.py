@@ -1,8 +1,10 @@
 from .cost_volume import mind_cost_volume, mind_cost_volume_displacements
 from .gradient_magnitude import gradient_magnitude
+from .integrate import compose, integrate_velocity
+from .lncc import LNCCLoss, lncc_loss
 from .mind import mind, mind_ssc
 from .mind_loss import MINDLoss, mind_loss
 from .warp import warp
 
 __all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_loss", "MINDLoss", "mind_cost_volume",
-           "mind_cost_volume_displacements"]
+           "mind_cost_volume_displacements", "lncc_loss", "LNCCLoss", "integrate_velocity", "compose"]

@@ -9,10 +9,13 @@ torch operations, so autograd gives their backward.
 from .cost_volume import mind_cost_volume
 from .cost_volume import mind_cost_volume_displacements
 from .gradient_magnitude import gradient_magnitude
+from .integrate import compose, integrate_velocity, integrate_velocity_grid_sample
+from .lncc import lncc_loss, lncc_map
 from .warp import nearest_source as warp_nearest_source
 from .warp import warp
 from .mind import mind, mind_ssc, mind_ssc_convexadam
 from .mind_loss import mind_loss
 
-__all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source",
+__all__ = ["lncc_loss", "lncc_map", "integrate_velocity", "integrate_velocity_grid_sample", "compose",
+           "gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source",
            "mind_cost_volume", "mind_cost_volume_displacements"]

@@ -1,0 +1,150 @@
+#include "gradreg/integrate.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "ops.h"
+#include "parallel.h"
+
+namespace gradreg {
+namespace cpu {
+
+namespace integrate_detail {
+
+template <typename T>
+void scale_field(const T* in, T* out, int64_t numel, T scale, int threads) {
+#pragma omp parallel for simd schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < numel; ++i) out[i] = in[i] * scale;
+}
+
+template <typename T>
+void squaring_step(const T* u, T* next, int64_t N, const FieldGeometry& g, Padding padding, int threads) {
+  const int64_t DHW = g.voxels();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t z = 0; z < g.D; ++z)
+      for (int64_t y = 0; y < g.H; ++y)
+        for (int64_t x = 0; x < g.W; ++x) squaring_step_voxel(u + n * 3 * DHW, next + n * 3 * DHW, z, y, x, g, padding);
+}
+
+// u_k, from the stored field nearest below it (u_0 = v * scale, or a checkpoint u_{j * interval}) by
+// the remaining steps, ping-ponging between a and b; returns the buffer that holds it.
+template <typename T>
+const T* recompute_field(const T* velocity, const T* checkpoints, int interval, int k, T scale, T* a, T* b, int64_t N,
+                         const FieldGeometry& g, Padding padding, int threads) {
+  const int64_t numel = N * 3 * g.voxels();
+  const int nearest = checkpoints != nullptr ? (k / interval) * interval : 0;
+  const T* src;
+  if (nearest == 0) {
+    scale_field(velocity, a, numel, scale, threads);
+    src = a;
+  } else {
+    src = checkpoints + (nearest / interval - 1) * numel;
+  }
+  for (int step = nearest; step < k; ++step) {
+    T* dst = (src == a) ? b : a;
+    squaring_step(src, dst, N, g, padding, threads);
+    src = dst;
+  }
+  return src;
+}
+
+// d/du_k from G = d/du_{k+1}, every part accumulated in one pass over the voxels: thread 0 into the
+// zeroed `out`, the others into zeroed private buffers summed into it in thread order, so the result is
+// the same bits from run to run for a given thread count.
+template <typename T>
+void squaring_step_backward(const T* u, const T* G, T* out, std::vector<std::vector<T>>& private_grads, int64_t N,
+                            const FieldGeometry& g, Padding padding, int threads) {
+  const int64_t DHW = g.voxels(), numel = N * 3 * DHW, rows = N * g.D * g.H;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = thread_id(), parts = team_size();
+    T* accum = out;
+    if (tid > 0) accum = private_grads[tid - 1].data();
+    std::fill(accum, accum + numel, T(0));
+    int64_t begin, end;
+    static_chunk(rows, tid, parts, begin, end);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / (g.D * g.H), z = (r / g.H) % g.D, y = r % g.H;
+      for (int64_t x = 0; x < g.W; ++x)
+        squaring_step_grad_voxel(u + n * 3 * DHW, G + n * 3 * DHW, accum + n * 3 * DHW, z, y, x, g, padding);
+    }
+#pragma omp barrier
+    if (parts > 1) {
+      int64_t b, e;
+      static_chunk(numel, tid, parts, b, e);
+      for (int t = 0; t < parts - 1; ++t) {
+        const T* buffer = private_grads[t].data();
+        for (int64_t i = b; i < e; ++i) out[i] += buffer[i];
+      }
+    }
+  }
+}
+
+}  // namespace integrate_detail
+
+template <typename T>
+void integrate_forward(const T* velocity, T* out, T* scratch, T* checkpoints, int interval, int64_t N, int64_t D,
+                       int64_t H, int64_t W, int steps, int padding, int threads) {
+  using namespace integrate_detail;
+  const FieldGeometry g{D, H, W};
+  const Padding pad = static_cast<Padding>(padding);
+  const int64_t numel = N * 3 * g.voxels();
+  const T scale = T(1) / T(int64_t(1) << steps);  // a power of two: v * scale is exactly v / 2^steps
+  if (steps == 0) {
+    scale_field(velocity, out, numel, scale, threads);
+    return;
+  }
+  T* spare[2] = {scratch, scratch + numel};
+  scale_field(velocity, spare[0], numel, scale, threads);
+  const T* cur = spare[0];
+  for (int k = 1; k <= steps; ++k) {
+    T* next;
+    if (k == steps)
+      next = out;
+    else if (checkpoints != nullptr && k % interval == 0)
+      next = checkpoints + (k / interval - 1) * numel;
+    else
+      next = (cur == spare[0]) ? spare[1] : spare[0];
+    squaring_step(cur, next, N, g, pad, threads);
+    cur = next;
+  }
+}
+
+template <typename T>
+void integrate_backward(const T* velocity, const T* checkpoints, int interval, const T* grad_out, T* grad_velocity,
+                        T* scratch, int64_t N, int64_t D, int64_t H, int64_t W, int steps, int padding, int threads) {
+  using namespace integrate_detail;
+  const FieldGeometry g{D, H, W};
+  const Padding pad = static_cast<Padding>(padding);
+  const int64_t numel = N * 3 * g.voxels();
+  const T scale = T(1) / T(int64_t(1) << steps);
+  T* field_a = scratch;
+  T* field_b = scratch + numel;
+  T* grad_spare = scratch + 2 * numel;
+  const int64_t rows = N * D * H;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  std::vector<std::vector<T>> private_grads(threads - 1, std::vector<T>(numel));
+  const T* G = grad_out;
+  // Each step's input field is recomputed from the nearest stored one below it (the velocity, or a
+  // checkpoint the forward kept), never stored for the whole chain.
+  for (int k = steps - 1; k >= 0; --k) {
+    const T* u = recompute_field(velocity, checkpoints, interval, k, scale, field_a, field_b, N, g, pad, threads);
+    T* dst = (k % 2 == 0) ? grad_velocity : grad_spare;  // the last step (k = 0) lands in grad_velocity
+    squaring_step_backward(u, G, dst, private_grads, N, g, pad, threads);
+    G = dst;
+  }
+  scale_field(G, grad_velocity, numel, scale, threads);
+}
+
+#define GRADREG_INSTANTIATE(T)                                                                                     \
+  template void integrate_forward<T>(const T*, T*, T*, T*, int, int64_t, int64_t, int64_t, int64_t, int, int,   \
+                                     int);                                                                      \
+  template void integrate_backward<T>(const T*, const T*, int, const T*, T*, T*, int64_t, int64_t, int64_t,     \
+                                      int64_t, int, int, int);
+GRADREG_INSTANTIATE(float)
+GRADREG_INSTANTIATE(double)
+#undef GRADREG_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace gradreg
