@@ -286,13 +286,13 @@ def _find_case_files(case: Path) -> dict:
 
 
 CSV_FIELDS = (("case", "label", "name") + tuple(f"{m}_{s}" for m in ("dice", "asd", "hd95") for s in STAGES)
-              + ("folding_percent", "sd_log_jacobian", "runtime_s"))
+              + ("folding_percent", "sd_log_jacobian", "runtime_s", "error"))
 
 
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .io import check_output_path
+    from .io import check_output_path, check_writable_dir
     from .register.pipeline import check_outputs, register, save_result, write_json
 
     root = Path(args.pairs)
@@ -303,26 +303,39 @@ def cmd_evaluate(args) -> int:
         raise FileNotFoundError(f"--pairs: no case folders in {root} (expected <pairs>/<case>/fixed.nii.gz, "
                                 "moving.nii.gz and optionally fixed_labels.nii.gz, moving_labels.nii.gz)")
     found = {case.name: _find_case_files(case) for case in cases}
+    failed = {}  # case -> one-line error; such a case is recorded and skipped, the others still run
     for name, files in found.items():
         missing = [role for role in ("fixed", "moving") if files[role] is None]
         if missing:
-            raise FileNotFoundError(f"--pairs: case {name!r} has no {' or '.join(m + '.nii[.gz]' for m in missing)}")
+            failed[name] = f"no {' or '.join(m + '.nii[.gz]' for m in missing)} in {root / name}"
     out = Path(args.out)
     csv_path, summary_path = out / "metrics.csv", out / "summary.json"
     all_inputs = [p for files in found.values() for p in files.values() if p is not None]
     for path in (csv_path, summary_path):
         check_output_path(path, all_inputs, args.force)
+    check_writable_dir(out)
     if args.save_outputs:
         for name, files in found.items():
-            check_outputs(out / name, all_inputs, files["fixed_labels"] is not None, args.force)
+            if name not in failed:
+                check_outputs(out / name, all_inputs, files["fixed_labels"] is not None, args.force)
     settings = settings_from_args(args)
     names = parse_labels(args.labels)
     rows, per_case = [], {}
     for name, files in tqdm(found.items(), desc="cases", disable=args.quiet):
+        if name in failed:
+            rows.append({"case": name, "label": "", "name": "", "error": failed[name]})
+            continue
         labelled = files["fixed_labels"] is not None and files["moving_labels"] is not None
-        result = register(files["fixed"], files["moving"], files["fixed_labels"] if labelled else None,
-                          files["moving_labels"] if labelled else None, settings, label_names=names,
-                          device=args.device, backend=args.backend, progress=not args.quiet)
+        try:
+            result = register(files["fixed"], files["moving"], files["fixed_labels"] if labelled else None,
+                              files["moving_labels"] if labelled else None, settings, label_names=names,
+                              device=args.device, backend=args.backend, progress=not args.quiet)
+            if args.save_outputs:
+                save_result(result, out / name, inputs=all_inputs, force=args.force, figure=not args.no_figure)
+        except Exception as exc:  # noqa: BLE001  one bad case (corrupt file, bug, memory) must not end the batch
+            failed[name] = f"{type(exc).__name__}: {_one_line(exc)}"
+            rows.append({"case": name, "label": "", "name": "", "error": failed[name]})
+            continue
         m = result.metrics
         per_case[name] = {key: m[key] for key in ("folding_percent", "sd_log_jacobian", "runtime_s")}
         common = {"case": name, "folding_percent": m["folding_percent"], "sd_log_jacobian": m["sd_log_jacobian"],
@@ -337,13 +350,16 @@ def cmd_evaluate(args) -> int:
                 rows.append({**common, "label": key, "name": entry["name"], **cells})
         else:
             rows.append({**common, "label": "", "name": ""})
-        if args.save_outputs:
-            save_result(result, out / name, inputs=all_inputs, force=args.force, figure=not args.no_figure)
     summary = _summarise(rows, per_case)
+    summary["failed"] = failed
     _write_csv(csv_path, rows)
     write_json(summary_path, summary)
     print(_format_summary(summary))
     print(f"wrote {csv_path.resolve()} and {summary_path.resolve()}")
+    if failed:
+        print(f"gradreg evaluate: error: {len(failed)} of {len(found)} case(s) failed (recorded in metrics.csv): "
+              + "; ".join(f"{case}: {error}" for case, error in failed.items()), file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -355,3 +355,35 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path):
     import torch
 
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+def test_evaluate_continues_past_failing_cases(tmp_path, capsys):
+    import csv
+
+    pairs = tmp_path / "pairs"
+    write_case(pairs / "a_good")
+    broken = write_case(pairs / "b_corrupt")
+    broken["moving"].write_bytes(b"\x1f\x8b not really gzip")
+    write_case(pairs / "c_no_moving")["moving"].unlink()
+    write_case(pairs / "d_good", shift_mm=(-3.0, 5.0, 0.0))
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--save-outputs", "--no-figure", *FAST])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 of 4 case(s) failed" in err and "b_corrupt" in err and "c_no_moving" in err
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(row)
+    assert list(by_case) == ["a_good", "b_corrupt", "c_no_moving", "d_good"]
+    assert "not a readable NIfTI" in by_case["b_corrupt"][0]["error"]
+    assert "moving.nii" in by_case["c_no_moving"][0]["error"]
+    for good in ("a_good", "d_good"):
+        assert [r["label"] for r in by_case[good]] == ["1", "2"] and all(r["error"] == "" for r in by_case[good])
+        assert 0 <= float(by_case[good][0]["dice_after"]) <= 1
+        folder_state(out / good)
+    summary = strict_json(out / "summary.json")
+    assert summary["cases"] == 2 and set(summary["failed"]) == {"b_corrupt", "c_no_moving"}
+    assert not (out / "b_corrupt").exists() or hidden_temporaries(out / "b_corrupt") == []
