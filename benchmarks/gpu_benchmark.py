@@ -20,8 +20,10 @@
 5. Prints a markdown table and the targets (H100): gradient magnitude and warp forward >= 70% of copy
    bandwidth; MIND-SSC forward+backward >= 20x naive; warp forward+backward >= 1.5x grid_sample.
 
-Usage: python benchmarks/gpu_benchmark.py [--quick] [--json results.json] [--samples 7] [--no-build]
-(--quick: small volumes, a dry run whose timings mean nothing.)
+Usage: python benchmarks/gpu_benchmark.py [--quick | --fast] [--json results.json] [--samples 7] [--no-build]
+(--quick: small volumes, a dry run whose timings mean nothing. --fast: the main size alone, 3 samples,
+without the reference backend's timings and without torch.compile of the naive code: real figures
+for the targets in about a minute, as scripts/device_check.sh runs it.)
 """
 
 from __future__ import annotations
@@ -335,18 +337,20 @@ def time_case(case: Case, sets, samples: int, min_sample_s: float = 0.05) -> dic
             "peak_bytes": peak}
 
 
-def cases_for(op: Op, shape) -> list[Case]:
+def cases_for(op: Op, shape, fast: bool = False) -> list[Case]:
     cases = []
     for backend in BACKENDS:
-        cases.append(Case(op, backend, "", shape, fn=op.backends(backend)))
+        if not (fast and backend == "reference"):
+            cases.append(Case(op, backend, "", shape, fn=op.backends(backend)))
     cases.append(Case(op, "naive", "", shape, fn=op.naive))
-    cases.append(Case(op, "compiled", "", shape, fn=torch.compile(op.naive, dynamic=False)))
+    if not fast:  # compiling the naive code takes longer than timing everything else
+        cases.append(Case(op, "compiled", "", shape, fn=torch.compile(op.naive, dynamic=False)))
     for name, (prepare, fn) in op.extra_impls.items():
         cases.append(Case(op, name, "", shape, fn=fn, prepare=prepare))
     return cases
 
 
-def run_timings(sizes, samples, bandwidth) -> list[dict]:
+def run_timings(sizes, samples, bandwidth, fast: bool = False) -> list[dict]:
     rows = []
     budget = l2_bytes()
     for op in OPS.values():
@@ -357,7 +361,7 @@ def run_timings(sizes, samples, bandwidth) -> list[dict]:
             set_bytes = sum(x.numel() * x.element_size() for x in one_set)
             count = min(8, max(1, math.ceil(2 * budget / set_bytes)))
             sets = [one_set] + [op.make_inputs(shape, gen, "cuda", torch.float32) for _ in range(count - 1)]
-            for template in cases_for(op, shape):
+            for template in cases_for(op, shape, fast):
                 for pass_ in PASSES:
                     case = Case(op, template.impl, pass_, shape, template.fn, template.prepare)
                     row = {"op": op.name, "size": "x".join(map(str, shape)), "pass": pass_, "impl": case.impl}
@@ -461,7 +465,10 @@ def write_json_atomically(path: Path, payload) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small volumes: a dry run, timings mean nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small volumes: a dry run, timings mean nothing")
+    mode.add_argument("--fast", action="store_true",
+                      help="main size only, 3 samples, no reference-backend timings, no torch.compile: about a minute")
     parser.add_argument("--samples", type=int, default=7, help="timed samples per case (median reported)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--no-build", action="store_true", help="fail instead of building a missing CUDA core")
@@ -473,13 +480,15 @@ def main() -> None:
         sys.exit("gpu_benchmark.py needs a CUDA device")
     device = torch.cuda.get_device_name(0)
     sizes = [(24, 21, 19), (32, 27, 30)] if args.quick else [(144, 144, 128), (192, 160, 192)]
+    if args.fast:
+        sizes, args.samples = [(144, 144, 128)], min(args.samples, 3)
 
     bandwidth = copy_bandwidth(args.samples)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s on {device}", flush=True)
     checks = check_backends((2, 1, 13, 17, 19) if not args.quick else (1, 1, 7, 9, 11))
     for c in checks:
         print("check:", c, flush=True)
-    rows = run_timings(sizes, args.samples, bandwidth)
+    rows = run_timings(sizes, args.samples, bandwidth, args.fast)
     report = markdown(rows, checks, bandwidth, device, sizes)
     if args.json:
         write_json_atomically(args.json, {"device": device, "copy_bandwidth": bandwidth, "checks": checks,
