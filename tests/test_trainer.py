@@ -333,3 +333,40 @@ def test_resume_between_log_rows_writes_the_same_rows(tmp_path, monkeypatch):
     (out / "last.pt").write_bytes(kept[3])  # as if killed after step 5: the last checkpoint is step 3's
     Trainer(_config(tmp_path, resume="auto", **settings)).fit()
     assert [{k: r[k] for k in columns} for r in _rows(out / "train_log.csv")] == whole
+
+
+def test_checkpoint_model_config_is_checked_before_building(tmp_path, monkeypatch):
+    """A checkpoint's model_config is bounded, and its weights must fit it, before any network is built
+    from it (a hostile config of huge widths must not allocate first)."""
+    from gradreg_fast.train.checkpoint import MAX_WIDTH, check_model_config, save_checkpoint
+
+    train(_config(tmp_path, steps=1))
+    good = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    built = []
+    real_build = checkpoint_module.build_model
+    monkeypatch.setattr(checkpoint_module, "build_model",
+                        lambda **cfg: built.append(str(torch.empty(0).device)) or real_build(**cfg))
+    cases = {
+        "huge": ({**good["model_config"], "dec": MAX_WIDTH + 1}, f"1..{MAX_WIDTH}"),
+        "many": ({**good["model_config"], "refine": [4] * 100}, "at most"),
+        "unknown key": ({**good["model_config"], "depth": 3}, "keys"),
+        "name": ({**good["model_config"], "name": "resnet"}, "model name"),
+        "not a dict": ([1, 2], "mapping"),
+        "other widths": ({**good["model_config"], "enc": [8, 8, 8, 8]}, "do not fit"),
+    }
+    for label, (config, message) in cases.items():
+        path = tmp_path / f"{label}.pt"
+        save_checkpoint({key: value for key, value in good.items() if key != "format"} | {"model_config": config},
+                        path)
+        built.clear()
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(path)
+        assert set(built) <= {"meta"}, label  # refused before a network was built (meta: no memory)
+    without = {key: value for key, value in good.items() if key not in ("format", "model")}
+    save_checkpoint(without, tmp_path / "no_weights.pt")
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        load_checkpoint(tmp_path / "no_weights.pt")
+    model, info = load_checkpoint(tmp_path / "run" / "last.pt")  # a real one still loads
+    assert info["step"] == 1 and check_model_config(model.config) == model.config
+    with pytest.raises(ValueError, match=f"1..{MAX_WIDTH}"):
+        TrainConfig(enc=(4, 4, 4, 4), dec=4, refine=(MAX_WIDTH * 4,))  # the configuration has the same bounds

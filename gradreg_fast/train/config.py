@@ -14,11 +14,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .._backend import BACKENDS
 from ..data.synthetic import SyntheticPairs
 from ..losses import PRESETS, RegistrationLoss
 from ..models import MODELS, build_model
 from ..models.unet import LEVELS
+from .checkpoint import check_model_config
 
 try:
     import tomllib
@@ -78,8 +81,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         _choice("model", self.model, MODELS)
-        # The constructors check their own arguments; building them here makes a bad value fail at once.
-        build_model(**self.model_config())
+        # The constructors check their own arguments; building them here makes a bad value fail at once
+        # (on the meta device: no memory, whatever the widths), then the widths get an upper bound.
+        with torch.device("meta"):
+            build_model(**self.model_config())
+        check_model_config(self.model_config(), "configuration")
         RegistrationLoss(**self.loss_config())
         _choice("data", self.data, ("synthetic", "nifti"))
         if self.data == "synthetic":

@@ -39,7 +39,7 @@ from ..data import NiftiPairs, SyntheticPairs
 from ..losses import RegistrationLoss
 from ..models import DualBranchNet, build_model
 from .._atomic import atomic_write, sigterm_as_interrupt
-from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import check_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluation import folding_percentage, mean_dice, warp_labels
 
@@ -105,7 +105,7 @@ class Trainer:
         self.log_window = None  # a resumed run's partly filled log interval (see _loop)
         resume_from = self._resume_path()
         if resume_from is not None:
-            self._restore(read_checkpoint(resume_from))
+            self._restore(read_checkpoint(resume_from), str(resume_from))
         elif (self.out_dir / "last.pt").exists():
             raise FileExistsError(f"{str(self.out_dir)!r} already holds a run (last.pt): pass resume='auto' "
                                   f"(--resume auto) to continue it, or choose another out_dir")
@@ -154,7 +154,8 @@ class Trainer:
             return last if last.exists() else None
         return Path(resume)
 
-    def _restore(self, checkpoint: dict) -> None:
+    def _restore(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        check_checkpoint(checkpoint, source)
         if checkpoint["model_config"] != self.model.config:
             raise ValueError(f"the checkpoint holds model {checkpoint['model_config']}, but the configuration asks "
                              f"for {self.model.config}")
