@@ -211,7 +211,7 @@ def _check_bad_arguments(core: Core):
     small = core.workspace(64)
     flags = torch.empty(vol.shape, dtype=torch.uint8, device=core.device)
     args = (False, vol.data_ptr(), out.data_ptr(), out.data_ptr(), flags.data_ptr(), 1, 3, 4, 5)
-    assert "pairs" in m.descriptor_forward(*args, pairs[:7], 2, 2, True, False, small.data_ptr(), 64, s)
+    assert "pairs" in m.descriptor_forward(*args, pairs[:8], 2, 2, True, False, small.data_ptr(), 64, s)
     assert "radius" in m.descriptor_forward(*args, pairs, -1, 2, True, False, small.data_ptr(), 64, s)
     assert "dilation" in m.descriptor_forward(*args, pairs, 2, 0, True, False, small.data_ptr(), 64, s)
     assert "workspace" in m.descriptor_forward(*args, pairs, 2, 2, True, False, small.data_ptr(), 64, s)

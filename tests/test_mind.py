@@ -308,3 +308,83 @@ class TestBadInput:
     def test_bad_backend(self, op):
         with pytest.raises(ValueError, match="`backend` must be one of"):
             op(torch.ones(1, 1, 4, 5, 6), backend="fast")
+
+
+# ------------------------------------------------------------------ ties for the per-voxel minimum
+# The originals (ConvexAdam, TransMorph, VoxelMorph++) form the 12 SSC channels in their convolution's
+# order, take torch.min over them (the first of equal values carries the gradient), and only then permute
+# the channels. Rebuilt here from that description alone (not from the package's tables), with autograd.
+
+
+def _originals_channel_order():
+    six = [(-1, 0, 0), (0, 0, -1), (0, -1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 0)]
+    return [(six[i], six[j]) for i in range(6) for j in range(6)
+            if i > j and sum((p - q) ** 2 for p, q in zip(six[i], six[j])) == 2]
+
+
+def _replicate_shift(vol, offset, dilation):
+    d, h, w = vol.shape[2:]
+    padded = torch.nn.functional.pad(vol, (dilation,) * 6, mode="replicate")
+    z, y, x = (dilation * (1 + o) for o in offset)
+    return padded[:, :, z:z + d, y:y + h, x:x + w]
+
+
+def _ssc_in_the_originals_order(vol, radius=2, dilation=2, tie_order=None):
+    """MIND-SSC with the minimum taken over the originals' channel order (or over ``tie_order``)."""
+    channels = []
+    for a, b in _originals_channel_order():
+        squared = (_replicate_shift(vol, a, dilation) - _replicate_shift(vol, b, dilation)) ** 2
+        padded = torch.nn.functional.pad(squared, (radius,) * 6, mode="replicate")
+        channels.append(torch.nn.functional.avg_pool3d(padded, 2 * radius + 1, stride=1))
+    ssd = torch.cat(channels, dim=1)
+    order = list(range(12)) if tie_order is None else list(tie_order)
+    lowest = ssd[:, order].min(dim=1, keepdim=True).values
+    centred = ssd - lowest
+    variance = centred.mean(dim=1, keepdim=True)
+    m = variance.mean().item()  # a constant to autograd, as in the originals
+    variance = variance.clamp(m * 0.001, m * 1000)
+    return torch.exp(-centred / variance)[:, [6, 8, 1, 11, 2, 10, 0, 7, 9, 4, 5, 3]]
+
+
+def _tied_volumes(gen, shape=(1, 1, 14, 13, 12)):
+    warped = torch.randint(0, 4, shape, generator=gen).double()  # integer values: many exact ties
+    fixed = torch.rand(shape, generator=gen, dtype=torch.float64)
+    return warped, fixed
+
+
+def test_tied_volumes_are_sensitive_to_the_tie_order(gen):
+    # Guards the tests below: on these volumes another tie order gives another gradient.
+    warped, fixed = _tied_volumes(gen)
+    grads = []
+    for tie_order in (None, list(range(11, -1, -1))):
+        leaf = warped.clone().requires_grad_()
+        loss = ((_ssc_in_the_originals_order(leaf, tie_order=tie_order) - _ssc_in_the_originals_order(fixed)) ** 2)
+        loss.mean().backward()
+        grads.append(leaf.grad)
+    assert (grads[0] - grads[1]).abs().max() > 0.01 * grads[0].abs().max()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_loss_gradient_with_ties_equals_the_originals(backend, penalty, gen):
+    warped, fixed = _tied_volumes(gen)
+    leaf = warped.clone().requires_grad_()
+    diff = _ssc_in_the_originals_order(leaf) - _ssc_in_the_originals_order(fixed)
+    (diff**2 if penalty == "l2" else diff.abs()).mean().backward()
+    ours = warped.clone().requires_grad_()
+    gradreg_fast.mind_loss(ours, fixed, penalty=penalty, backend=backend).backward()
+    scale = leaf.grad.abs().max().item()
+    assert (ours.grad - leaf.grad).abs().max().item() <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("radius, dilation", [(2, 2), (1, 1), (1, 3)])
+def test_descriptor_gradient_with_ties_equals_the_originals(backend, radius, dilation, gen):
+    warped, _ = _tied_volumes(gen, (2, 1, 9, 8, 11))
+    grad_out = torch.randn((2, 12, 9, 8, 11), generator=gen, dtype=torch.float64)
+    out, (grad,) = value_and_grads(lambda v: gradreg_fast.mind_ssc(v, radius, dilation, backend=backend), [warped],
+                                   grad_out)
+    expected, (expected_grad,) = value_and_grads(lambda v: _ssc_in_the_originals_order(v, radius, dilation),
+                                                 [warped], grad_out)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    assert (grad - expected_grad).abs().max().item() <= 1e-12 * expected_grad.abs().max().item()

@@ -14,6 +14,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>

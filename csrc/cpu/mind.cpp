@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -168,14 +170,23 @@ struct DescriptorMaps {
   std::vector<int> oriented;  // per map: 6 ints, the (a, b) pair whose f it is (u = d a, v = d b), oriented
                               // so that a - b is canonical
   std::vector<ChannelSource> channel;
+  std::vector<int> tie_rank;  // per channel: which of equal minima carries the gradient (mind.h)
   int64_t shift_lo[3] = {0, 0, 0}, shift_hi[3] = {0, 0, 0};  // range of s over channels, per axis
 
   int count() const { return static_cast<int>(oriented.size() / 6); }
   const int* pair(int map) const { return oriented.data() + 6 * map; }
 };
 
+// `pairs` is the table of ops/mind_tables.py: 6 ints per channel, then K tie ranks.
 inline DescriptorMaps descriptor_maps(const int* pairs, int K, int dilation) {
   DescriptorMaps maps;
+  maps.tie_rank.assign(pairs + 6 * K, pairs + 7 * K);
+  std::vector<int> sorted_ranks(maps.tie_rank);
+  std::sort(sorted_ranks.begin(), sorted_ranks.end());
+  for (int k = 0; k < K; ++k)
+    if (sorted_ranks[k] != k)
+      throw std::invalid_argument("gradreg_fast._C: the tie ranks of the pair table must be a permutation of 0.." +
+                                  std::to_string(K - 1));
   for (int k = 0; k < K; ++k) {
     const int* pair = pairs + 6 * k;
     int e[3] = {pair[0] - pair[3], pair[1] - pair[4], pair[2] - pair[5]};
@@ -305,6 +316,7 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
   const T inv_box = T(1) / T(double(slots) * double(slots) * double(slots));
   const int64_t need_lo = std::max<int64_t>(0, z_begin - radius), need_hi = std::min<int64_t>(D - 1, z_end - 1 + radius);
   std::vector<int64_t> emitted(K, z_begin);
+  const int* tie_rank = maps.tie_rank.data();
   int64_t centred = z_begin;
   double sum = 0.0;
   const int map_count = maps.count();
@@ -338,7 +350,7 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
 #pragma omp simd reduction(+ : plane_sum)
       for (int64_t i = 0; i < HW; ++i) {
         uint8_t argmin;
-        const T v = descriptor_center(plane + i, store.channel_stride, K, inv_box, subtract_min, argmin);
+        const T v = descriptor_center(plane + i, store.channel_stride, K, inv_box, subtract_min, tie_rank, argmin);
         var[i] = v;
         flag[i] = argmin;
         plane_sum += v;

@@ -51,6 +51,15 @@ std::string& active_isa() {
   return isa;
 }
 
+// Channels of a MIND pair table (ops/mind_tables.py): 6 offsets, then one tie rank, per channel. The
+// argmin channel is kept in 7 bits of the flag byte.
+int descriptor_channels(const std::vector<int>& table) {
+  if (table.empty() || table.size() % 7 != 0 || table.size() > 7 * 0x7F)
+    throw std::invalid_argument("gradreg_fast._C: `pairs` must hold 7 ints per channel (6 offsets, a tie rank) "
+                                "for 1 to 127 channels, got " + std::to_string(table.size()) + " ints");
+  return static_cast<int>(table.size() / 7);
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> isas{"baseline"};
 #ifdef GRADREG_HAVE_AVX2_COPY
@@ -138,7 +147,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t vol, uintptr_t out, uintptr_t variance, uintptr_t flags, int64_t N,
          int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius, int dilation, bool subtract_min,
          bool per_item, int threads) {
-        const int K = static_cast<int>(pairs.size() / 6);
+        const int K = descriptor_channels(pairs);
         if (is_double(dtype))
           GRADREG_CALL(descriptor_forward, ptr<const double>(vol), ptr<double>(out), ptr<double>(variance),
                                            ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius, dilation,
@@ -154,7 +163,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t grad_out, double scale, uintptr_t out, uintptr_t vol,
          uintptr_t variance, uintptr_t flags, uintptr_t grad_vol, int64_t N, int64_t D, int64_t H, int64_t W,
          const std::vector<int>& pairs, int radius, int dilation, bool subtract_min, int threads) {
-        const int K = static_cast<int>(pairs.size() / 6);
+        const int K = descriptor_channels(pairs);
         if (is_double(dtype))
           GRADREG_CALL(descriptor_backward, ptr<const double>(grad_out), scale, ptr<const double>(out),
                        ptr<const double>(vol), ptr<const double>(variance), ptr<const uint8_t>(flags),
@@ -170,7 +179,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t fixed, uintptr_t out, uintptr_t derivative, uintptr_t variance,
          uintptr_t flags, int64_t N, int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius,
          int dilation, bool subtract_min, bool per_item, bool squared, int threads) {
-        const int K = static_cast<int>(pairs.size() / 6);
+        const int K = descriptor_channels(pairs);
         if (is_double(dtype))
           return GRADREG_CALL(descriptor_penalty, ptr<const double>(fixed), ptr<const double>(out),
                               ptr<double>(derivative), ptr<double>(variance), ptr<uint8_t>(flags), N, D, H, W,
@@ -185,7 +194,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t fixed, uintptr_t out, uintptr_t variance, uintptr_t flags, int64_t N,
          int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius, int dilation, bool subtract_min,
          bool per_item, bool squared, int threads) {
-        const int K = static_cast<int>(pairs.size() / 6);
+        const int K = descriptor_channels(pairs);
         if (is_double(dtype))
           return GRADREG_CALL(descriptor_penalty_streamed, ptr<const double>(fixed), ptr<const double>(out),
                               ptr<double>(variance), ptr<uint8_t>(flags), N, D, H, W, pairs.data(), K, radius,

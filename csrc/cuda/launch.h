@@ -29,8 +29,8 @@ std::string warp_backward(bool is_double, uintptr_t grad_out, uintptr_t image, u
                           bool deterministic, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
 int64_t warp_workspace_bytes(int64_t N, int64_t D, int64_t H, int64_t W, bool deterministic);
 
-// pairs: 6 ints per channel (a_z, a_y, a_x, b_z, b_y, b_x), 1 to 12 channels. scale (loss
-// backward): a device pointer to one scalar of the compute dtype, read by the kernel.
+// pairs: 6 ints per channel (a_z, a_y, a_x, b_z, b_y, b_x), then a tie rank per channel (mind.h), 1 to 12
+// channels. scale (loss backward): a device pointer to one scalar of the compute dtype, read by the kernel.
 std::string descriptor_forward(bool is_double, uintptr_t vol, uintptr_t out, uintptr_t variance, uintptr_t flags,
                                int64_t N, int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs, int radius,
                                int dilation, bool subtract_min, bool per_item, uintptr_t workspace,

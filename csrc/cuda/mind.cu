@@ -44,9 +44,11 @@ constexpr int64_t kMaxCenterBlocksPerItem = 1024;
 // spills are a few bytes at most (-Xptxas -warn-spills), which L1 absorbs.
 constexpr int kMinBlocksPerSM = 3;
 
-// The offset-pair table, passed by value as a kernel parameter.
+// The offset-pair table, passed by value as a kernel parameter: v holds 6 offsets per channel,
+// tie_rank which of equal minima carries the gradient (gradreg/mind.h).
 struct PairTable {
   int v[6 * kMaxDescriptorChannels];
+  int tie_rank[kMaxDescriptorChannels];
 };
 
 struct Geometry {
@@ -209,7 +211,7 @@ template <typename T, int kStaticK, bool kFinish>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     descriptor_center_kernel(const T* __restrict__ box, T* __restrict__ out, T* __restrict__ variance,
                              uint8_t* __restrict__ flags, double* __restrict__ partial_sums,
-                             const double* __restrict__ m_per_item, Geometry g) {
+                             const double* __restrict__ m_per_item, Geometry g, PairTable table) {
   __shared__ double scratch[kBlockThreads];
   const int K = kStaticK > 0 ? kStaticK : g.K;
   const int64_t HW = g.HW(), DHW = g.DHW(), item_rows = g.D * g.H, r = g.radius;
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
           }
         }
         uint8_t flag;
-        const T v = descriptor_center(values, int64_t(1), K, inv_box, g.subtract_min, flag);
+        const T v = descriptor_center(values, int64_t(1), K, inv_box, g.subtract_min, table.tie_rank, flag);
         if (kFinish) {
           const T vc = descriptor_clamped_variance(v, m, tiny, flag);
           descriptor_finish(values, int64_t(1), K, vc);
@@ -440,21 +442,30 @@ BackwardWorkspace carve_backward(uintptr_t base, const Geometry& g, size_t item_
 std::string make_geometry(const char* op, int64_t N, int64_t D, int64_t H, int64_t W, const std::vector<int>& pairs,
                           int radius, int dilation, bool subtract_min, Geometry* g, PairTable* table) {
   const std::string where(op);
-  if (pairs.empty() || pairs.size() % 6 != 0 || pairs.size() > 6 * size_t(kMaxDescriptorChannels))
-    return where + ": `pairs` must hold 6 ints per channel for 1 to " + std::to_string(kMaxDescriptorChannels) +
-           " channels, got " + std::to_string(pairs.size()) + " ints";
+  if (pairs.empty() || pairs.size() % 7 != 0 || pairs.size() > 7 * size_t(kMaxDescriptorChannels))
+    return where + ": `pairs` must hold 7 ints per channel (6 offsets, a tie rank) for 1 to " +
+           std::to_string(kMaxDescriptorChannels) + " channels, got " + std::to_string(pairs.size()) + " ints";
+  const int K = static_cast<int>(pairs.size() / 7);
   if (radius < 0) return where + ": `radius` must be >= 0, got " + std::to_string(radius);
   if (dilation < 1) return where + ": `dilation` must be >= 1, got " + std::to_string(dilation);
-  for (int offset : pairs)
-    if (offset < -1 || offset > 1) return where + ": `pairs` entries must be -1, 0 or 1, got " + std::to_string(offset);
-  const int K = static_cast<int>(pairs.size() / 6);
+  for (int i = 0; i < 6 * K; ++i)
+    if (pairs[i] < -1 || pairs[i] > 1)
+      return where + ": `pairs` offsets must be -1, 0 or 1, got " + std::to_string(pairs[i]);
+  bool rank_seen[kMaxDescriptorChannels] = {};
+  for (int k = 0; k < K; ++k) {
+    const int rank = pairs[6 * K + k];
+    if (rank < 0 || rank >= K || rank_seen[rank])
+      return where + ": the tie ranks of `pairs` must be a permutation of 0.." + std::to_string(K - 1);
+    rank_seen[rank] = true;
+  }
   int64_t total;
   if (N < 1 || D < 1 || H < 1 || W < 1 || !checked_product({N, int64_t(K), D, H, W}, &total) ||
       !checked_product({total, int64_t(8)}, &total))
     return where + ": sizes must be >= 1 with a product that fits int64, got N=" + std::to_string(N) +
            " D=" + std::to_string(D) + " H=" + std::to_string(H) + " W=" + std::to_string(W);
   *g = Geometry{N, D, H, W, K, radius, dilation, subtract_min};
-  for (int i = 0; i < 6 * kMaxDescriptorChannels; ++i) table->v[i] = i < int(pairs.size()) ? pairs[i] : 0;
+  for (int i = 0; i < 6 * kMaxDescriptorChannels; ++i) table->v[i] = i < 6 * K ? pairs[i] : 0;
+  for (int k = 0; k < kMaxDescriptorChannels; ++k) table->tie_rank[k] = k < K ? pairs[6 * K + k] : k;
   return "";
 }
 
@@ -470,25 +481,25 @@ unsigned tile_grid(const Geometry& g) { return grid_blocks(plane_tiles(g), 1); }
 
 template <typename T, int kStaticK>
 void launch_center(bool finish, const T* box, T* out, T* variance, uint8_t* flags, double* partial_sums,
-                   const double* m_per_item, const Geometry& g, cudaStream_t stream) {
+                   const double* m_per_item, const Geometry& g, const PairTable& table, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(center_blocks_per_item(g)), item_grid_y(g.N));
   if (finish)
     launch_kernel(descriptor_center_kernel<T, kStaticK, true>, grid, row_block(), stream, box, out, variance, flags,
-                  partial_sums, m_per_item, g);
+                  partial_sums, m_per_item, g, table);
   else
     launch_kernel(descriptor_center_kernel<T, kStaticK, false>, grid, row_block(), stream, box, out, variance, flags,
-                  partial_sums, m_per_item, g);
+                  partial_sums, m_per_item, g, table);
 }
 
 template <typename T>
 void launch_center_any_k(bool finish, const T* box, T* out, T* variance, uint8_t* flags, double* partial_sums,
-                         const double* m_per_item, const Geometry& g, cudaStream_t stream) {
+                         const double* m_per_item, const Geometry& g, const PairTable& table, cudaStream_t stream) {
   if (g.K == 12)
-    launch_center<T, 12>(finish, box, out, variance, flags, partial_sums, m_per_item, g, stream);
+    launch_center<T, 12>(finish, box, out, variance, flags, partial_sums, m_per_item, g, table, stream);
   else if (g.K == 6)
-    launch_center<T, 6>(finish, box, out, variance, flags, partial_sums, m_per_item, g, stream);
+    launch_center<T, 6>(finish, box, out, variance, flags, partial_sums, m_per_item, g, table, stream);
   else
-    launch_center<T, 0>(finish, box, out, variance, flags, partial_sums, m_per_item, g, stream);
+    launch_center<T, 0>(finish, box, out, variance, flags, partial_sums, m_per_item, g, table, stream);
 }
 
 template <typename T>
@@ -515,12 +526,12 @@ std::string forward(uintptr_t vol_ptr, uintptr_t out_ptr, uintptr_t variance_ptr
 
   launch_kernel(descriptor_box_xy_kernel<T>, tile_grid(g), row_block(), stream, vol, box, g, table);
   if (!(err = launch_error("descriptor_forward (box filter)")).empty()) return err;
-  launch_center_any_k<T>(false, box, out, variance, flags, ws.partial_sums, ws.m_per_item, g, stream);
+  launch_center_any_k<T>(false, box, out, variance, flags, ws.partial_sums, ws.m_per_item, g, table, stream);
   if (!(err = launch_error("descriptor_forward (variance sums)")).empty()) return err;
   launch_kernel(descriptor_mean_kernel, dim3(1), dim3(kBlockThreads), stream, ws.partial_sums, ws.m_per_item, g.N,
                 center_blocks_per_item(g), g.DHW(), per_item);
   if (!(err = launch_error("descriptor_forward (mean variance)")).empty()) return err;
-  launch_center_any_k<T>(true, box, out, variance, flags, ws.partial_sums, ws.m_per_item, g, stream);
+  launch_center_any_k<T>(true, box, out, variance, flags, ws.partial_sums, ws.m_per_item, g, table, stream);
   return launch_error("descriptor_forward (descriptor)");
 }
 

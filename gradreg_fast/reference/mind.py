@@ -9,7 +9,7 @@ The tables and the normalisation are defined in :mod:`gradreg_fast.ops.mind_tabl
 import torch
 import torch.nn.functional as F
 
-from ..ops.mind_tables import MIND_PAIRS, SSC_PAIRS, SSC_OFFSETS_3X3X3, SSC_PERMUTATION
+from ..ops.mind_tables import MIND_PAIRS, SSC_PAIRS, SSC_OFFSETS_3X3X3, SSC_PERMUTATION, TIE_RANKS
 
 
 def _shift(vol: torch.Tensor, offset, dilation: int) -> torch.Tensor:
@@ -26,13 +26,27 @@ def _box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     return F.avg_pool3d(F.pad(x, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
 
 
-def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False):
-    """Shared reference pipeline of :func:`mind` and :func:`mind_ssc`."""
+def _channel_minimum(patch, tie_ranks):
+    """The minimum over channels, its gradient going to the lowest-ranked of equal channels: torch.min takes
+    the first of equal values, so it runs over the channels sorted by rank."""
+    scan_order = sorted(range(len(tie_ranks)), key=lambda k: tie_ranks[k])
+    return patch[:, scan_order].min(dim=1, keepdim=True).values
+
+
+def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False, tie_ranks=None):
+    """Shared reference pipeline of :func:`mind` and :func:`mind_ssc`.
+
+    ``tie_ranks``: which of several equal channel minima takes the gradient (the lowest rank); by default
+    the rank the descriptor's table defines (see :func:`mind_ssc`), else the table order.
+    """
+    pairs = tuple(pairs)
+    if tie_ranks is None:
+        tie_ranks = TIE_RANKS.get(pairs, tuple(range(len(pairs))))
     patch = torch.cat(
         [_box_mean((_shift(vol, a, dilation) - _shift(vol, b, dilation)) ** 2, radius) for a, b in pairs], dim=1
     )
     if subtract_min:
-        patch = patch - patch.min(dim=1, keepdim=True).values
+        patch = patch - _channel_minimum(patch, tie_ranks)
     variance = patch.mean(dim=1, keepdim=True)
     dims = tuple(range(1, variance.dim())) if per_item else tuple(range(variance.dim()))
     m = variance.detach().mean(dim=dims, keepdim=True)

@@ -1,7 +1,8 @@
 """Triton MIND / MIND-SSC descriptors, forward and backward, with the math of
 csrc/include/gradreg/mind.h and csrc/cpu/mind.cpp.
 
-Forward, for K offset pairs (a_k, b_k) (a small int32 table on the device):
+Forward, for K offset pairs (a_k, b_k) (a small int32 table on the device, 6 ints per channel, then K tie
+ranks):
 
 1. x pass: box sum along x of the squared differences (I[clamp(x + d a_k)] - I[clamp(x + d b_k)])^2,
    formed on the fly (never stored unfiltered);
@@ -145,20 +146,26 @@ def _channel_tile(item, p, mask, D, H, W, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _center_kernel(box_ptr, centered_ptr, variance_ptr, flags_ptr, D, H, W, blocks_per_item, K: tl.constexpr,
-                   KP: tl.constexpr, R: tl.constexpr, SUBTRACT_MIN: tl.constexpr, BLOCK: tl.constexpr):
-    """z pass of the box filter on all K channels of a voxel tile, then the per-voxel centring."""
+def _center_kernel(box_ptr, centered_ptr, variance_ptr, flags_ptr, pair_ptr, D, H, W, blocks_per_item,
+                   K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, SUBTRACT_MIN: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """z pass of the box filter on all K channels of a voxel tile, then the per-voxel centring.
+
+    The argmin is, among the channels equal to the minimum, the one of lowest tie rank (the table's
+    last K ints; see descriptor_center in gradreg/mind.h)."""
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
     offsets, tile_mask, k = _channel_tile(item, p, mask, D, H, W, K, KP)
     acc = tl.zeros([KP, BLOCK], dtype=centered_ptr.dtype.element_ty)
     for t in tl.static_range(2 * R + 1):
         shift = (_clamp(z + (t - R), D) - z) * (H * W)
         acc += tl.load(box_ptr + (offsets + shift[None, :]), mask=tile_mask, other=0.0)
+    candidates = tl.where(tile_mask, acc, float("inf"))
+    lowest = tl.min(candidates, axis=0)
+    rank = tl.load(pair_ptr + 6 * K + k, mask=k < K, other=KP)
+    argmin = tl.argmin(tl.where(candidates == lowest[None, :], rank, KP), axis=0)
+    if SUBTRACT_MIN:  # from the sums, then scaled, as descriptor_center: the minimum channel is exactly 0
+        acc = acc - lowest[None, :]
     values = acc * (1.0 / ((2 * R + 1) * (2 * R + 1) * (2 * R + 1)))
-    candidates = tl.where(tile_mask, values, float("inf"))
-    argmin = tl.argmin(candidates, axis=0, tie_break_left=True)  # first index wins ties, as torch.min
-    if SUBTRACT_MIN:
-        values = values - tl.min(candidates, axis=0)[None, :]
     variance = tl.sum(tl.where(tile_mask, values, 0.0), axis=0) / K
     tl.store(centered_ptr + offsets, values, mask=tile_mask)
     voxel = item * D * H * W + p
@@ -303,9 +310,12 @@ def _pair_table(pairs: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _channels(pairs) -> int:
-    if len(pairs) == 0 or len(pairs) % 6 != 0:
-        raise ValueError(f"gradreg_fast.{OP} (triton): `pairs` must hold 6 ints per channel, got {len(pairs)} ints")
-    k = len(pairs) // 6
+    if len(pairs) == 0 or len(pairs) % 7 != 0:
+        raise ValueError(f"gradreg_fast.{OP} (triton): `pairs` must hold 7 ints per channel (6 offsets, a tie "
+                         f"rank), got {len(pairs)} ints")
+    k = len(pairs) // 7
+    if sorted(pairs[6 * k:]) != list(range(k)):
+        raise ValueError(f"gradreg_fast.{OP} (triton): the tie ranks of `pairs` must be a permutation of 0..{k - 1}")
     if k > MAX_CHANNELS:
         raise ValueError(f"gradreg_fast.{OP} (triton): at most {MAX_CHANNELS} channels fit the flag byte, got {k}")
     return k
@@ -333,7 +343,7 @@ def descriptor_forward(vol: torch.Tensor, pairs, radius: int, dilation: int, sub
                                            **LAUNCH_OPTIONS)
     _box_sum_axis_kernel[grid](box, out, d, h, w, blocks, AXIS=1, R=radius, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     kp = triton.next_power_of_2(k)
-    _center_kernel[tile_grid](out, box, variance, flags, d, h, w, tile_blocks, K=k, KP=kp, R=radius,
+    _center_kernel[tile_grid](out, box, variance, flags, table, d, h, w, tile_blocks, K=k, KP=kp, R=radius,
                               SUBTRACT_MIN=bool(subtract_min), BLOCK=TILE, **LAUNCH_OPTIONS)
     # m on the device (no .item()): per item, or over the batch and repeated per item.
     mean = variance.view(n, -1).mean(dim=1) if per_item else variance.mean().expand(n).contiguous()

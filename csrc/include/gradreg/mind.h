@@ -32,23 +32,32 @@ GR_HD T descriptor_squared_difference(const T* vol, int64_t z, int64_t y, int64_
   return diff * diff;
 }
 
-// In place over the K box sums of one voxel (channel stride cs): scales them to means,
-// subtracts the minimum if asked, and returns their mean (the local variance estimate).
+// In place over the K box sums of one voxel (channel stride cs): subtracts the minimum if asked,
+// scales them to means, and returns their mean (the local variance estimate). The minimum is
+// subtracted from the sums before scaling, so the minimum channel comes out exactly 0 (with
+// s * inv_box - lowest the compiler may fuse an FMA, which leaves the rounding error instead).
+// `argmin` gets the channel that carries the minimum: among equal values the one with the lowest
+// tie_rank[k]. The originals take torch.min (first index wins) over their convolution's channel
+// order before permuting the channels, and the tie ranks give that order (ops/mind_tables.py), so
+// the gradient goes to the same channel as theirs.
 template <typename T>
-GR_HD T descriptor_center(T* values, int64_t cs, int K, T inv_box, bool subtract_min, uint8_t& argmin) {
-  T lowest = values[0] * inv_box;
+GR_HD T descriptor_center(T* values, int64_t cs, int K, T inv_box, bool subtract_min, const int* tie_rank,
+                          uint8_t& argmin) {
+  T lowest = values[0];
+  int lowest_rank = tie_rank[0];
   argmin = 0;
   for (int k = 1; k < K; ++k) {
-    const T v = values[k * cs] * inv_box;
-    if (v < lowest) {  // first index wins ties, as torch.min
+    const T v = values[k * cs];
+    if (v < lowest || (v == lowest && tie_rank[k] < lowest_rank)) {
       lowest = v;
+      lowest_rank = tie_rank[k];
       argmin = static_cast<uint8_t>(k);
     }
   }
   const T shift = subtract_min ? lowest : T(0);
   T sum = T(0);
   for (int k = 0; k < K; ++k) {
-    const T v = values[k * cs] * inv_box - shift;
+    const T v = (values[k * cs] - shift) * inv_box;
     values[k * cs] = v;
     sum += v;
   }
