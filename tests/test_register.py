@@ -43,7 +43,7 @@ def test_field_registration_recovers_a_known_deformation_across_modalities():
     truth = smooth_displacement(shape, amplitude=4.0, sigma=5, seed=2)  # voxels
     moving = 1.0 - g.warp(fixed, truth, padding_mode="border")  # inverted contrast: a second "modality"
     expected = inverse_flow(truth)  # warp(moving, expected) == 1 - fixed
-    settings = FieldSettings(levels=(2, 1), iterations=(30, 15), control=1, lr=0.5)
+    settings = FieldSettings(convex_grid=2, search_radius=3, iterations=(30, 15), adam_grid=(2, 1))
     result = optimize_field(fixed, moving, settings)
     inner = (slice(None), slice(None)) + (slice(4, -4),) * 3  # away from the zero padding at the borders
     error_before = expected[inner].norm(dim=1).mean()
@@ -62,7 +62,7 @@ def test_field_registration_in_a_reordered_axis_layout():
     fixed = torch.from_numpy(smooth_texture(shape, 2.0, seed=3)).float()[None, None]
     truth = smooth_displacement(shape, amplitude=3.0, sigma=4, seed=4)
     moving = 1.0 - g.warp(fixed, truth, padding_mode="border")
-    settings = FieldSettings(levels=(2, 1), iterations=(30, 15), control=1, lr=0.5)
+    settings = FieldSettings(convex_grid=2, search_radius=3, iterations=(30, 15), adam_grid=(2, 1))
     result = optimize_field(fixed, moving, settings)
     expected = inverse_flow(truth)
     inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
@@ -70,7 +70,7 @@ def test_field_registration_in_a_reordered_axis_layout():
     assert (result.flow - expected)[inner].norm(dim=1).mean() < 0.5 * expected[inner].norm(dim=1).mean()
     # The same optimisation run by hand on the reversed layout (where no reordering happens), then
     # reversed back, gives the same flow.
-    short = FieldSettings(levels=(1,), iterations=(3,), control=1, lr=0.5)
+    short = FieldSettings(convex_grid=2, search_radius=2, iterations=(3,), adam_grid=1)
     reverse = lambda t: t.permute(0, 1, 4, 3, 2).contiguous()  # noqa: E731
     by_hand = optimize_field(reverse(fixed), reverse(moving), short).flow
     by_hand = reverse(by_hand)[:, [2, 1, 0]]
@@ -194,7 +194,7 @@ def synthetic_pair(tmp_path_factory):
 def test_pipeline_registers_and_writes_consistent_outputs(synthetic_pair, tmp_path):
     files = synthetic_pair
     settings = Settings(affine_iterations=(10, 10))
-    settings.field.iterations = (15, 15, 10)
+    settings.field.iterations = (40,)
     result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], settings,
                       label_names={1: "a", 2: "b"}, device="cpu", progress=False)
     stages = result.metrics["stages"]

@@ -1,72 +1,73 @@
-"""Deformable registration of one pair by instance optimisation, coarse to fine.
+"""Deformable registration of one pair by instance optimisation: a discrete convex search, then Adam.
 
 Two ways, both under the structure of eq. 2 of Xu et al. (an image similarity, a gradient-map
 similarity weighted by alpha, and smoothness terms):
 
-* :func:`optimize_field` (the default; no trained model needed) optimises a displacement field
-  directly. One field serves both similarity terms (a documented choice): the image term compares the
-  warped moving image with the fixed one, the gradient term compares the warped gradient-magnitude map
-  G(moving) with G(fixed) (G = :func:`gradreg_fast.gradient_magnitude`), both with the fused MIND-SSC
-  loss (:func:`gradreg_fast.mind_loss`). With one field, eq. 2's two regularisers (on the image and the
-  gradient branch's fields) fall on the same field and merge into one smoothness term. Two independent
-  fields would not interact (each similarity term would only see its own field), so the gradient term
-  could never guide the field that is returned.
+* :func:`optimize_field` (the default; no trained model needed) finds a displacement field in two
+  stages, after ConvexAdam (Siebert, Hansen, Heinrich 2021): a coupled convex optimisation over a fused
+  MIND-SSC cost volume (:mod:`.convex`, large capture range, no gradient), then an Adam refinement of a
+  stationary velocity integrated by scaling and squaring (invertible maps). The paper's gradient guidance
+  enters both: the MIND-SSC descriptors of the gradient-magnitude maps G(fixed), G(moving) (eq. 1,
+  :func:`gradreg_fast.gradient_magnitude`) join the image descriptors with weight ``alpha``, in the cost
+  volume and in the refinement's objective. One field serves both terms (a documented choice): two
+  independent fields would not interact, so the gradient term could never guide the returned field,
+  and eq. 2's two regularisers then fall on the same field and merge into one smoothness term.
 * :func:`optimize_network` fine-tunes the dual-branch network (from a checkpoint, or freshly built) on
   the single pair with the project's :class:`gradreg_fast.losses.RegistrationLoss`.
 
-The field is a stationary velocity on a coarse control grid, integrated by scaling and squaring (so it
-stays invertible: no folding even where the anatomy of two people differs a lot) and upsampled
-trilinearly to the images. Coarse to fine: each level has an image pyramid factor (block averages) and
-a control-grid factor; the velocity is carried from level to level. Labels are never used.
+Labels are never used.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .. import gradient_magnitude, mind_loss, mind_ssc, warp
+from .. import gradient_magnitude, mind_ssc, warp
 from ..losses import flow_smoothness
 from .affine import coarse_box, downsample, record_step
+from .convex import COUPLING, box3, convex_field
 
 
 @dataclass
 class FieldSettings:
-    """How :func:`optimize_field` runs.
+    """How :func:`optimize_field` runs: a discrete coupled convex search, then an Adam refinement.
 
-    The defaults were chosen on the bundled CT/MR pair (3 mm, 128x96x32 working grid), measuring mean
-    organ Dice. Two findings shaped them. MIND-SSC on a 1/4-scale image level (12 mm voxels, 8 slices)
-    misled the field (the left kidney went astray), so the coarsest images are at 1/2 scale; the
-    capture range comes from the field's own resolution instead: its control grid is at 1/8, then 1/4
-    of the full grid's resolution on 1/2-scale images, then at 1/2 on full-resolution images. With
-    this schedule the result hardly depended on the affine stage (Dice 0.708-0.715 after affines of
-    20+20, 40+40 and 100+50 steps), where a full-resolution field from the start had swung between
-    0.61 and 0.73. Smoothness 0.6 / 0.9 / 1.5 gave Dice 0.735 / 0.708 / 0.648 and SDlogJ 0.49 / 0.42 /
-    0.34; 0.9 is the default, trading a little overlap for a more regular field. Those figures were
-    taken with 40, 40, 20 steps (now :func:`gradreg_fast.register.thorough_settings`); the default
-    15, 15, 3 steps give Dice 0.648 in about a third of the time (benchmarks/RESULTS.md).
+    The defaults were chosen on the validation set of benchmarks/validation.py (six same-subject CT/MR-like
+    cases with known deformations, built from the bundled scans) and checked on the bundled inter-subject
+    pair; benchmarks/RESULTS.md gives the figures. Units: ``convex_grid`` and ``adam_grid`` in voxels of
+    the working grid; ``search_radius`` in convex control cells; ``lr`` in Adam-grid voxels per step.
     """
 
-    levels: tuple = (2, 2, 1)  # image pyramid factor of each level, coarse to fine
-    iterations: tuple = (15, 15, 3)  # Adam steps per level
-    control: int | tuple = (4, 2, 2)  # the control grid is this many times coarser than the level's images
-    # (one number for every level, or one per level)
-    lr: float = 1.0  # control-grid voxels per Adam step
-    alpha: float = 0.5  # weight of the gradient-map similarity (eq. 2, abdomen preset)
-    smoothness: float = 0.9  # weight of flow_smoothness(velocity) (eq. 2's gamma + beta on one field)
+    # descriptors (MIND-SSC of the images, and of their gradient-magnitude maps for alpha > 0)
+    radius: int = 1  # MIND-SSC patch radius
+    dilation: int = 2  # MIND-SSC neighbour distance
+    alpha: float = 0.5  # weight of the gradient-map terms (eq. 2's alpha, abdomen preset); 0 switches them off
+    # stage 1: coupled convex optimisation over a cost volume
+    convex_grid: int = 4  # control-point spacing of the discrete search
+    search_radius: int = 4  # displacements of -r..r control cells per axis, (2r+1)^3 of them
+    coupling: tuple = COUPLING
+    symmetric: bool = True  # inverse-consistent forward and backward searches
+    # stage 2: Adam on a finer control grid, stationary velocity integrated by scaling and squaring
+    adam_grid: int | tuple = 2  # one for every level, or one per level (coarse to fine)
+    iterations: tuple = (40,)  # Adam steps of each level
+    lr: float = 0.5
+    warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
+    smoothness: float = 1.25  # weight of the squared spatial gradient of the (smoothed) velocity
     squarings: int = 6  # scaling-and-squaring steps (0: the velocity is used as a displacement)
-    penalty: str = "l1"  # MIND-SSC penalty, "l1" or "l2"
-    radius: int | None = None  # MIND-SSC patch radius (None: the op's default, 2)
-    dilation: int | None = None  # MIND-SSC neighbour distance (None: the op's default, 2)
+    smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
 
 
 @dataclass
 class FieldResult:
     flow: torch.Tensor  # (1, 3, D, H, W) displacement, voxels of the full grid
-    velocity: torch.Tensor  # (1, 3, d, h, w) the optimised velocity on the last control grid
-    losses: list = field(default_factory=list)
+    velocity: torch.Tensor  # (1, 3, d, h, w) the optimised (smoothed) velocity on the Adam grid
+    losses: list = field(default_factory=list)  # the objective after every Adam step
+    level_objectives: list = field(default_factory=list)  # (start, end) objective of every Adam level
+    convex_flow: torch.Tensor | None = None  # (1, 3, D, H, W) the convex stage's field alone
 
 
 def integrate(velocity: torch.Tensor, squarings: int, backend: str | None = None) -> torch.Tensor:
@@ -108,94 +109,172 @@ def _permute_field(field: torch.Tensor, order, inverse) -> torch.Tensor:
     return _permute_axes(field, inverse)[:, list(inverse)].contiguous()
 
 
-def _per_level(value, count: int, name: str) -> tuple:
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
-    if len(values) != count:
-        raise ValueError(f"FieldSettings: `{name}` must be one number or one per level ({count}), got {value!r}")
-    return values
+def _levels(settings: FieldSettings) -> list:
+    """[(Adam grid, steps)] of every Adam level."""
+    steps = tuple(settings.iterations) if isinstance(settings.iterations, (tuple, list)) else (settings.iterations,)
+    if not steps or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in steps):
+        raise ValueError(f"FieldSettings: `iterations` must be a tuple of step counts >= 0, got {settings.iterations!r}")
+    grids = settings.adam_grid if isinstance(settings.adam_grid, (tuple, list)) else (settings.adam_grid,) * len(steps)
+    if len(grids) != len(steps) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grids):
+        raise ValueError(f"FieldSettings: `adam_grid` must be one integer >= 1 or one per level ({len(steps)}), "
+                         f"got {settings.adam_grid!r}")
+    return list(zip(grids, steps))
+
+
+def _check_settings(settings: FieldSettings, shape) -> None:
+    for name in ("radius", "dilation", "convex_grid", "search_radius", "warmup"):
+        value = getattr(settings, name)
+        low = 0 if name in ("search_radius", "warmup") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"FieldSettings: `{name}` must be an integer >= {low}, got {value!r}")
+    for name in ("alpha", "lr", "smoothness"):
+        value = getattr(settings, name)
+        if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            raise ValueError(f"FieldSettings: `{name}` must be a finite number >= 0, got {value!r}")
+    grids = [("convex_grid", settings.convex_grid)] + [("adam_grid", grid) for grid, _ in _levels(settings)]
+    for name, grid in grids:
+        if any(n % grid for n in shape):
+            raise ValueError(f"grid {tuple(shape)} is not divisible by FieldSettings.{name} = {grid}")
+
+
+def _outside(loss_box, factor: int, shape) -> torch.Tensor | None:
+    """(d, h, w) bool: the points of a ``factor``-coarser grid outside the fixed field of view."""
+    if loss_box is None:
+        return None
+    inside = torch.zeros(shape, dtype=torch.bool)
+    inside[coarse_box(loss_box, factor, shape, minimum=1)[2:]] = True
+    return ~inside
+
+
+class _Objective:
+    """The Adam stage's objective for a velocity on an Adam grid: squared differences between the fixed
+    descriptors and the warped moving ones (summed over channels, averaged over the fixed field of view),
+    plus ``smoothness`` times the velocity's squared spatial gradient (summed over the three axes, as
+    ConvexAdam's diffusion term). The descriptors carry their term's weight (see :func:`_weighted`)."""
+
+    def __init__(self, fixed_features, moving_features, box, settings: FieldSettings, backend):
+        self.fixed, self.moving, self.box, self.settings, self.backend = (fixed_features, moving_features, box,
+                                                                          settings, backend)
+
+    def smoothed(self, parameters):
+        return box3(parameters, self.settings.smoothing_passes) if self.settings.smoothing_passes else parameters
+
+    def __call__(self, parameters):
+        velocity = self.smoothed(parameters)
+        flow = integrate(velocity, self.settings.squarings, self.backend)
+        warped = warp(self.moving, flow, padding_mode="border", backend=self.backend)[self.box]
+        return (warped - self.fixed).square().sum(1).mean() + 3.0 * self.settings.smoothness * flow_smoothness(velocity)
+
+
+def _weighted(pairs):
+    """[(fixed, moving, weight)] descriptor pairs -> one (fixed, moving) pair of stacked channels, each
+    scaled by sqrt(weight): a sum of squared differences over the stack is then the weighted sum of the
+    terms, and every stage (cost volume, warp) handles both terms in one call."""
+    fixed = torch.cat([f * math.sqrt(w) for f, _, w in pairs], 1)
+    moving = torch.cat([m * math.sqrt(w) for _, m, w in pairs], 1)
+    return fixed, moving
 
 
 def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSettings | None = None,
                    loss_box=None, progress=None, backend: str | None = None) -> FieldResult:
-    """Instance-optimise a displacement field warping ``moving`` onto ``fixed`` ((1, 1, D, H, W) each).
+    """Register ``moving`` onto ``fixed`` ((1, 1, D, H, W) each, one grid) with a displacement field.
 
-    Each Adam step: integrate the control-grid velocity, upsample the displacement to the level's
-    images, warp the moving image (and its gradient map) with the fused warp, and add the MIND-SSC
-    terms and the smoothness of the velocity.
+    1. Descriptors: MIND-SSC of both images and, with ``alpha`` > 0, of their gradient-magnitude maps
+       G (eq. 1 of Xu et al.; the paper's gradient guidance): computed once, at full resolution.
+    2. Coupled convex optimisation (:mod:`.convex`): the descriptors are block-averaged onto a control grid
+       of ``convex_grid`` voxels, a cost volume over (2 * search_radius + 1)^3 displacements is formed with
+       the fused :func:`gradreg_fast.mind_cost_volume` (image cost + alpha * gradient-map cost), and the
+       field is found by the alternating search/smoothing with rising coupling; inverse consistent with
+       ``symmetric``. No gradient: the capture range is the search window.
+    3. Adam refinement on an ``adam_grid`` control grid: a stationary velocity (initialised with the convex
+       field), smoothed by box passes, integrated by scaling and squaring (so the map stays invertible),
+       warps the block-averaged moving descriptors with the fused warp; the objective is
+       :class:`_Objective`. The learning rate decays (cosine) to zero over each level, and a level returns
+       the best velocity it saw, so its objective never ends above where it started.
 
     Args:
-        loss_box: slices of the full grid where the similarity is measured (the fixed field of view),
-            so that zero padding outside it does not pull the field; the smoothness covers the whole grid.
-        progress: a tqdm-like object, updated once per step.
+        loss_box: slices of the full grid where the similarity is measured (the fixed field of view), so that
+            zero padding outside it does not pull the field; the smoothness covers the whole grid.
+        progress: a tqdm-like object, updated once per Adam step.
 
     Returns:
-        :class:`FieldResult` with the full-resolution displacement.
+        :class:`FieldResult` with the full-resolution displacement (voxels of the full grid).
     """
     settings = settings or FieldSettings()
-    if fixed.dim() == 5 and fixed.shape == moving.shape:
-        # Every term of the loss treats the three axes alike, so the optimisation may run in any axis
-        # order. The fused kernels vectorise along the last (contiguous) axis and pay a fixed cost per
-        # row: with the longest axis last they run up to 2x faster on thick-slice grids (measured on
-        # the bundled pair: 128x96x32 -> 32x96x128). The result comes back in the caller's order.
-        order = tuple(sorted(range(3), key=lambda axis: (fixed.shape[2 + axis], axis)))
-        if fixed.shape[2 + order[2]] > fixed.shape[4]:
-            box = None if loss_box is None else tuple(loss_box[axis] for axis in order)
-            result = optimize_field(_permute_axes(fixed, order), _permute_axes(moving, order), settings, box,
-                                    progress, backend)
-            inverse = tuple(order.index(axis) for axis in range(3))
-            return FieldResult(_permute_field(result.flow, order, inverse), _permute_field(result.velocity, order,
-                                                                                           inverse), result.losses)
-    count = len(settings.levels)
-    iterations = _per_level(settings.iterations, count, "iterations")
-    controls = _per_level(settings.control, count, "control")
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
         raise ValueError(f"`fixed` and `moving` must both be (1, 1, D, H, W), got {tuple(fixed.shape)} and "
                          f"{tuple(moving.shape)}")
     shape = tuple(fixed.shape[2:])
-    for factor, control in zip(settings.levels, controls):
-        if any(n % (factor * control) for n in shape):
-            raise ValueError(f"grid {shape} is not divisible by the pyramid factor {factor} times the control "
-                             f"factor {control}")
+    _check_settings(settings, shape)
+    levels = _levels(settings)
+    # Every term treats the three axes alike, so the work may run in any axis order; the fused kernels
+    # vectorise along the last axis and pay a fixed cost per row, so the longest axis goes last.
+    order = tuple(sorted(range(3), key=lambda axis: (shape[axis], axis)))
+    if shape[order[2]] > shape[2]:
+        box = None if loss_box is None else tuple(loss_box[axis] for axis in order)
+        result = optimize_field(_permute_axes(fixed, order), _permute_axes(moving, order), settings, box, progress,
+                                backend)
+        inverse = tuple(order.index(axis) for axis in range(3))
+        return FieldResult(_permute_field(result.flow, order, inverse), _permute_field(result.velocity, order, inverse),
+                           result.losses, result.level_objectives, _permute_field(result.convex_flow, order, inverse))
 
-    mind_settings = {"radius": settings.radius, "dilation": settings.dilation}
-    mind_settings = {key: value for key, value in mind_settings.items() if value is not None}
-
-    def descriptor(image):  # of a fixed image, once per level: the loss then skips it at every step
-        with torch.no_grad():
-            return mind_ssc(image, backend=backend, **mind_settings)
-
-    def similarity(warped, target_descriptor):
-        return mind_loss(warped, fixed_descriptor=target_descriptor, penalty=settings.penalty, backend=backend,
-                         **mind_settings)
-
-    velocity = torch.zeros((1, 3) + tuple(n // (settings.levels[0] * controls[0]) for n in shape),
-                           dtype=fixed.dtype, device=fixed.device)
-    losses = []
-    for factor, steps, control in zip(settings.levels, iterations, controls):
-        fixed_level, moving_level = downsample(fixed, factor), downsample(moving, factor)
-        level_shape = tuple(fixed_level.shape[2:])
-        box = coarse_box(loss_box, factor, level_shape)
-        fixed_crop = descriptor(fixed_level[box])
+    mind = {"radius": settings.radius, "dilation": settings.dilation}
+    with torch.no_grad():
+        features = [(mind_ssc(fixed, backend=backend, **mind), mind_ssc(moving, backend=backend, **mind), 1.0)]
         if settings.alpha > 0:
-            moving_gradient = gradient_magnitude(moving_level, backend=backend)
-            fixed_gradient = descriptor(gradient_magnitude(fixed_level, backend=backend)[box])
-        velocity = resize_flow(velocity.detach(), tuple(n // control for n in level_shape)).requires_grad_(True)
-        optimizer = torch.optim.Adam([velocity], lr=settings.lr)
+            features.append((mind_ssc(gradient_magnitude(fixed, backend=backend), backend=backend, **mind),
+                             mind_ssc(gradient_magnitude(moving, backend=backend), backend=backend, **mind),
+                             float(settings.alpha)))
+
+        fixed_features, moving_features = _weighted(features)
+        del features
+
+        # 1. coupled convex optimisation on the convex control grid
+        g = settings.convex_grid
+        outside = _outside(loss_box, g, tuple(n // g for n in shape))
+        if outside is not None:
+            outside = outside.to(fixed.device)
+        cells = convex_field(downsample(fixed_features, g), downsample(moving_features, g), settings.search_radius,
+                             outside, settings.coupling, settings.symmetric, backend)
+        convex_flow = resize_flow(cells, shape)  # control-grid voxels (cells) -> voxels of the full grid
+
+        parameters = convex_flow
+    losses, level_objectives = [], []
+    for grid, steps in levels:
+        # 2. Adam on this level's grid, from the previous level's velocity
+        level_shape = tuple(n // grid for n in shape)
+        box = coarse_box(loss_box, grid, level_shape, minimum=1)
+        with torch.no_grad():
+            objective = _Objective(downsample(fixed_features, grid)[box], downsample(moving_features, grid), box,
+                                   settings, backend)
+        parameters = resize_flow(parameters.detach(), level_shape).requires_grad_(True)
+        optimizer = torch.optim.Adam([parameters], lr=settings.lr)
+        warm, total = max(settings.warmup, 1), max(steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (
+            1.0 + math.cos(math.pi * min(i, total) / total)))
+        best_value, best, start = math.inf, parameters.detach().clone(), None
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            flow = resize_flow(integrate(velocity, settings.squarings, backend), level_shape)
-            loss = similarity(warp(moving_level, flow, backend=backend)[box], fixed_crop)
-            if settings.alpha > 0:
-                warped_gradient = warp(moving_gradient, flow, backend=backend)[box]
-                loss = loss + settings.alpha * similarity(warped_gradient, fixed_gradient)
-            loss = loss + settings.smoothness * flow_smoothness(velocity)
+            loss = objective(parameters)  # of the parameters before this step
+            value = loss.item()
+            start = value if start is None else start
+            if value < best_value:
+                best_value, best = value, parameters.detach().clone()
             loss.backward()
             optimizer.step()
-            record_step(loss, factor, losses, progress)
-    velocity = velocity.detach()
+            schedule.step()
+            record_step(loss, grid, losses, progress)
+        with torch.no_grad():
+            value = objective(parameters).item()
+        start = value if start is None else start
+        if value < best_value:
+            best_value, best = value, parameters.detach().clone()
+        parameters = best
+        level_objectives.append((start, best_value))
     with torch.no_grad():
+        velocity = objective.smoothed(parameters)
         flow = resize_flow(integrate(velocity, settings.squarings, backend), shape)
-    return FieldResult(flow, velocity, losses)
+    return FieldResult(flow, velocity, losses, level_objectives, convex_flow)
 
 
 def _crop_output(output, box):

@@ -1,0 +1,211 @@
+"""gradreg against ConvexAdam and ANTs SyN on every validation case, in one run, on one machine.
+
+Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error) and
+the bundled inter-subject CT/MR pair. Every method starts from the same place, the centre-of-mass
+alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
+
+* gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable);
+* ConvexAdam: the ``convexadam`` package (PyPI; ``convex_adam_pt`` with its own defaults: MIND-SSC r=1 d=2,
+  6-voxel grid, search half-width 4, lambda 1.25, 80 Adam steps on a 2-voxel grid, inverse consistency)
+  on the two images after the centre-of-mass alignment, float32 on the CPU;
+* ANTs SyN: ``antspyx`` (its own venv: it pins old numpy/scipy) with ``type_of_transform="SyN"`` (its
+  affine stage, then SyN), Mattes mutual information, iterations 100/70/50, on the same images.
+
+Scoring is the same for all: each method's map from the fixed image's grid to the moving world is
+composed with the centre-of-mass transform, the moving labels are sampled there (nearest) and scored with
+:mod:`gradreg_fast.metrics` against the fixed labels (organs 1 spleen, 2 right kidney, 3 left kidney,
+5 liver); the endpoint error against the known answer over the fixed body mask; folding (% of voxels
+with det J <= 0) and SDlogJ of the deformable field inside the fixed field of view. Runtimes: *core* is
+the registration alone (images in memory), *wall* the whole case (reading, registration, scoring).
+
+Usage::
+
+    pip install ".[peers]"                                   # convexadam
+    python -m venv /tmp/ants-env && /tmp/ants-env/bin/pip install antspyx nibabel
+    python benchmarks/bench_peers.py --ants-python /tmp/ants-env/bin/python [--cases ...] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import validation  # noqa: E402
+
+ANTS_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import ants
+fixed = ants.image_read(sys.argv[1]); moving = ants.image_read(sys.argv[2])
+tick = time.perf_counter()
+reg = ants.registration(fixed, moving, type_of_transform="SyN", aff_metric="mattes", syn_metric="mattes",
+                        reg_iterations=(100, 70, 50), random_seed=1)
+core = time.perf_counter() - tick
+composed = ants.apply_transforms(fixed, moving, transformlist=reg["fwdtransforms"], compose=sys.argv[3] + "_")
+field = ants.image_read(composed).numpy()  # (X, Y, Z, 3) physical (LPS) displacement
+matrix = np.asarray(fixed.direction) * np.asarray(fixed.spacing)[None, :]
+voxels = np.einsum("ij,...j->...i", np.linalg.inv(matrix), field)
+np.save(sys.argv[3] + ".npy", np.moveaxis(voxels, -1, 0).astype(np.float32))
+print(json.dumps({"core_s": core}))
+"""
+
+
+def prepare(files: dict) -> dict:
+    """Both images on gradreg's working grid after the centre-of-mass alignment, as every peer gets them."""
+    from gradreg_fast.body import moments_init
+    from gradreg_fast.io import Grid, Scan, normalize_intensity, pair_on_grid, read_nifti
+
+    fixed_raw, moving_raw = read_nifti(files["fixed"], "fixed"), read_nifti(files["moving"], "moving")
+    fixed = Scan(normalize_intensity(fixed_raw.data, "auto"), fixed_raw.affine, fixed_raw.path)
+    moving = Scan(normalize_intensity(moving_raw.data, "auto"), moving_raw.affine, moving_raw.path)
+    tick = time.perf_counter()
+    initial = moments_init(fixed, moving)
+    init_s = time.perf_counter() - tick
+    grid_fit = Grid.of_scan(fixed).fit(16, "pad")
+    pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=initial)
+    return {"fixed": pair["fixed"][0].numpy(), "moving": pair["moving"][0].numpy(), "box": pair["fixed_fov"],
+            "grid_fit": grid_fit, "initial": initial, "init_s": init_s,
+            "fixed_labels": read_nifti(files["fixed_labels"], "fixed labels"),
+            "moving_labels": read_nifti(files["moving_labels"], "moving labels")}
+
+
+def score(prep: dict, flow: np.ndarray, files: dict) -> dict:
+    """Dice, endpoint error and regularity of a voxel flow (3, D, H, W) on the working grid (after the
+    centre-of-mass alignment), composed and sampled as gradreg's pipeline does it."""
+    import torch
+
+    from gradreg_fast import metrics
+    from gradreg_fast.io import keep_labels
+    from gradreg_fast.register.pipeline import _apply_world, _sample, _world_points
+
+    grid_fit = prep["grid_fit"]
+    out_grid = grid_fit.original
+    flow_out = grid_fit.to_original(flow, fill="edge").astype(np.float64)
+    points = _world_points(out_grid)
+    registered = _apply_world(prep["initial"], _world_points(out_grid, flow_out))
+    ids = sorted(validation.ORGANS)
+    fixed_seg, moving_seg = prep["fixed_labels"], prep["moving_labels"]
+    fixed_labels = _sample(keep_labels(fixed_seg.data, ids), fixed_seg.affine, points, 0, 0)
+    warped = _sample(keep_labels(moving_seg.data, ids), moving_seg.affine, registered, 0, 0)
+    table = metrics.label_metrics(fixed_labels, warped, out_grid.spacing, ids)
+    dice = [v["dice"] for v in table.values() if not math.isnan(v["dice"])]
+    box = (slice(None), slice(None)) + tuple(prep["box"])
+    field = torch.from_numpy(np.ascontiguousarray(flow)).float().unsqueeze(0)[box]
+    displacement = np.moveaxis(registered - points, 0, -1)
+    return {"dice": float(np.mean(dice)), **validation.endpoint_error(displacement, files, fixed_labels),
+            "folding_percent": metrics.folding_percent(field), "sd_log_jacobian": metrics.sd_log_jacobian(field)}
+
+
+def run_convexadam(prep: dict) -> tuple[np.ndarray, float]:
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    tick = time.perf_counter()
+    disp = convex_adam_pt(torch.from_numpy(prep["fixed"]), torch.from_numpy(prep["moving"]),
+                          device=torch.device("cpu"), dtype=torch.float32)
+    core = time.perf_counter() - tick
+    return np.moveaxis(np.asarray(disp, dtype=np.float32), -1, 0), core  # channel k along axis k, voxels
+
+
+def run_ants(prep: dict, python: str) -> tuple[np.ndarray, float]:
+    import nibabel as nib
+
+    spacing = prep["grid_fit"].grid.spacing
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name in ("fixed", "moving"):
+            path = Path(tmp) / f"{name}.nii.gz"
+            nib.save(nib.Nifti1Image(prep[name].astype(np.float32), np.diag([*spacing, 1.0])), str(path))
+            paths.append(str(path))
+        out = subprocess.run([python, "-c", ANTS_SCRIPT, *paths, str(Path(tmp) / "warp")], capture_output=True,
+                             text=True, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"ANTs failed: {out.stderr.strip().splitlines()[-1:]}")
+        core = json.loads(out.stdout.strip().splitlines()[-1])["core_s"]
+        return np.load(Path(tmp) / "warp.npy"), core
+
+
+def run_gradreg(files: dict) -> dict:
+    row = validation.run_gradreg(files)
+    return {key: row[key] for key in ("dice", "epe_body_mm", "epe_organs_mm", "folding_percent", "sd_log_jacobian",
+                                      "core_s", "wall_s") if key in row}
+
+
+KEYS = ("dice", "epe_body_mm", "folding_percent", "sd_log_jacobian", "core_s", "wall_s")
+
+
+def table(rows: dict) -> str:
+    lines = ["| case | method | Dice | EPE body (mm) | folding % | SDlogJ | core (s) | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case, methods in rows.items():
+        for method, row in methods.items():
+            cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) and math.isfinite(row[k]) else "-" for k in KEYS]
+            lines.append(f"| {case} | {method} | " + " | ".join(cells) + " |")
+    same = [c for c in rows if c != "bundled"]
+    for method in ("gradreg", "ConvexAdam", "ANTs SyN"):
+        values = [rows[c][method] for c in same if method in rows[c]]
+        if values:
+            cells = [f"{np.mean([v[k] for v in values if k in v]):.3f}" if any(k in v for v in values) else "-"
+                     for k in KEYS]
+            lines.append(f"| mean of {len(values)} same-subject | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=None, help="comma-separated (default: all same-subject cases + bundled)")
+    parser.add_argument("--ants-python", default=None, help="the python of a venv with antspyx (skipped without)")
+    parser.add_argument("--skip-convexadam", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None, help="write the table here")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    cases = validation.all_cases(args.cases.split(",") if args.cases else None)
+    rows = {}
+    for name, files in cases.items():
+        rows[name] = {"gradreg": run_gradreg(files)}
+        print(name, "gradreg", rows[name]["gradreg"], flush=True)
+        peers = []
+        if not args.skip_convexadam:
+            peers.append(("ConvexAdam", run_convexadam))
+        if args.ants_python:
+            peers.append(("ANTs SyN", lambda prep: run_ants(prep, args.ants_python)))
+        for method, run in peers:
+            tick = time.perf_counter()
+            prep = prepare(files)
+            flow, core = run(prep)
+            row = score(prep, flow, files)
+            row["core_s"] = core + prep["init_s"]
+            row["wall_s"] = time.perf_counter() - tick
+            rows[name][method] = row
+            print(name, method, row, flush=True)
+    text = table(rows)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The validation set on which the registration defaults are chosen: real scans with a known answer.
+
+Same-subject cases (:data:`SAME_SUBJECT`), built from the bundled real scans
+(gradreg_fast/data/abdomen, TotalSegmentator reference images):
+
+* the *fixed* image is the base scan (MR or CT) deformed by a known random smooth field ``u`` (world mm);
+  for a CT base it is also given an MR-like contrast by a non-monotonic intensity remap;
+* the *moving* image is the base scan in its own geometry, given a CT-like contrast by a non-monotonic
+  remap when the base is the MR, and a small rigid offset ``O`` in its NIfTI header (the voxels are not
+  touched).
+
+So every case plays a CT (moving) against an MR-like fixed image, as the pipeline expects, and the true
+map from a fixed world point x to the moving world is ``O(x + u(x))``. The labels travel the same way
+(nearest neighbour). Measures: endpoint error (mm) of the registration's world displacement against
+the truth, over the fixed body mask and over the organs, and organ Dice of the warped labels.
+
+The bundled inter-subject CT/MR pair is the last case (``bundled``): Dice only, no known answer.
+
+Usage (also imported by bench_peers.py and the tests):
+
+    python benchmarks/validation.py [--cases c0,c1,...] [--out DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ORGANS = {1: "spleen", 2: "right kidney", 3: "left kidney", 5: "liver"}
+CASE_DIR = ROOT / "benchmarks" / ".cases"  # generated, git-ignored
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    name: str
+    base: str  # "mr" or "ct": the bundled scan the case is built from
+    seed: int
+    amplitude_mm: float  # the largest displacement of the known deformation
+    smoothness_mm: float  # Gaussian width of the deformation (its spatial scale)
+
+
+SAME_SUBJECT = (
+    CaseSpec("mr-a", "mr", 11, 10.0, 18.0),
+    CaseSpec("ct-a", "ct", 12, 10.0, 18.0),
+    CaseSpec("mr-b", "mr", 13, 12.5, 15.0),
+    CaseSpec("ct-b", "ct", 14, 12.5, 15.0),
+    CaseSpec("mr-c", "mr", 15, 15.0, 22.0),
+    CaseSpec("ct-c", "ct", 16, 15.0, 22.0),
+)
+
+
+def data_dir() -> Path:
+    from gradreg_fast.cli import demo_data_dir
+
+    return demo_data_dir()
+
+
+def bundled_files() -> dict:
+    folder = data_dir()
+    return {"fixed": folder / "mr.nii.gz", "moving": folder / "ct.nii.gz",
+            "fixed_labels": folder / "mr_labels.nii.gz", "moving_labels": folder / "ct_labels.nii.gz",
+            "truth": None}
+
+
+def _remap(t: np.ndarray, rng, low: float, high: float, keep_air: float) -> np.ndarray:
+    """A non-monotonic piecewise-linear intensity map of t in [0, 1] onto [low, high].
+
+    Air (t near 0) keeps the value ``keep_air`` so that both scans still show the same body outline; the
+    tissue range gets random levels, with at least one reversal so that no monotonic map relates them.
+    """
+    knots = np.array([0.0, 0.03, 0.1, 0.3, 0.5, 0.7, 1.0])
+    while True:
+        levels = rng.uniform(low + 0.15 * (high - low), high, size=len(knots) - 2)
+        if np.any(np.diff(levels) < -0.15 * (high - low)):
+            break
+    values = np.concatenate([[keep_air, keep_air], levels])
+    return np.interp(t, knots, values)
+
+
+def _smooth_field(shape, spacing, spec: CaseSpec, rng) -> np.ndarray:
+    """(3, *shape) smooth random displacement in world mm along the grid axes, max norm = the amplitude,
+    scaled down until x -> x + u(x) keeps det J >= 0.5 (invertible, no folding)."""
+    from scipy import ndimage
+
+    sigma = [spec.smoothness_mm / s for s in spacing]
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect") for _ in range(3)])
+    field *= spec.amplitude_mm / np.sqrt((field ** 2).sum(0)).max()
+    while True:
+        grads = [np.gradient(field[a], *spacing) for a in range(3)]
+        jac = np.array([[grads[a][b] + (a == b) for b in range(3)] for a in range(3)])
+        det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+        if det.min() >= 0.5:
+            return field
+        field *= 0.9
+
+
+def _rigid(rng, centre: np.ndarray, degrees: float = 4.0, shift_mm: float = 8.0) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    rotation = Rotation.from_rotvec(np.deg2rad(rng.uniform(-degrees, degrees, 3))).as_matrix()
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = centre - rotation @ centre + rng.uniform(-shift_mm, shift_mm, 3)
+    return out
+
+
+def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
+    """Write the case's NIfTI files and its truth (once; later calls reuse them) and return their paths."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from gradreg_fast.io import normalize_intensity, read_nifti
+
+    folder = Path(out_dir) / spec.name
+    files = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz",
+             "fixed_labels": folder / "fixed_labels.nii.gz", "moving_labels": folder / "moving_labels.nii.gz",
+             "truth": folder / "truth.npz"}
+    if all(p.exists() for p in files.values()):
+        return files
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    src = data_dir()
+    scan = read_nifti(src / f"{spec.base}.nii.gz", "base scan")
+    labels = read_nifti(src / f"{spec.base}_labels.nii.gz", "base labels")
+    data, affine = np.asarray(scan.data, dtype=np.float64), scan.affine
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    shape = data.shape
+
+    u_axes = _smooth_field(shape, spacing, spec, rng)  # mm along the voxel axes
+    u_voxels = u_axes / spacing.reshape(3, 1, 1, 1)
+    coords = np.indices(shape, dtype=np.float64) + u_voxels
+    direction = affine[:3, :3] / spacing  # unit grid axes in world
+    u_world = np.einsum("ij,j...->i...", direction, u_axes)
+
+    if spec.base == "mr":
+        fixed_data = ndimage.map_coordinates(data, coords, order=1, mode="nearest")
+        t = normalize_intensity(data, "mr").astype(np.float64)
+        moving_data = _remap(t, rng, -180.0, 280.0, keep_air=-1000.0) + rng.normal(0, 8.0, shape)
+    else:
+        t = normalize_intensity(data, "ct").astype(np.float64)
+        air = data <= -500
+        mr_like = _remap(t, rng, 0.0, 900.0, keep_air=0.0)
+        mr_like[air] = 0.0
+        mr_like = np.clip(mr_like + rng.normal(0, 6.0, shape), 0, None)
+        fixed_data = ndimage.map_coordinates(mr_like, coords, order=1, mode="nearest")
+        moving_data = data
+    fixed_labels = ndimage.map_coordinates(np.asarray(labels.data), coords, order=0, mode="nearest")
+
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
+    offset = _rigid(rng, centre)
+    points = np.einsum("ij,j...->i...", affine[:3, :3], np.indices(shape, dtype=np.float64)) \
+        + affine[:3, 3].reshape(3, 1, 1, 1)
+    deformed = points + u_world
+    truth = np.einsum("ij,j...->i...", offset[:3, :3], deformed) + offset[:3, 3].reshape(3, 1, 1, 1) - points
+
+    def save(path, array, aff, dtype):
+        image = nib.Nifti1Image(np.asarray(array).astype(dtype), aff)
+        image.set_qform(aff, code=1)
+        image.set_sform(aff, code=1)
+        nib.save(image, str(path))
+
+    save(files["fixed"], fixed_data, affine, np.float32)
+    save(files["fixed_labels"], fixed_labels, affine, np.uint8)
+    save(files["moving"], moving_data, offset @ affine, np.float32)
+    save(files["moving_labels"], labels.data, offset @ affine, np.uint8)
+    np.savez_compressed(files["truth"], displacement_mm=np.moveaxis(truth, 0, -1).astype(np.float32),
+                        max_mm=float(np.sqrt((u_world ** 2).sum(0)).max()))
+    return files
+
+
+def all_cases(names=None) -> dict:
+    """{name: files} for the same-subject cases and ``bundled`` (all when ``names`` is None)."""
+    cases = {spec.name: spec for spec in SAME_SUBJECT}
+    chosen = list(cases) + ["bundled"] if names is None else list(names)
+    out = {}
+    for name in chosen:
+        if name == "bundled":
+            out[name] = bundled_files()
+        elif name in cases:
+            out[name] = make_case(cases[name])
+        else:
+            raise ValueError(f"unknown case {name!r}; choose from {list(cases) + ['bundled']}")
+    return out
+
+
+def endpoint_error(displacement_mm: np.ndarray, files: dict, fixed_labels: np.ndarray | None) -> dict:
+    """Mean / 95th-percentile endpoint error (mm) against the case's truth, over the fixed body mask and
+    over the organs. ``displacement_mm`` is (d, h, w, 3) on the fixed image's grid (register()'s)."""
+    from gradreg_fast.io import normalize_intensity, read_nifti
+    from gradreg_fast.register.affine import body_mask
+
+    if files.get("truth") is None:
+        return {}
+    truth = np.load(files["truth"])["displacement_mm"]
+    if truth.shape != displacement_mm.shape:
+        raise ValueError(f"truth {truth.shape} and displacement {displacement_mm.shape} are not on one grid")
+    error = np.sqrt(((displacement_mm - truth) ** 2).sum(-1))
+    fixed = read_nifti(files["fixed"], "fixed image")
+    body = body_mask(normalize_intensity(fixed.data, "auto"), fixed.affine)
+    out = {"epe_body_mm": float(error[body].mean()), "epe95_body_mm": float(np.percentile(error[body], 95)),
+           "truth_max_mm": float(np.load(files["truth"])["max_mm"])}
+    if fixed_labels is not None:
+        organs = np.isin(fixed_labels, list(ORGANS))
+        if organs.any():
+            out["epe_organs_mm"] = float(error[organs].mean())
+    return out
+
+
+def run_gradreg(files: dict, settings=None, progress: bool = False) -> dict:
+    """register() on one case: Dice per stage, endpoint errors, regularity and runtimes."""
+    from gradreg_fast.register import register
+
+    result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], settings,
+                      label_names=ORGANS, device="cpu", progress=progress)
+    stages = result.metrics["stages"]
+    return {
+        "dice_initial": stages["initial"]["mean_dice"], "dice_affine": stages["affine"]["mean_dice"],
+        "dice": stages["after"]["mean_dice"],
+        **endpoint_error(result.displacement_mm, files, result.fixed_labels),
+        "folding_percent": result.metrics["folding_percent"], "sd_log_jacobian": result.metrics["sd_log_jacobian"],
+        "core_s": result.timings["registration_s"], "deformable_s": result.timings["deformable_s"],
+        "wall_s": result.timings["total_s"],
+    }
+
+
+def summarize(rows: dict) -> str:
+    keys = ("dice_initial", "dice_affine", "dice", "epe_body_mm", "epe_organs_mm", "folding_percent",
+            "sd_log_jacobian", "core_s")
+    lines = ["| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) and math.isfinite(row[k]) else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = all_cases(args.cases.split(",") if args.cases else None)
+    rows = {}
+    for name, files in cases.items():
+        tick = time.perf_counter()
+        rows[name] = run_gradreg(files)
+        print(f"{name}: {json.dumps(rows[name])}  ({time.perf_counter() - tick:.1f} s)", flush=True)
+    print(summarize(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Discrete search and coupled convex optimisation of a displacement field (ConvexAdam's first stage).
+
+Siebert, Hansen and Heinrich, "Fast 3D registration with accurate optimisation and little learning for
+Learn2Reg 2021": over a cost volume ``cost[k, p]`` (the descriptor mismatch of control point p moved by
+the k-th integer displacement), alternate
+
+1. ``u(p) = argmin_k cost[k, p] + lambda * |d_k - ubar(p)|^2`` (a per-point search, coupled to a smooth field),
+2. ``ubar = box(u)`` (the smoothing of the field that the coupling follows),
+
+with ``lambda`` rising, so that each point first takes its best match and then gives in to its neighbours.
+No gradient is used, so the capture range is the whole search window (``radius`` control cells), not the
+basin of a gradient descent. The optional inverse-consistency step symmetrises a forward and a backward
+field (each the approximate inverse of the other), as ConvexAdam does.
+
+Units: displacements here are in control cells (one cell = ``grid`` voxels of the image the descriptors
+came from), channel k along spatial axis k, as :func:`gradreg_fast.warp` reads flows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import warp
+
+COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling weights (cost units per cell^2)
+
+
+def _box3_axis(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mean of each voxel and its two neighbours along ``axis`` that lie inside the volume."""
+    n = volume.shape[axis]
+    if n == 1:
+        return volume
+    total = volume.clone()
+    total.narrow(axis, 1, n - 1).add_(volume.narrow(axis, 0, n - 1))
+    total.narrow(axis, 0, n - 1).add_(volume.narrow(axis, 1, n - 1))
+    counts = torch.full((n,), 3.0, dtype=volume.dtype, device=volume.device)
+    counts[0] = counts[-1] = 2.0
+    shape = [1] * volume.dim()
+    shape[axis] = n
+    return total / counts.view(shape)
+
+
+def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """3x3x3 mean over the voxels inside the volume (N, C, D, H, W), ``passes`` times.
+
+    Separable, and borders average fewer voxels, so a constant stays constant and a field is not pulled
+    towards zero at the edges. Differentiable (plain tensor arithmetic); much faster on the CPU than
+    ``avg_pool3d`` for the hundreds of channels of a cost volume.
+    """
+    for _ in range(passes):
+        for axis in (2, 3, 4):
+            volume = _box3_axis(volume, axis)
+    return volume
+
+
+def cost_volume(fixed_features, moving_features, radius: int, outside=None, smoothing: int = 2,
+                backend: str | None = None) -> torch.Tensor:
+    """(K, d, h, w) matching cost of every control point (the feature voxels) for each of the K = (2r+1)^3
+    displacements of :func:`gradreg_fast.mind_cost_volume_displacements`, smoothed by ``smoothing`` 3x3x3
+    box passes over the control grid (a point's cost then reflects its neighbourhood, as in ConvexAdam).
+
+    ``outside``: a (d, h, w) bool mask of control points outside the fixed field of view; their cost is
+    set to zero for every displacement, so that only the coupling decides their motion.
+    """
+    from .. import mind_cost_volume
+
+    cost = mind_cost_volume(fixed_features, moving_features, radius, backend=backend)[0]
+    if smoothing:
+        cost = box3(cost.unsqueeze(0), smoothing)[0]
+    if outside is not None:
+        cost = cost.masked_fill(outside.unsqueeze(0), 0.0)
+    return cost
+
+
+def coupled_convex(cost: torch.Tensor, radius: int, coupling=COUPLING) -> torch.Tensor:
+    """The coupled convex optimisation over a (K, d, h, w) cost volume: a (1, 3, d, h, w) field in cells."""
+    from .. import mind_cost_volume_displacements
+
+    k, *shape = cost.shape
+    table = mind_cost_volume_displacements(radius, dtype=cost.dtype, device=cost.device)  # (K, 3)
+    by_point = cost.reshape(k, -1).T.contiguous()  # (P, K): each point's costs side by side for argmin
+    norms = (table * table).sum(1)  # |d_k|^2; |ubar|^2 is the same for every k and drops out
+
+    def pick(index):
+        return box3(table[index].T.reshape(1, 3, *shape))
+
+    field = pick(by_point.argmin(1))
+    for weight in coupling:
+        # cost + w * (|d_k|^2 - 2 d_k . ubar) in one pass over the (P, K) matrix
+        coupled = torch.addmm(by_point + weight * norms, field.reshape(3, -1).T, table.T, alpha=-2.0 * weight)
+        field = pick(coupled.argmin(1))
+    return field
+
+
+def inverse_consistent(forward: torch.Tensor, backward: torch.Tensor, iterations: int = 15,
+                       backend: str | None = None):
+    """Make two fields (fixed -> moving and moving -> fixed, one grid) approximate inverses of each other.
+
+    Each iteration replaces each field by the mean of itself and the negated other one seen through it:
+    u <- (u - v o (id + u)) / 2. At a fixed point u = -v o (id + u), i.e. (id + v) o (id + u) = id.
+    """
+    for _ in range(iterations):
+        forward, backward = (0.5 * (forward - warp(backward, forward, padding_mode="border", backend=backend)),
+                             0.5 * (backward - warp(forward, backward, padding_mode="border", backend=backend)))
+    return forward, backward
+
+
+def convex_field(fixed_features, moving_features, radius: int, outside=None, coupling=COUPLING,
+                 symmetric: bool = True, backend: str | None = None) -> torch.Tensor:
+    """The coupled convex field (1, 3, d, h, w), in control cells, of two feature volumes (1, C, d, h, w).
+
+    With ``symmetric`` the search is also run from the moving side and both fields are made inverse
+    consistent (the moving side's ``outside`` is not known on the fixed grid, so it is not masked).
+    """
+    forward = coupled_convex(cost_volume(fixed_features, moving_features, radius, outside, backend=backend), radius,
+                             coupling)
+    if not symmetric:
+        return forward
+    backward = coupled_convex(cost_volume(moving_features, fixed_features, radius, None, backend=backend), radius,
+                              coupling)
+    return inverse_consistent(forward, backward, backend=backend)[0]
