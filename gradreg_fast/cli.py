@@ -96,8 +96,8 @@ def settings_from_args(args):
         raise UsageError("give --quick or --thorough, not both")
     settings = quick_settings() if flag("quick") else thorough_settings() if flag("thorough") else Settings()
     if flag("spacing") is not None:
-        if not args.spacing > 0:
-            raise UsageError(f"--spacing must be > 0 mm, got {args.spacing}")
+        if not (args.spacing > 0 and math.isfinite(args.spacing)):
+            raise UsageError(f"--spacing must be a finite number of mm > 0, got {args.spacing}")
         settings.spacing = args.spacing
     if flag("size"):
         settings.size = parse_ints(args.size, "--size", 3)
@@ -111,6 +111,10 @@ def settings_from_args(args):
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"--checkpoint: file not found: {checkpoint}")
+        from .train.checkpoint import check_checkpoint, read_checkpoint
+
+        # Read and checked now, not after the affine stage: a bad file fails before any work.
+        check_checkpoint(read_checkpoint(checkpoint), f"--checkpoint {checkpoint}")
         settings.checkpoint = str(checkpoint)
     settings.method = flag("method") or ("network" if checkpoint else "field")
     if flag("iterations") is not None:
@@ -492,9 +496,9 @@ def _run(args) -> int:
     except (OSError, ValueError) as exc:  # NiftiError and UsageError are ValueErrors; PermissionError is an OSError
         print(f"gradreg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
-    except MemoryError as exc:
-        print(f"gradreg {args.command}: error: out of memory{': ' + _one_line(exc) if str(exc) else ''} (try a "
-              f"coarser --spacing or a smaller --size)", file=sys.stderr)
+    except MemoryError as exc:  # the up-front check says what it needs; an allocation that failed says nothing
+        message = _one_line(exc) if str(exc) else "out of memory (try a coarser --spacing or a smaller --size)"
+        print(f"gradreg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -163,8 +163,8 @@ class Grid:
         old = np.asarray(scan.data.shape, dtype=np.float64)
         old_spacing = scan.spacing
         new_spacing = old_spacing if spacing is None else np.broadcast_to(np.asarray(spacing, float), (3,)).copy()
-        if np.any(new_spacing <= 0):
-            raise ValueError(f"`spacing` must be positive, got {spacing!r}")
+        if not np.all(np.isfinite(new_spacing)) or np.any(new_spacing <= 0):
+            raise ValueError(f"`spacing` must be positive and finite, got {spacing!r}")
         if size is None:
             shape = np.maximum(1, np.round(old * old_spacing / new_spacing)).astype(int)
         else:
@@ -396,6 +396,36 @@ def _bounding_box(mask: np.ndarray) -> tuple:
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         slices.append(slice(int(hit[0]), int(hit[-1]) + 1))
     return tuple(slices)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the system's available memory (Linux MemAvailable), capped
+    by the cgroup v2 limit of a container; None where neither can be read."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = max(0, int(limit) - used)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -5,8 +5,9 @@ maps have the same shape); surface distances use the physical ``spacing`` (mm pe
 axis) and are exact Euclidean distances between surface voxels. :func:`surface_distances` computes
 them with a distance transform over the whole volume (the reference); :func:`label_metrics` finds
 the same distances by nearest-neighbour search between the two surfaces only, with every label's
-surface taken from one pass over the map, so its cost follows the surfaces, not volume x labels. Flows are displacement fields in voxels,
-(3, D, H, W) or (1, 3, D, H, W), channel k along spatial axis k (the :func:`gradreg_fast.warp` convention).
+surface taken from one pass over the map, so its cost follows the surfaces, not volume x labels.
+Flows are displacement fields in voxels, (3, D, H, W) or (1, 3, D, H, W), channel k along spatial
+axis k (the :func:`gradreg_fast.warp` convention).
 
 Undefined values are NaN, never a made-up number: Dice when a label is absent from both maps, surface
 distances when it is absent from either.

@@ -387,3 +387,109 @@ def test_evaluate_continues_past_failing_cases(tmp_path, capsys):
     summary = strict_json(out / "summary.json")
     assert summary["cases"] == 2 and set(summary["failed"]) == {"b_corrupt", "c_no_moving"}
     assert not (out / "b_corrupt").exists() or hidden_temporaries(out / "b_corrupt") == []
+
+
+# ----------------------------------------------------------------------------------------------- early refusals
+
+@pytest.fixture
+def no_registration(monkeypatch):
+    """Any refusal under test must come before the registration: reaching the affine stage fails."""
+    from gradreg_fast.register import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registration started")
+
+    monkeypatch.setattr(pipeline, "optimize_affine", refuse)
+    monkeypatch.setattr(pipeline, "_start_ops", refuse)
+
+
+def one_line_error(capsys, command="register"):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gradreg {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def register_cli(case, out, *extra, labels=True):
+    args = ["register", "--fixed", str(case["fixed"]), "--moving", str(case["moving"]), "--out", str(out), *FAST]
+    if labels:
+        args += ["--fixed-labels", str(case["fixed_labels"]), "--moving-labels", str(case["moving_labels"])]
+    return cli.main(args + list(extra))
+
+
+@pytest.mark.parametrize("spacing", ["inf", "nan", "0", "-2", "-inf"])
+def test_bad_spacing_is_refused(case, tmp_path, capsys, no_registration, spacing):
+    assert register_cli(case, tmp_path / "out", f"--spacing={spacing}") == cli.EXIT_ERROR
+    assert "--spacing" in one_line_error(capsys)
+
+
+def test_a_working_grid_beyond_memory_is_refused_at_once(case, tmp_path, capsys, no_registration):
+    start = time.perf_counter()
+    assert register_cli(case, tmp_path / "out", "--spacing", "0.01") == cli.EXIT_ERROR
+    line = one_line_error(capsys)
+    assert "GiB" in line and "--spacing" in line and time.perf_counter() - start < 10
+    assert register_cli(case, tmp_path / "out", "--size", "4000,4000,4000") == cli.EXIT_ERROR
+    assert "GiB" in one_line_error(capsys)
+    from gradreg_fast.io import Grid, Scan
+    from gradreg_fast.register.pipeline import check_memory
+
+    fit = Grid.of_scan(Scan(np.zeros((10, 10, 10)), np.eye(4))).fit(16)
+    check_memory(fit, available=16**3 * 1024)  # fits exactly
+    with pytest.raises(MemoryError, match="GiB"):
+        check_memory(fit, available=16**3 * 1024 - 1)
+
+
+def test_a_non_integer_label_map_is_refused_naming_the_file(case, tmp_path, capsys, no_registration):
+    image = nib.load(str(case["moving_labels"]))
+    values = np.asarray(image.dataobj).astype(np.float32)
+    values[values == 2] = 2.5
+    bad = tmp_path / "fractional_labels.nii.gz"
+    nib.save(nib.Nifti1Image(values, image.affine), str(bad))
+    args = ["register", "--fixed", str(case["fixed"]), "--moving", str(case["moving"]), "--fixed-labels",
+            str(case["fixed_labels"]), "--moving-labels", str(bad), "--out", str(tmp_path / "out"), *FAST]
+    assert cli.main(args) == cli.EXIT_ERROR
+    line = one_line_error(capsys)
+    assert str(bad) in line and "whole numbers" in line and "2.5" in line
+
+
+def test_an_unwritable_output_folder_is_refused_at_once(case, tmp_path, capsys, no_registration):
+    if os.geteuid() == 0:  # permission bits do not stop root: use a read-only file system instead
+        if not Path("/sys").is_dir():
+            pytest.skip("no read-only location to write to")
+        out = Path("/sys/gradreg_reliability_test")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "out"
+    assert register_cli(case, out) == cli.EXIT_ERROR
+    assert "cannot be written" in one_line_error(capsys)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert register_cli(case, blocker / "out") == cli.EXIT_ERROR
+    assert "not a directory" in one_line_error(capsys)
+
+
+def test_a_malformed_checkpoint_is_refused_at_once(tmp_path, case, capsys, no_registration):
+    import torch
+
+    from gradreg_fast.train.checkpoint import save_checkpoint
+
+    bad = {
+        "garbage": None,
+        "no_config": {"model": {}},
+        "bad_config": {"model_config": {"name": "gated", "enc": "wide"}, "model": {}},
+        "huge": {"model_config": {"name": "vm", "enc": [4096] * 4, "dec": 4096, "refine": []}, "model": {}},
+        "wrong_weights": {"model_config": {"name": "vm", "enc": [4] * 4, "dec": 4, "refine": []},
+                          "model": {"w": torch.zeros(3)}},
+    }
+    for name, payload in bad.items():
+        path = tmp_path / f"{name}.pt"
+        if payload is None:
+            path.write_bytes(b"PK\x03\x04 not a checkpoint")
+        else:
+            save_checkpoint(payload, path)
+        assert register_cli(case, tmp_path / "out", "--checkpoint", str(path)) == cli.EXIT_ERROR, name
+        line = one_line_error(capsys)
+        assert str(path) in line, line

@@ -30,8 +30,9 @@ from scipy import ndimage
 
 from .. import metrics
 from .._atomic import INCOMPLETE_MARKER, FileSet, atomic_write
-from ..io import (Fit, Grid, Scan, _bounding_box, check_output_path, check_same_space, check_writable_dir, keep_labels,
-                  normalize_intensity, pair_on_grid, read_nifti, resample, write_displacement, write_nifti)
+from ..io import (Fit, Grid, Scan, _bounding_box, available_memory, check_output_path, check_same_space,
+                  check_writable_dir, keep_labels, normalize_intensity, pair_on_grid, read_nifti, resample,
+                  write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
 from .deformable import FieldSettings, optimize_field, optimize_network
 
@@ -180,6 +181,21 @@ def _stage_report(per_label: dict, names: dict) -> dict:
     return {"labels": table, "mean_dice": mean("dice"), "mean_asd": mean("asd"), "mean_hd95": mean("hd95")}
 
 
+BYTES_PER_VOXEL = 1024  # peak memory per working-grid voxel, rounded up from the bundled pair's (~900 B)
+
+
+def check_memory(grid_fit: Fit, available: int | None = None) -> None:
+    """Refuse, before any work, a working grid whose registration would not fit in the available memory
+    (a fine --spacing or a large --size): a one-line MemoryError saying what would be needed."""
+    voxels = max(math.prod(grid_fit.grid.shape), math.prod(grid_fit.original.shape))
+    needed = voxels * BYTES_PER_VOXEL
+    available = available_memory() if available is None else available
+    if available is not None and needed > available:
+        raise MemoryError(f"the working grid of {'x'.join(map(str, grid_fit.grid.shape))} voxels would need about "
+                          f"{needed / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB available: choose a "
+                          f"coarser --spacing or a smaller --size")
+
+
 _STARTED = set()
 
 
@@ -238,6 +254,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality), moving_raw.affine, moving_raw.path)
     grid_fit = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size).fit(16, settings.fit)
     out_grid = grid_fit.original
+    check_memory(grid_fit)
     timings["load_s"] = time.perf_counter() - start
 
     # Scored first: it needs no registration, and a problem with the labels shows before the work starts.
