@@ -14,8 +14,12 @@ demo, when no ``--out`` is given, writes to a fresh folder (./gradreg_demo_out, 
 
 On a busy machine, ``export OMP_WAIT_POLICY=PASSIVE`` before running: the fused CPU ops run many small
 OpenMP regions, and spinning idle threads then starve each other (the demo took 2-3x longer without it
-on a loaded 2-core box). Errors in the input (missing or corrupt files, existing outputs, bad flags)
-end the command with exit status 1 and a one-line message.
+on a loaded 2-core box). Errors in the input (missing or corrupt files, existing outputs, bad flags,
+an unwritable output folder, a working grid too large for the memory, a malformed checkpoint) end the
+command before the work starts, with exit status 1 and a one-line message; SIGTERM and Ctrl-C remove
+what was half-written and exit with 143 and 130. ``gradreg evaluate`` carries on past a case that
+fails, records its error in metrics.csv (column ``error``) and summary.json (``failed``), and exits
+with 1 at the end.
 """
 
 from __future__ import annotations

@@ -493,3 +493,20 @@ def test_a_malformed_checkpoint_is_refused_at_once(tmp_path, case, capsys, no_re
         assert register_cli(case, tmp_path / "out", "--checkpoint", str(path)) == cli.EXIT_ERROR, name
         line = one_line_error(capsys)
         assert str(path) in line, line
+
+
+def test_before_stage_beyond_the_size_limit_is_marked_not_scored():
+    from gradreg_fast import metrics
+    from gradreg_fast.io import Grid
+    from gradreg_fast.register.pipeline import _score_before
+
+    grid = Grid((8, 8, 8), np.diag([2.0, 2.0, 2.0, 1.0]))
+    fixed = np.zeros(grid.shape, np.uint8)
+    fixed[2:5, 2:5, 2:5] = 1
+    moving = np.zeros((20, 20, 20), np.uint8)
+    moving[1:19, 1:19, 1:19] = 1  # spans ~20^3 voxels of the fixed lattice
+    surfaces = metrics.LabelSurfaces(fixed, [1])
+    scored = _score_before(surfaces, moving, np.diag([2.0, 2.0, 2.0, 1.0]), grid, 30**3, {}, None)
+    assert scored["labels"]["1"]["dice"] == pytest.approx(2 * 27 / (27 + 18**3)) and "skipped" not in scored
+    skipped = _score_before(surfaces, moving, np.diag([2.0, 2.0, 2.0, 1.0]), grid, 8**3, {}, None)
+    assert np.isnan(skipped["mean_dice"]) and "not scored" in skipped["skipped"]

@@ -370,3 +370,14 @@ def test_checkpoint_model_config_is_checked_before_building(tmp_path, monkeypatc
     assert info["step"] == 1 and check_model_config(model.config) == model.config
     with pytest.raises(ValueError, match=f"1..{MAX_WIDTH}"):
         TrainConfig(enc=(4, 4, 4, 4), dec=4, refine=(MAX_WIDTH * 4,))  # the configuration has the same bounds
+
+
+def test_a_resumed_run_removes_temporaries_a_killed_one_left(tmp_path):
+    train(_config(tmp_path, steps=1))
+    out = tmp_path / "run"
+    debris = [out / ".last.pt.a1b2_c3d.tmp", out / ".best.pt.zz99yy88.tmp", out / ".train_log.csv.q1w2e3r4.tmp"]
+    keep = [out / ".last.pt.notes", out / "my.last.pt.a1b2c3d4.tmp"]  # not the trainer's pattern
+    for path in debris + keep:
+        path.write_bytes(b"half")
+    train(_config(tmp_path, steps=2, resume="auto"))
+    assert [p.exists() for p in debris] == [False] * 3 and all(p.exists() for p in keep)

@@ -38,7 +38,7 @@ from .. import _backend
 from ..data import NiftiPairs, SyntheticPairs
 from ..losses import RegistrationLoss
 from ..models import DualBranchNet, build_model
-from .._atomic import atomic_write, sigterm_as_interrupt
+from .._atomic import atomic_write, is_temp_of, sigterm_as_interrupt
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluation import folding_percentage, mean_dice, warp_labels
@@ -272,6 +272,7 @@ class Trainer:
         try:
             if self.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._remove_stale_temporaries()
                 terms = TERMS if isinstance(self.model, DualBranchNet) else ("isim", "igreg")
                 train_columns = ["step", "loss", *terms, "lr", "seconds_per_step"]
                 logs = {"train": CsvLog(self.out_dir / "train_log.csv", train_columns, self.resumed_step),
@@ -291,6 +292,14 @@ class Trainer:
                 dist.destroy_process_group()
             stack.close()
         return self.out_dir / "best.pt"
+
+    def _remove_stale_temporaries(self) -> None:
+        """Hidden temporaries of this run's files that a killed process (SIGKILL, power loss) could not
+        remove; any other process would have its own out_dir."""
+        for entry in self.out_dir.iterdir():
+            if any(is_temp_of(name, entry.name) for name in ("last.pt", "best.pt", "train_log.csv", "val_log.csv")):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
 
     def _loop(self, logs, progress, tensorboard) -> None:
         config = self.config
