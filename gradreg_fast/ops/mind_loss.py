@@ -255,7 +255,7 @@ def _loss(warped, fixed, fixed_descriptor, reduction, descriptor, radius, dilati
         total = _mind_loss_value(warped, fixed, descriptor, radius, dilation, squared, per_item, backend)
     else:
         total = _mind_loss(warped, None if fixed is None else fixed.detach(), fixed_descriptor, descriptor, radius,
-                              dilation, squared, per_item, backend)[0]
+                           dilation, squared, per_item, backend)[0]
     if reduction == "mean":
         total = total / (warped.numel() * len(KINDS[descriptor][0]))
     return total
