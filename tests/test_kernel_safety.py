@@ -98,6 +98,116 @@ def triton_ties():
         _assert_originals_tie_gradient(out, grad, vol, grad_out, radius, dilation)
 
 
+# ------------------------------------------------------------------ C++ errors never abort
+
+# Runs one case in a fresh process (an abort there must not take the test run with it) whose address
+# space is capped a little above what it uses after a warm-up, so that the case's allocations fail.
+_LIMITED_SCRIPT = """
+import resource, sys, torch, gradreg_fast
+torch.set_num_threads(2)
+small = torch.rand(1, 1, 6, 6, 6, dtype=torch.float64, requires_grad=True)
+gradreg_fast.mind_ssc(small, backend="cpu").sum().backward()  # start-up, OpenMP threads, custom ops
+gradreg_fast.warp(small, torch.zeros(1, 3, 6, 6, 6, dtype=torch.float64), backend="cpu").sum().backward()
+vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + int(float(sys.argv[2]) * 2**20), resource.RLIM_INFINITY))
+try:
+    exec(sys.argv[1])
+except (MemoryError, RuntimeError, ValueError) as error:
+    print("refused:", type(error).__name__, str(error).splitlines()[0][:200])
+else:
+    print("ran")
+"""
+
+
+def _run_limited(case: str, headroom_mib: float) -> str:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env["PYTHONPATH"] = str(HERE.parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-c", _LIMITED_SCRIPT, case, str(headroom_mib)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"rc {proc.returncode} (a signal if < 0):\n{proc.stderr[-3000:]}"
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# (case, what its allocations need beyond the start-up): every one must end in a Python exception.
+LIMITED_CASES = {
+    # The forward's per-thread ring of box planes: 12 x (2r + 1) x 64 x 64 floats = 390 MiB per thread.
+    "mind forward scratch": "gradreg_fast.mind_ssc(torch.rand(1, 1, 3, 64, 64), radius=1000, backend='cpu')",
+    # The backward's per-part gradient volumes and box-gradient slab (the forward fits).
+    "mind backward scratch": (
+        "v = torch.rand(1, 1, 40, 64, 64, dtype=torch.float64, requires_grad=True)\n"
+        "gradreg_fast.mind_ssc(v, radius=200, backend='cpu').sum().backward()"),
+    "fused loss scratch": "gradreg_fast.mind_loss(torch.rand(1, 1, 3, 64, 64), torch.rand(1, 1, 3, 64, 64), "
+                          "radius=1000, backend='cpu')",
+    "warp backward": (
+        "i = torch.rand(1, 4, 128, 128, 128, requires_grad=True)\n"
+        "f = torch.zeros(1, 3, 128, 128, 128, requires_grad=True)\n"
+        "gradreg_fast.warp(i, f, backend='cpu').sum().backward()"),
+}
+
+
+@pytest.mark.parametrize("name", list(LIMITED_CASES))
+def test_allocation_failure_is_a_python_exception(name):
+    result = _run_limited(LIMITED_CASES[name], headroom_mib=96)
+    assert result.startswith("refused: MemoryError") or result.startswith("refused: RuntimeError"), result
+
+
+def test_cases_run_without_the_limit():
+    # The same cases with ample room run to the end (so the refusals above come from the limit).
+    assert _run_limited(LIMITED_CASES["mind forward scratch"], headroom_mib=4096) == "ran"
+
+
+def test_huge_dilation_does_not_abort():
+    # Used to abort (rc 134): the map planes grew by 2 dilations and their allocation threw inside an
+    # OpenMP region. Now a dilation beyond the volume gives the edge-clamped result of the largest useful one.
+    result = _run_limited(
+        "v = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)\n"
+        "assert torch.equal(gradreg_fast.mind_ssc(v, dilation=2**30, backend='cpu'),"
+        " gradreg_fast.mind_ssc(v, dilation=3, backend='cpu'))", headroom_mib=1024)
+    assert result == "ran" or result.startswith("refused: ValueError"), result
+
+
+class TestCoreArguments:
+    """The compiled core checks what it is handed, whatever the Python wrappers let through."""
+
+    def _forward(self, vol, radius=1, dilation=1, pairs=None):
+        import gradreg_fast
+        from gradreg_fast.ops.mind_tables import SSC_PAIRS, flat_pairs
+
+        n, _, d, h, w = vol.shape
+        out = torch.empty((n, 12, d, h, w), dtype=vol.dtype)
+        variance, flags = torch.empty_like(vol), torch.empty(vol.shape, dtype=torch.uint8)
+        table = list(flat_pairs(SSC_PAIRS)) if pairs is None else pairs
+        gradreg_fast._backend.cpu_core().descriptor_forward(
+            "float64", vol.data_ptr(), out.data_ptr(), variance.data_ptr(), flags.data_ptr(), n, d, h, w, table,
+            radius, dilation, True, False, 1)
+        return out
+
+    @pytest.mark.parametrize("radius", [-1, 4097, 2**30])
+    def test_radius_out_of_range(self, radius):
+        with pytest.raises(ValueError, match="`radius` must be in"):
+            self._forward(torch.rand(1, 1, 4, 4, 4, dtype=torch.float64), radius=radius)
+
+    @pytest.mark.parametrize("dilation", [0, 4097, 2**30])
+    def test_dilation_out_of_range(self, dilation):
+        with pytest.raises(ValueError, match="`dilation` must be in"):
+            self._forward(torch.rand(1, 1, 4, 4, 4, dtype=torch.float64), dilation=dilation)
+
+    def test_dilation_beyond_the_volume_equals_the_edge_clamped_one(self):
+        vol = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64)
+        assert torch.equal(self._forward(vol, dilation=4000), self._forward(vol, dilation=5))
+
+    def test_bad_tables(self):
+        from gradreg_fast.ops.mind_tables import SSC_PAIRS, flat_pairs
+
+        vol = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)
+        with pytest.raises(ValueError, match="7 ints per channel"):
+            self._forward(vol, pairs=list(flat_pairs(SSC_PAIRS))[:-1])
+        repeated_rank = list(flat_pairs(SSC_PAIRS))
+        repeated_rank[-1] = repeated_rank[-2]
+        with pytest.raises(ValueError, match="tie ranks"):
+            self._forward(vol, pairs=repeated_rank)
+
+
 # ------------------------------------------------------------------ the Triton runner
 
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -15,6 +15,27 @@ namespace gradreg {
 namespace cpu {
 namespace {
 
+// Bounds of the compiled core, as those of the Python wrappers (ops/_common.py). A larger radius only
+// costs time (the box reads edge voxels), and a larger dilation changes nothing (below).
+constexpr int kMaxRadius = 4096;
+constexpr int kMaxDilation = 4096;
+
+// Checks radius and dilation and returns the dilation to compute with. With replicate edges, every
+// offset of a dilation >= (longest axis - 1) lands on the volume's edge, exactly as with that smaller
+// dilation: using it keeps the map planes (extent + 2 dilations) to the volume's size.
+inline int checked_dilation(int64_t D, int64_t H, int64_t W, int radius, int dilation) {
+  if (radius < 0 || radius > kMaxRadius)
+    throw std::invalid_argument("gradreg_fast._C: `radius` must be in [0, " + std::to_string(kMaxRadius) +
+                                "], got " + std::to_string(radius));
+  if (dilation < 1 || dilation > kMaxDilation)
+    throw std::invalid_argument("gradreg_fast._C: `dilation` must be in [1, " + std::to_string(kMaxDilation) +
+                                "], got " + std::to_string(dilation));
+  if (D < 1 || H < 1 || W < 1)
+    throw std::invalid_argument("gradreg_fast._C: sizes must be >= 1");
+  const int64_t longest = std::max({D, H, W});
+  return static_cast<int>(std::min<int64_t>(dilation, std::max<int64_t>(1, longest - 1)));
+}
+
 // out[x] = sum of rows[t][x] over t < kCount, for x < width: with the row count known at compile
 // time the sum over t unrolls inside the vector loop over x, so each output costs kCount loads and
 // one store.
@@ -146,7 +167,8 @@ void box_sum_lines_adjoint(const T* in, T* out, int64_t n, int64_t width, int ra
 template <typename T>
 struct BoxScratch {
   std::vector<T> line, line_grad, plane, plane_grad;
-  BoxScratch(int64_t H, int64_t W) : line(W), line_grad(W), plane(H * W), plane_grad(H * W) {}
+  BoxScratch(int64_t H, int64_t W)
+      : line(W), line_grad(W), plane(checked_count({H, W})), plane_grad(checked_count({H, W})) {}
 };
 
 // [lo, hi): the x for which x + shift stays inside [0, W) for both shifts.
@@ -219,17 +241,20 @@ inline DescriptorMaps descriptor_maps(const int* pairs, int K, int dilation) {
 
 // Per-thread state of the streaming forward: for each channel a ring of its 2r+1 latest xy-box
 // planes, and one plane of one map over the rows and columns that any channel reads.
+// Allocated before the parallel region that uses it (an exception must not leave an OpenMP region).
 template <typename T>
 struct ForwardScratch {
   int64_t rows, cols;  // the map plane's extent
   std::vector<T> map_plane, x_boxed;
   std::vector<T> rings;
+  std::vector<int64_t> emitted;  // per channel: the next output plane box_and_center emits
   ForwardScratch(const DescriptorMaps& maps, int K, int64_t H, int64_t W, int radius)
       : rows(H + maps.shift_hi[1] - maps.shift_lo[1]),
         cols(W + maps.shift_hi[2] - maps.shift_lo[2]),
-        map_plane(rows * cols),
-        x_boxed(H * W),
-        rings(static_cast<size_t>(K) * (2 * radius + 1) * H * W) {}
+        map_plane(checked_count({rows, cols})),
+        x_boxed(checked_count({H, W})),
+        rings(checked_count({int64_t(K), 2 * int64_t(radius) + 1, H, W})),
+        emitted(K) {}
 };
 
 // f of one map on source plane Zs, rows Ys in [shift_lo_y, H - 1 + shift_hi_y], columns likewise.
@@ -315,7 +340,8 @@ double box_and_center(const T* vol, const PlaneStore<T>& store, T* variance, uin
   const int64_t HW = H * W, slots = 2 * radius + 1;
   const T inv_box = T(1) / T(double(slots) * double(slots) * double(slots));
   const int64_t need_lo = std::max<int64_t>(0, z_begin - radius), need_hi = std::min<int64_t>(D - 1, z_end - 1 + radius);
-  std::vector<int64_t> emitted(K, z_begin);
+  std::vector<int64_t>& emitted = s.emitted;
+  std::fill(emitted.begin(), emitted.end(), z_begin);
   const int* tie_rank = maps.tie_rank.data();
   int64_t centred = z_begin;
   double sum = 0.0;
@@ -424,15 +450,20 @@ std::vector<T> descriptor_patches(const T* vol, T* patches, T* variance, uint8_t
                                   int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                   bool subtract_min, bool per_item, int threads) {
   const int64_t DHW = D * H * W;
+  dilation = checked_dilation(D, H, W, radius, dilation);
   const DescriptorMaps maps = descriptor_maps(pairs, K, dilation);
   // Tasks are (item, z-chunk), at least one per thread. Each chunk recomputes the r planes on either
   // side of it, so no more chunks than that. The variance sums are kept per task and added in task
   // order: m does not depend on scheduling.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (threads + N - 1) / N));
   std::vector<double> task_sums(N * chunks, 0.0);
-#pragma omp parallel num_threads(threads)
+  const int team = static_cast<int>(std::min<int64_t>(threads, N * chunks));
+  std::vector<ForwardScratch<T>> scratches;
+  scratches.reserve(team);
+  for (int t = 0; t < team; ++t) scratches.emplace_back(maps, K, H, W, radius);
+#pragma omp parallel num_threads(team)
   {
-    ForwardScratch<T> scratch(maps, K, H, W, radius);
+    ForwardScratch<T>& scratch = scratches[thread_id()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < N * chunks; ++task) {
       const int64_t n = task / chunks;
@@ -533,18 +564,26 @@ double descriptor_penalty_streamed(const T* fixed, const T* out, T* variance, ui
                                    int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                    bool subtract_min, bool per_item, bool squared, int threads) {
   const int64_t HW = H * W, DHW = D * HW;
+  dilation = checked_dilation(D, H, W, radius, dilation);
   const DescriptorMaps maps = descriptor_maps(pairs, K, dilation);
   const int64_t ring = ring_planes_needed(maps, radius);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D, (threads + N - 1) / N));
   std::vector<double> variance_sums(N * chunks, 0.0), penalty_sums(N * chunks, 0.0);
   std::vector<T> m(N);
   const T tiny = std::numeric_limits<T>::min();
+  const int team = static_cast<int>(std::min<int64_t>(threads, N * chunks));
+  std::vector<ForwardScratch<T>> scratches;
+  std::vector<std::vector<T>> plane_rings(team);
+  scratches.reserve(team);
+  for (int t = 0; t < team; ++t) {
+    scratches.emplace_back(maps, K, H, W, radius);
+    plane_rings[t].resize(checked_count({int64_t(K), ring, HW}));
+  }
   for (int pass = 0; pass < 2; ++pass) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team)
     {
-      ForwardScratch<T> scratch(maps, K, H, W, radius);
-      std::vector<T> planes(static_cast<size_t>(K) * ring * HW);
-      const PlaneStore<T> store{planes.data(), HW, ring * HW, ring};
+      ForwardScratch<T>& scratch = scratches[thread_id()];
+      const PlaneStore<T> store{plane_rings[thread_id()].data(), HW, ring * HW, ring};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < N * chunks; ++task) {
         const int64_t n = task / chunks;
@@ -605,6 +644,7 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
                                      int64_t H, int64_t W, const int* pairs, int K, int radius, int dilation,
                                      bool subtract_min, int threads) {
   const int64_t HW = H * W, DHW = D * HW;
+  dilation = checked_dilation(D, H, W, radius, dilation);
   const T inv_box = T(1) / T(double(2 * radius + 1) * double(2 * radius + 1) * double(2 * radius + 1));
   const T tiny = std::numeric_limits<T>::min();
   // The volume goes by slabs of output planes. A slab's gradient w.r.t. the box sums (K channels, the
@@ -613,12 +653,16 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
   // buffer is K x (slab + 2r) planes instead of K x D (127 MiB at 144x144x128), and stays in cache.
   const int64_t slab = std::max<int64_t>(4 * radius, 16);
   const int64_t halo_planes = std::min<int64_t>(D, slab + 2 * radius);
-  std::unique_ptr<T[]> grad_box(new T[K * halo_planes * HW]);  // every element used is written first
+  // every element used is written first
+  std::unique_ptr<T[]> grad_box(new T[checked_count({int64_t(K), halo_planes, HW})]);
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, K)));
   // Scatters go to per-thread volumes, summed in thread order at the end: the result does not depend
-  // on scheduling, only on the thread count.
+  // on scheduling, only on the thread count. All scratch exists before any parallel region.
   std::vector<std::vector<T>> private_grads(parts);
-  for (int t = 0; t < parts; ++t) private_grads[t].assign(N * DHW, T(0));
+  for (int t = 0; t < parts; ++t) private_grads[t].assign(checked_count({N, DHW}), T(0));
+  std::vector<BoxScratch<T>> box_scratches;
+  box_scratches.reserve(parts);
+  for (int t = 0; t < parts; ++t) box_scratches.emplace_back(H, W);
   constexpr int kLanes = 512;  // long runs per channel stream: the strided streams then prefetch well
   for (int64_t n = 0; n < N; ++n) {
     const T* o = out + n * K * DHW;
@@ -645,7 +689,7 @@ static void descriptor_backward_impl(const Upstream* upstream_per_item, const T*
 #pragma omp parallel num_threads(parts)
       {
         const int tid = thread_id(), team = team_size();
-        BoxScratch<T> scratch(H, W);
+        BoxScratch<T>& scratch = box_scratches[tid];
         int64_t begin, end;
         static_chunk(K, tid, team, begin, end);
         for (int64_t k = begin; k < end; ++k)
