@@ -6,6 +6,7 @@ one."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -182,6 +183,49 @@ def test_threads_give_the_same_values(gen):
     _assert_close(two[1][0], one[1][0])
 
 
+# ---------------------------------------------------------------- the CUDA source, emulated on the CPU
+
+
+def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
+    """csrc/cuda/<source> compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so that every
+    grid-stride loop strides; blocks of fibers with real barriers), with a binding of ``functions``: the
+    kernels' indexing, passes and workspace layout, as tests/test_cuda.py checks the other ops'."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the emulated CUDA source")
+    pybind11 = pytest.importorskip("pybind11")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp(name)
+    common = ["-std=c++17", "-O1", "-fPIC", f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
+              "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90", "-Wall",
+              "-Wextra", "-Werror"]
+    obj = out / "kernels.o"
+    subprocess.run([compiler, "-x", "c++", *common, "-c", str(root / "csrc" / "cuda" / source), "-o", str(obj)],
+                   check=True)
+    binding = out / "binding.cpp"
+    binding.write_text("#include <pybind11/pybind11.h>\n#include \"launch.h\"\n"
+                       f"PYBIND11_MODULE({name}, m) {{\n"
+                       + "".join(f"  m.def(\"{f}\", &gradreg::cuda::{f});\n" for f in functions) + "}\n")
+    library = out / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    subprocess.run([compiler, *common, "-shared", *includes, str(binding), str(obj), "-o", str(library)], check=True)
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def poisoned(shape, dtype=torch.float64):
+    """An output buffer full of NaN: an element a kernel forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
@@ -224,3 +268,53 @@ def test_gpu_matches_reference(backend, padding_mode, dtype, gen):
         tol = 1e-9 if dtype == torch.float64 else 1e-3
         torch.testing.assert_close(value.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
         torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol * float(expected_grad.abs().max()))
+
+
+# ---------------------------------------------------------------- CUDA source, emulated (core level)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_emulated_cuda(tmp_path_factory, "integrate.cu", ("integrate_forward", "integrate_backward"),
+                               "_integrate_emulated")
+
+
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_matches_reference(emulated, padding_mode, dtype, gen):
+    padding = PADDINGS.index(padding_mode)
+    is_double = dtype == torch.float64
+    tol = 1e-9 if is_double else 1e-4
+    for shape in SHAPES:
+        n, _, d, h, w = shape
+        for steps in (0, 1, 3, 7):
+            velocity = _velocity(shape, gen).to(dtype)
+            interval, count = checkpoint_layout(steps)
+            out, scratch = poisoned(shape, dtype), poisoned((2, *shape), dtype)
+            checkpoints = poisoned((max(count, 1), *shape), dtype)
+            ckpt = checkpoints.data_ptr() if count else 0
+            assert emulated.integrate_forward(is_double, velocity.data_ptr(), out.data_ptr(), scratch.data_ptr(), ckpt,
+                                              interval, n, d, h, w, steps, padding, 0) == ""
+            leaf = velocity.double().requires_grad_()
+            expected = reference.integrate_velocity(leaf, steps, padding_mode)
+            torch.testing.assert_close(out.double(), expected.detach(), rtol=tol,
+                                       atol=tol * float(expected.detach().abs().max()))
+            grad_output = make_volume(shape, torch.float64, False, gen)
+            (expected_grad,) = torch.autograd.grad(expected, leaf, grad_output)
+            grad, scratch = poisoned(shape, dtype), poisoned((3, *shape), dtype)
+            assert emulated.integrate_backward(is_double, velocity.data_ptr(), ckpt, interval,
+                                               grad_output.to(dtype).data_ptr(), grad.data_ptr(), scratch.data_ptr(),
+                                               n, d, h, w, steps, padding, 0) == ""
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=tol,
+                                       atol=tol * float(expected_grad.abs().max()))
+
+
+def test_emulated_cuda_bad_arguments(emulated):
+    v = torch.rand(1, 3, 3, 4, 5, dtype=torch.float64)
+    ptr = v.data_ptr()
+    assert "`steps` must be in" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 31, 0, 0)
+    assert "`padding` must be" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 7, 2, 0)
+    assert "sizes must be >= 1" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 0, 4, 5, 7, 0, 0)
+    assert "`interval` must be >= 1" in emulated.integrate_backward(True, ptr, ptr, 0, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0,
+                                                                    0)
+    assert "must be device pointers" in emulated.integrate_backward(True, 0, 0, 1, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0, 0)

@@ -5,6 +5,7 @@ the CPU (emulation), Triton's interpreter, and a GPU when there is one."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -259,6 +260,49 @@ def test_threads_give_the_same_values(gen):
         _assert_close(a, b)
 
 
+# ---------------------------------------------------------------- the CUDA source, emulated on the CPU
+
+
+def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
+    """csrc/cuda/<source> compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so that every
+    grid-stride loop strides; blocks of fibers with real barriers), with a binding of ``functions``: the
+    kernels' indexing, passes and workspace layout, as tests/test_cuda.py checks the other ops'."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the emulated CUDA source")
+    pybind11 = pytest.importorskip("pybind11")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp(name)
+    common = ["-std=c++17", "-O1", "-fPIC", f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
+              "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90", "-Wall",
+              "-Wextra", "-Werror"]
+    obj = out / "kernels.o"
+    subprocess.run([compiler, "-x", "c++", *common, "-c", str(root / "csrc" / "cuda" / source), "-o", str(obj)],
+                   check=True)
+    binding = out / "binding.cpp"
+    binding.write_text("#include <pybind11/pybind11.h>\n#include \"launch.h\"\n"
+                       f"PYBIND11_MODULE({name}, m) {{\n"
+                       + "".join(f"  m.def(\"{f}\", &gradreg::cuda::{f});\n" for f in functions) + "}\n")
+    library = out / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    subprocess.run([compiler, *common, "-shared", *includes, str(binding), str(obj), "-o", str(library)], check=True)
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def poisoned(shape, dtype=torch.float64):
+    """An output buffer full of NaN: an element a kernel forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
@@ -305,3 +349,69 @@ def test_gpu_matches_reference(backend, convention, dtype, gen):
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad.double(), expected_grad, rtol=tol,
                                        atol=tol * float(expected_grad.abs().max()))
+
+
+# ---------------------------------------------------------------- CUDA source, emulated (core level)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_emulated_cuda(tmp_path_factory, "lncc.cu", ("lncc_forward", "lncc_backward", "lncc_workspace_bytes"),
+                               "_lncc_emulated")
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_matches_reference(emulated, convention, dtype, gen):
+    smooth_nr = 0.2 if convention == "monai" else 0.0
+    for (n, c, d, h, w), window in CASES:
+        for atlas in (False, True):
+            warped = make_volume((n, c, d, h, w), dtype, False, gen)
+            fixed = make_volume((1 if atlas else n, c, d, h, w), dtype, False, gen)
+            stride = 0 if atlas else d * h * w
+            is_double = dtype == torch.float64
+            nbytes = emulated.lncc_workspace_bytes(is_double, n, d, h, w, False)
+            workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8)  # NaN bytes
+            loss_map, coefficients = poisoned(warped.shape, dtype), poisoned((n, 5, d, h, w), dtype)
+            total = poisoned((), dtype)
+            err = emulated.lncc_forward(is_double, warped.data_ptr(), fixed.data_ptr(), stride, loss_map.data_ptr(),
+                                        coefficients.data_ptr(), 5, total.data_ptr(), n, d, h, w, window, 1e-5,
+                                        smooth_nr, convention == "monai", workspace.data_ptr(), nbytes, 0)
+            assert err == ""
+            leaves = warped.double().requires_grad_(), fixed.double().expand(n, -1, -1, -1, -1).clone().requires_grad_()
+            expected = reference.lncc_loss(*leaves, window, 1e-5, "none", convention, smooth_nr)
+            tol = dict(rtol=1e-9, atol=1e-12) if is_double else dict(rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(loss_map.double(), expected.detach(), **tol)
+            torch.testing.assert_close(total.double(), expected.detach().sum(), **tol)
+            grad_output = make_volume(warped.shape, torch.float64, False, gen)
+            expected_grads = torch.autograd.grad(expected, leaves, grad_output, retain_graph=True)
+            for grad_is_map in (True, False):
+                grad = grad_output.to(dtype) if grad_is_map else torch.tensor(1.5, dtype=dtype)
+                expected_w, expected_f = (expected_grads if grad_is_map else
+                                          torch.autograd.grad(expected.sum() * 1.5, leaves, retain_graph=True))
+                gw, gf = poisoned(warped.shape, dtype), poisoned(warped.shape, dtype)
+                err = emulated.lncc_backward(is_double, coefficients.data_ptr(), 5, grad.data_ptr(), grad_is_map,
+                                             warped.data_ptr(), fixed.data_ptr(), stride, gw.data_ptr(), gf.data_ptr(),
+                                             n, d, h, w, window, workspace.data_ptr(), nbytes, 0)
+                assert err == ""
+                for got, want in ((gw, expected_w), (gf, expected_f)):
+                    scale = float(want.abs().max())
+                    torch.testing.assert_close(got.double(), want, rtol=tol["rtol"], atol=tol["rtol"] * scale + 1e-15)
+
+
+def test_emulated_cuda_bad_arguments(emulated):
+    x = torch.rand(1, 1, 3, 4, 5, dtype=torch.float64)
+    nbytes = emulated.lncc_workspace_bytes(True, 1, 3, 4, 5, False)
+    workspace = torch.empty(nbytes, dtype=torch.uint8)
+    total = torch.empty((), dtype=torch.float64)
+    args = (True, x.data_ptr(), x.data_ptr(), 60, 0, 0, 0, total.data_ptr(), 1, 3, 4, 5)
+    assert "`window` must be odd" in emulated.lncc_forward(*args, 4, 1e-5, 0.0, False, workspace.data_ptr(), nbytes, 0)
+    assert "the workspace has" in emulated.lncc_forward(*args, 3, 1e-5, 0.0, False, workspace.data_ptr(), 8, 0)
+    assert "sizes must be >= 1" in emulated.lncc_forward(True, x.data_ptr(), x.data_ptr(), 60, 0, 0, 0,
+                                                         total.data_ptr(), 1, 0, 4, 5, 3, 1e-5, 0.0, False,
+                                                         workspace.data_ptr(), nbytes, 0)
+    assert "coefficient_count" in emulated.lncc_backward(True, x.data_ptr(), 4, total.data_ptr(), False, x.data_ptr(),
+                                                         x.data_ptr(), 60, x.data_ptr(), 0, 1, 3, 4, 5, 3,
+                                                         workspace.data_ptr(), nbytes, 0)
+    with pytest.raises(ValueError, match="sizes must be >= 1"):
+        emulated.lncc_workspace_bytes(True, 1, -3, 4, 5, False)

@@ -66,8 +66,17 @@ void squaring_step_backward(const T* u, const T* G, T* out, std::vector<std::vec
     static_chunk(rows, tid, parts, begin, end);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (g.D * g.H), z = (r / g.H) % g.D, y = r % g.H;
-      for (int64_t x = 0; x < g.W; ++x)
-        squaring_step_grad_voxel(u + n * 3 * DHW, G + n * 3 * DHW, accum + n * 3 * DHW, z, y, x, g, padding);
+      const T* un = u + n * 3 * DHW;
+      const T* Gn = G + n * 3 * DHW;
+      T* dst = accum + n * 3 * DHW;
+      for (int64_t x = 0; x < g.W; ++x) {
+        const SquaringGradTerms<T> t = squaring_step_grad_terms(un, Gn, z, y, x, g, padding);
+        const int64_t p = (z * g.H + y) * g.W + x;
+        for (int c = 0; c < 3; ++c) {
+          scatter_trilinear(dst + c * DHW, t.az, t.ay, t.ax, g.H, g.W, t.upstream[c]);
+          dst[c * DHW + p] += t.direct[c];
+        }
+      }
     }
 #pragma omp barrier
     if (parts > 1) {

@@ -62,6 +62,28 @@ std::string cost_volume_backward(bool is_double, uintptr_t grad_out, uintptr_t f
                                  uintptr_t grad_fixed, uintptr_t grad_moving, int64_t N, int64_t C, int64_t D,
                                  int64_t H, int64_t W, int radius, int spacing, int grid, uintptr_t stream);
 
+// lncc_loss. coefficient_count: 0, 3 or 5 (LnccCoefficient order); total: a device pointer to one
+// scalar of the compute dtype, the sum of -cc; loss_map (optional): -cc per voxel. grad: one scalar, or
+// (grad_is_map) one value per voxel. fixed_batch_stride: 0 for one fixed image against the batch.
+std::string lncc_forward(bool is_double, uintptr_t warped, uintptr_t fixed, int64_t fixed_batch_stride,
+                         uintptr_t loss_map, uintptr_t coefficients, int coefficient_count, uintptr_t total, int64_t N,
+                         int64_t D, int64_t H, int64_t W, int window, double eps, double smooth_nr, bool monai,
+                         uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+std::string lncc_backward(bool is_double, uintptr_t coefficients, int coefficient_count, uintptr_t grad,
+                          bool grad_is_map, uintptr_t warped, uintptr_t fixed, int64_t fixed_batch_stride,
+                          uintptr_t grad_warped, uintptr_t grad_fixed, int64_t N, int64_t D, int64_t H, int64_t W,
+                          int window, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t lncc_workspace_bytes(bool is_double, int64_t N, int64_t D, int64_t H, int64_t W, bool backward);
+
+// integrate_velocity. scratch: two fields (forward) or three (backward); checkpoints (optional): the
+// fields u_k, k = interval, 2 interval, ... < steps, written by the forward, read by the backward.
+std::string integrate_forward(bool is_double, uintptr_t velocity, uintptr_t out, uintptr_t scratch,
+                              uintptr_t checkpoints, int interval, int64_t N, int64_t D, int64_t H, int64_t W,
+                              int steps, int padding, uintptr_t stream);
+std::string integrate_backward(bool is_double, uintptr_t velocity, uintptr_t checkpoints, int interval,
+                               uintptr_t grad_out, uintptr_t grad_velocity, uintptr_t scratch, int64_t N, int64_t D,
+                               int64_t H, int64_t W, int steps, int padding, uintptr_t stream);
+
 // Compute capabilities with SASS in this binary, and the PTX one (JIT-compiled on newer GPUs).
 int ptx_architecture();
 std::string device_check(int device);

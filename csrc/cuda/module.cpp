@@ -47,6 +47,19 @@ PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
   m.def("cost_volume_backward", &gc::cost_volume_backward, "is_double"_a, "grad_out"_a, "fixed"_a, "moving"_a,
         "grad_fixed"_a, "grad_moving"_a, "N"_a, "C"_a, "D"_a, "H"_a, "W"_a, "radius"_a, "spacing"_a, "grid"_a,
         "stream"_a, nogil);
+  m.def("lncc_forward", &gc::lncc_forward, "is_double"_a, "warped"_a, "fixed"_a, "fixed_batch_stride"_a,
+        "loss_map"_a, "coefficients"_a, "coefficient_count"_a, "total"_a, "N"_a, "D"_a, "H"_a, "W"_a, "window"_a,
+        "eps"_a, "smooth_nr"_a, "monai"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("lncc_backward", &gc::lncc_backward, "is_double"_a, "coefficients"_a, "coefficient_count"_a, "grad"_a,
+        "grad_is_map"_a, "warped"_a, "fixed"_a, "fixed_batch_stride"_a, "grad_warped"_a, "grad_fixed"_a, "N"_a, "D"_a,
+        "H"_a, "W"_a, "window"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("lncc_workspace_bytes", &gc::lncc_workspace_bytes, "is_double"_a, "N"_a, "D"_a, "H"_a, "W"_a, "backward"_a,
+        nogil);
+  m.def("integrate_forward", &gc::integrate_forward, "is_double"_a, "velocity"_a, "out"_a, "scratch"_a,
+        "checkpoints"_a, "interval"_a, "N"_a, "D"_a, "H"_a, "W"_a, "steps"_a, "padding"_a, "stream"_a, nogil);
+  m.def("integrate_backward", &gc::integrate_backward, "is_double"_a, "velocity"_a, "checkpoints"_a, "interval"_a,
+        "grad_out"_a, "grad_velocity"_a, "scratch"_a, "N"_a, "D"_a, "H"_a, "W"_a, "steps"_a, "padding"_a, "stream"_a,
+        nogil);
   m.def("ptx_architecture", &gc::ptx_architecture);
   m.def("device_check", &gc::device_check, "device"_a, nogil);
 }

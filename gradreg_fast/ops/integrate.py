@@ -73,12 +73,9 @@ def _launch_backward(grad_out, velocity, checkpoints, steps, padding_mode, backe
                                         grad_out.data_ptr(), grad.data_ptr(), scratch.data_ptr(), n, d, h, w, steps,
                                         padding, c.threads(velocity.numel()))
     else:
-        core = c.cuda_core()
-        nbytes = core.integrate_workspace_bytes(velocity.dtype == torch.float64, n, d, h, w)
-        workspace = c.workspace(velocity, nbytes)
-        c.raise_cuda_error(OP, core.integrate_backward(
+        c.raise_cuda_error(OP, c.cuda_core().integrate_backward(
             velocity.dtype == torch.float64, velocity.data_ptr(), ptr, interval, grad_out.data_ptr(), grad.data_ptr(),
-            scratch.data_ptr(), n, d, h, w, steps, padding, workspace.data_ptr(), nbytes, c.stream(velocity)))
+            scratch.data_ptr(), n, d, h, w, steps, padding, c.stream(velocity)))
     return grad
 
 

@@ -17,7 +17,7 @@ namespace gradreg {
 
 struct FieldGeometry {
   int64_t D, H, W;
-  int64_t voxels() const { return D * H * W; }
+  GR_HD int64_t voxels() const { return D * H * W; }
 };
 
 template <typename T>
@@ -40,24 +40,32 @@ GR_UNROLL
   for (int c = 0; c < 3; ++c) next[c * DHW + p] = u[c * DHW + p] + trilinear_sample(u + c * DHW, az, ay, ax, g.H, g.W);
 }
 
-// Both parts of voxel p's contribution to d/du_k, added into dst (which starts at zero): the direct
-// part at p, the scatter part at the corners p samples. Axes and corners are formed once for both.
+// Voxel p's contribution to d/du_k: the sample's axes (for the scatter part, which the caller adds
+// onto the corners: privately on the CPU, atomically on the GPU), the upstream value of each channel
+// it scatters, and the direct part at p.
 template <typename T>
-GR_HD void squaring_step_grad_voxel(const T* u, const T* G, T* dst, int64_t z, int64_t y, int64_t x,
-                                    const FieldGeometry& g, Padding padding) {
-  const int64_t DHW = g.D * g.H * g.W, p = (z * g.H + y) * g.W + x;
+struct SquaringGradTerms {
   LinearAxis<T> az, ay, ax;
-  sample_axes(u, p, z, y, x, g, padding, az, ay, ax);
+  T upstream[3];
+  T direct[3];
+};
+
+template <typename T>
+GR_HD SquaringGradTerms<T> squaring_step_grad_terms(const T* u, const T* G, int64_t z, int64_t y, int64_t x,
+                                                    const FieldGeometry& g, Padding padding) {
+  const int64_t DHW = g.D * g.H * g.W, p = (z * g.H + y) * g.W + x;
+  SquaringGradTerms<T> t;
+  sample_axes(u, p, z, y, x, g, padding, t.az, t.ay, t.ax);
   T gz = T(0), gy = T(0), gx = T(0);
 GR_UNROLL
   for (int c = 0; c < 3; ++c) {
-    const T upstream = G[c * DHW + p];
-    trilinear_coord_grad(u + c * DHW, upstream, az, ay, ax, g.H, g.W, gz, gy, gx);
-    scatter_trilinear(dst + c * DHW, az, ay, ax, g.H, g.W, upstream);
+    t.upstream[c] = G[c * DHW + p];
+    trilinear_coord_grad(u + c * DHW, t.upstream[c], t.az, t.ay, t.ax, g.H, g.W, gz, gy, gx);
   }
-  dst[p] += G[p] + gz;
-  dst[DHW + p] += G[DHW + p] + gy;
-  dst[2 * DHW + p] += G[2 * DHW + p] + gx;
+  t.direct[0] = t.upstream[0] + gz;
+  t.direct[1] = t.upstream[1] + gy;
+  t.direct[2] = t.upstream[2] + gx;
+  return t;
 }
 
 }  // namespace gradreg
