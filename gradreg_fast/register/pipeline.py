@@ -248,8 +248,8 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     if fixed_seg is not None:
         check_same_space(fixed_raw, fixed_seg, "fixed labels")
         check_same_space(moving_raw, moving_seg, "moving labels")
-        fixed_ids = keep_labels(fixed_seg, label_ids, "fixed labels")  # non-integer maps fail here, named
-        moving_ids = keep_labels(moving_seg, label_ids, "moving labels")
+        fixed_ids = _compact(keep_labels(fixed_seg, label_ids, "fixed labels"))  # non-integer maps fail here
+        moving_ids = _compact(keep_labels(moving_seg, label_ids, "moving labels"))
     fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality), fixed_raw.affine, fixed_raw.path)
     moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality), moving_raw.affine, moving_raw.path)
     grid_fit = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size).fit(16, settings.fit)
@@ -258,17 +258,17 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     timings["load_s"] = time.perf_counter() - start
 
     # Scored first: it needs no registration, and a problem with the labels shows before the work starts.
-    report, metric_bar, metrics_s = {}, None, 0.0
+    report, metrics_s = {}, 0.0
     if fixed_seg is not None:
         tick = time.perf_counter()
         scored = label_ids or sorted(({int(v) for v in np.unique(fixed_ids)} | {int(v) for v in np.unique(moving_ids)})
                                      - {0})
-        metric_bar = tqdm(total=len(STAGES) * len(scored), desc="metrics", disable=not progress, leave=False)
-        fixed_labels = resample(Scan(_compact(fixed_ids), fixed_seg.affine), out_grid, order=0)
+        fixed_labels = resample(Scan(fixed_ids, fixed_seg.affine), out_grid, order=0)
         fixed_surfaces = metrics.LabelSurfaces(fixed_labels, scored)
-        report["before"] = _score_before(fixed_surfaces, _compact(moving_ids), moving_seg.affine, out_grid,
-                                         max(math.prod(grid_fit.grid.shape), math.prod(out_grid.shape)),
-                                         label_names, metric_bar)
+        with tqdm(total=len(scored), desc="metrics before", disable=not progress, leave=False) as bar:
+            report["before"] = _score_before(fixed_surfaces, moving_ids, moving_seg.affine, out_grid,
+                                             max(math.prod(grid_fit.grid.shape), math.prod(out_grid.shape)),
+                                             label_names, bar)
         metrics_s += time.perf_counter() - tick
     tick = time.perf_counter()
     _start_ops(device, backend)
@@ -341,20 +341,19 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     warped_labels = None
     label_maps = {}
     if fixed_seg is not None:
-        moving_compact = _compact(moving_ids)
         stage_points = {"before": points, "initial": _apply_world(initial, points),
                         "affine": _apply_world(affine_world, points), "after": registered}
         for stage, where in stage_points.items():
-            label_maps[stage] = _sample(moving_compact, moving_seg.affine, where, 0, 0)
+            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0)
         warped_labels = label_maps["after"]
         metric_tick = time.perf_counter()
         # "before" was scored at the start, on the fixed lattice beyond the fixed grid where the moving
         # organs lie (before any alignment they may lie outside the fixed field of view, as in the demo).
-        for stage in STAGES[1:]:
-            moving_surfaces = metrics.LabelSurfaces(label_maps[stage], fixed_surfaces.labels)
-            report[stage] = _stage_report(metrics.label_metrics(fixed_surfaces, moving_surfaces, out_grid.spacing,
-                                                                progress=metric_bar), label_names)
-        metric_bar.close()
+        with tqdm(total=len(STAGES[1:]) * len(scored), desc="metrics", disable=not progress, leave=False) as bar:
+            for stage in STAGES[1:]:
+                moving_surfaces = metrics.LabelSurfaces(label_maps[stage], fixed_surfaces.labels)
+                report[stage] = _stage_report(metrics.label_metrics(fixed_surfaces, moving_surfaces,
+                                                                    out_grid.spacing, progress=bar), label_names)
         metrics_s += time.perf_counter() - metric_tick
         timings["metrics_s"] = metrics_s
     else:
