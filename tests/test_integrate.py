@@ -5,16 +5,21 @@ one."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+if __name__ == "__main__":  # the Triton check subprocess: the interpreter must be on before triton is imported
+    import os
 
-import pytest
-import torch
-from conftest import make_volume, requires_cuda, value_and_grads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import gradreg_fast
-from gradreg_fast import reference
-from gradreg_fast.ops.integrate import checkpoint_layout
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import make_volume, requires_cuda, value_and_grads  # noqa: E402
+
+import gradreg_fast  # noqa: E402
+from gradreg_fast import reference  # noqa: E402
+from gradreg_fast.ops.integrate import checkpoint_layout  # noqa: E402
 
 # Odd sizes, size-1 axes, batch > 1.
 SHAPES = [(2, 3, 7, 6, 9), (1, 3, 1, 5, 8), (3, 3, 4, 1, 3), (1, 3, 5, 7, 1)]
@@ -318,3 +323,48 @@ def test_emulated_cuda_bad_arguments(emulated):
     assert "`interval` must be >= 1" in emulated.integrate_backward(True, ptr, ptr, 0, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0,
                                                                     0)
     assert "must be device pointers" in emulated.integrate_backward(True, 0, 0, 1, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0, 0)
+
+
+# ---------------------------------------------------------------- Triton (interpreter on the CPU; compiled on a GPU)
+
+
+def triton_checks(device: str) -> None:
+    """Run in a subprocess (``python tests/test_integrate.py DEVICE``): TRITON_INTERPRET must be set before triton
+    is imported, and setting it in the pytest process would leak into every later test."""
+    gen = torch.Generator().manual_seed(14)
+    for dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        for padding_mode in PADDINGS:
+            for shape, steps in (((2, 3, 4, 5, 6), 7), ((1, 3, 1, 4, 3), 3), ((1, 3, 3, 2, 4), 0)):
+                velocity = _velocity(shape, gen, dtype=dtype).to(device)
+                grad_output = make_volume(shape, dtype, False, gen).to(device)
+                value, (grad,) = value_and_grads(
+                    lambda v: gradreg_fast.integrate_velocity(v, steps, padding_mode, backend="triton"), (velocity,),
+                    grad_output)
+                expected, (expected_grad,) = value_and_grads(
+                    lambda v: reference.integrate_velocity(v, steps, padding_mode), (velocity,), grad_output)
+                for got, want in ((value, expected), (grad, expected_grad)):
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()) + 1e-12)
+
+
+def test_triton_interpreter_on_cpu():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, __file__, "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_triton_compiled_on_cuda():
+    pytest.importorskip("triton")
+    triton_checks("cuda")
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)  # tiny tensors: no OpenMP team per small op
+    triton_checks(sys.argv[1])

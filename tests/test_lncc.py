@@ -4,15 +4,20 @@ the CPU (emulation), Triton's interpreter, and a GPU when there is one."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+if __name__ == "__main__":  # the Triton check subprocess: the interpreter must be on before triton is imported
+    import os
 
-import pytest
-import torch
-from conftest import make_volume, requires_cuda, value_and_grads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import gradreg_fast
-from gradreg_fast import reference
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import make_volume, requires_cuda, value_and_grads  # noqa: E402
+
+import gradreg_fast  # noqa: E402
+from gradreg_fast import reference  # noqa: E402
 
 # Odd sizes, size-1 axes, batch > 1, windows larger than an axis.
 CASES = [((2, 1, 7, 6, 9), 3), ((1, 1, 1, 5, 8), 3), ((3, 1, 4, 1, 3), 5), ((1, 1, 5, 7, 1), 1),
@@ -415,3 +420,53 @@ def test_emulated_cuda_bad_arguments(emulated):
                                                          workspace.data_ptr(), nbytes, 0)
     with pytest.raises(ValueError, match="sizes must be >= 1"):
         emulated.lncc_workspace_bytes(True, 1, -3, 4, 5, False)
+
+
+# ---------------------------------------------------------------- Triton (interpreter on the CPU; compiled on a GPU)
+
+
+def triton_checks(device: str) -> None:
+    """Run in a subprocess (``python tests/test_lncc.py DEVICE``): TRITON_INTERPRET must be set before triton is
+    imported, and setting it in the pytest process would leak into every later test."""
+    gen = torch.Generator().manual_seed(14)
+    for dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        for convention in CONVENTIONS:
+            for reduction in ("mean", "none"):
+                for (n, c, d, h, w), atlas in (((2, 1, 4, 5, 6), True), ((1, 1, 1, 4, 3), False)):
+                    warped = make_volume((n, c, d, h, w), dtype, False, gen).to(device)
+                    fixed = make_volume((1 if atlas else n, c, d, h, w), dtype, False, gen).to(device)
+                    grad_output = make_volume((n, 1, d, h, w), dtype, False, gen).to(device) \
+                        if reduction == "none" else None
+                    fused = lambda a, b: gradreg_fast.lncc_loss(a, b, 3, 1e-5, reduction, convention,  # noqa: E731
+                                                                0.1 if convention == "monai" else 0.0, "triton")
+                    naive = lambda a, b: reference.lncc_loss(a, b.expand(n, -1, -1, -1, -1), 3, 1e-5,  # noqa: E731
+                                                             reduction, convention,
+                                                             0.1 if convention == "monai" else 0.0)
+                    value, grads = value_and_grads(fused, (warped, fixed), grad_output)
+                    expected, expected_grads = value_and_grads(naive, (warped, fixed), grad_output)
+                    for got, want in ((value, expected), *zip(grads, expected_grads)):
+                        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()) + 1e-12)
+
+
+def test_triton_interpreter_on_cpu():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, __file__, "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_triton_compiled_on_cuda():
+    pytest.importorskip("triton")
+    triton_checks("cuda")
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)  # tiny tensors: no OpenMP team per small op
+    triton_checks(sys.argv[1])
