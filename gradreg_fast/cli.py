@@ -204,8 +204,9 @@ def format_report(metrics: dict) -> str:
             label = name if key == "mean" else f"{key} {name}" if name != key else key
             lines.append(f"{label:<20}" + "".join(f"{_fmt(c):>14}" for c in cells) +
                          f"{_fmt(asd[0], 2):>12}{_fmt(asd[1], 2):>11}{_fmt(hd[0], 2):>13}{_fmt(hd[1], 2):>12}")
-        lines.append("(before = identity in world space, scored on a grid covering both scans; initial = centres "
-                     "of mass; affine; after = affine + deformable; ASD/HD95 in mm; n/a: label missing)")
+        lines.append("(before = identity in world space, scored on the fixed grid's lattice extended to where the "
+                     "moving labels lie; initial = centres of mass; affine; after = affine + deformable; ASD/HD95 "
+                     "in mm; n/a: label missing)")
     lines.append(f"folding (det J <= 0): {_fmt(metrics['folding_percent'])} %   SDlogJ: "
                  f"{_fmt(metrics['sd_log_jacobian'])}   registration runtime: {metrics['runtime_s']:.1f} s on "
                  f"{metrics['device']} ({metrics['threads']} threads)")

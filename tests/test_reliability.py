@@ -510,3 +510,19 @@ def test_before_stage_beyond_the_size_limit_is_marked_not_scored():
     assert scored["labels"]["1"]["dice"] == pytest.approx(2 * 27 / (27 + 18**3)) and "skipped" not in scored
     skipped = _score_before(surfaces, moving, np.diag([2.0, 2.0, 2.0, 1.0]), grid, 8**3, {}, None)
     assert np.isnan(skipped["mean_dice"]) and "not scored" in skipped["skipped"]
+
+
+def test_each_stage_is_scored_once(case, monkeypatch):
+    from gradreg_fast import metrics
+
+    calls = []
+    real = metrics.label_metrics
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "label_metrics", counting)
+    result = register(case["fixed"], case["moving"], case["fixed_labels"], case["moving_labels"], quick(),
+                      device="cpu", progress=False)
+    assert len(calls) == len(result.metrics["stages"]) == 4
