@@ -22,7 +22,7 @@ constexpr int kMaxChannels = 5;
 
 struct LnccShape {
   int64_t N, D, H, W;
-  int64_t DHW() const { return D * H * W; }
+  GR_HD int64_t DHW() const { return D * H * W; }
 };
 
 int64_t sum_blocks(int64_t numel) {
