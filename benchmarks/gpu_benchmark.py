@@ -48,6 +48,10 @@ CORE_ENTRY_POINTS = (
     "descriptor_workspace_bytes", "penalty_sum", "penalty_workspace_bytes",
 )
 
+# lncc_loss and integrate_velocity (issue 14).
+CORE_ENTRY_POINTS += ("lncc_forward", "lncc_backward", "lncc_workspace_bytes", "integrate_forward",
+                      "integrate_backward")
+
 
 def ensure_cuda_core(build: bool) -> None:
     """Builds gradreg_fast._cuda in place when it is missing or lacks an entry point (checked in a fresh
@@ -161,6 +165,20 @@ def _loss_bytes(shape, pass_, itemsize, k=12):
     return fwd if pass_ == "fwd" else fwd + mind_bwd
 
 
+def _lncc_bytes(shape, pass_, itemsize):
+    """Two images read; with the backward, 3 coefficients written and read back, the upstream-free gradient
+    written and both images read again."""
+    volume = itemsize * _voxels(shape)
+    return 2 * volume if pass_ == "fwd" else (2 + 3 + 3 + 2 + 1) * volume
+
+
+def _integrate_bytes(shape, pass_, itemsize, steps=7):
+    """Each squaring step reads and writes a 3-channel field; the backward recomputes 6 steps from its 2
+    checkpoints and each of its steps reads the field and the running gradient and writes the next."""
+    field = 3 * itemsize * _voxels(shape)
+    forward = field * (1 + 2 * steps)
+    return forward if pass_ == "fwd" else forward + 2 * field + field * (2 * 6 + 3 * steps)
+
 def _grid_sample_prepare(inputs):
     image, flow = inputs
     return [image, grid_from_flow(flow.detach()).requires_grad_(flow.requires_grad)]
@@ -185,6 +203,15 @@ OPS = {
         "mind_loss", _loss_inputs, (0,),
         lambda b: (lambda w, f: gradreg_fast.mind_loss(w, f, backend=b)),
         naive_mind_loss, _loss_bytes),
+    "lncc_loss": Op(
+        "lncc_loss", _loss_inputs, (0,),
+        lambda b: (lambda w, f: gradreg_fast.lncc_loss(w, f, 9, backend=b)),
+        lambda w, f: reference.lncc_loss(w, f, 9), lambda shape, pass_, itemsize: _lncc_bytes(shape, pass_, itemsize)),
+    "integrate_velocity": Op(
+        "integrate_velocity", lambda shape, gen, device, dtype: [4.0 * smooth_flow(shape, gen, device, dtype)], (0,),
+        lambda b: (lambda v: gradreg_fast.integrate_velocity(v, 7, backend=b)),
+        lambda v: reference.integrate_velocity_grid_sample(v, 7),
+        lambda shape, pass_, itemsize: _integrate_bytes(shape, pass_, itemsize)),
 }
 BACKENDS = ("cuda", "triton", "reference")
 PASSES = ("fwd", "fwd_bwd")
@@ -205,6 +232,8 @@ def check_backends(shape) -> list[dict]:
     gen = torch.Generator().manual_seed(11)
     refs = {"gradient_magnitude": reference.gradient_magnitude, "warp": reference.warp,
             "mind_ssc": reference.mind_ssc, "mind_loss": reference.mind_loss}
+    refs.update(lncc_loss=lambda w, f: reference.lncc_loss(w, f, 9),
+                integrate_velocity=lambda v: reference.integrate_velocity(v, 7))
     for op in OPS.values():
         inputs64 = op.make_inputs(shape, gen, "cuda", torch.float64)
         expected, expected_grads = _forward_and_grads(refs[op.name], inputs64, op.grad_inputs, seed=3)
@@ -230,6 +259,8 @@ def check_backends(shape) -> list[dict]:
 
 
 def _backend_op_name(op_name):
+    if op_name in ("lncc_loss", "integrate_velocity"):
+        return {"lncc_loss": "lncc", "integrate_velocity": "integrate"}[op_name]
     return {"mind_ssc": "mind", "mind_loss": "mind"}.get(op_name, op_name)
 
 
