@@ -31,7 +31,7 @@ import math
 import sys
 from pathlib import Path
 
-from ._atomic import Terminated, atomic_write, sigterm_as_interrupt
+from ._atomic import Terminated, sigterm_as_interrupt
 
 DEMO_LABELS = {1: "spleen", 2: "right kidney", 3: "left kidney", 5: "liver"}
 DEMO_OUT = "gradreg_demo_out"
@@ -302,7 +302,8 @@ def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
     from .io import check_output_path, check_writable_dir
-    from .register.pipeline import check_outputs, register, save_result, write_json
+    from ._atomic import INCOMPLETE_MARKER, FileSet
+    from .register.pipeline import _json_bytes, check_outputs, register, save_result
 
     root = Path(args.pairs)
     if not root.is_dir():
@@ -320,6 +321,9 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     csv_path, summary_path = out / "metrics.csv", out / "summary.json"
     all_inputs = [p for files in found.values() for p in files.values() if p is not None]
+    if (out / INCOMPLETE_MARKER).exists() and not args.force:
+        raise FileExistsError(f"--out {out} holds the files of an interrupted run ({INCOMPLETE_MARKER}); use --force "
+                              "to replace them")
     for path in (csv_path, summary_path):
         check_output_path(path, all_inputs, args.force)
     check_writable_dir(out)
@@ -361,8 +365,10 @@ def cmd_evaluate(args) -> int:
             rows.append({**common, "label": "", "name": ""})
     summary = _summarise(rows, per_case)
     summary["failed"] = failed
-    _write_csv(csv_path, rows)
-    write_json(summary_path, summary)
+    # One set, as a registration's files: summary.json comes last and names metrics.csv with its SHA-256.
+    files = FileSet(out, protect=all_inputs)
+    Path(files.stage(csv_path.name)).write_bytes(_csv_bytes(rows))
+    files.commit(summary_path.name, lambda checksums: _json_bytes({**summary, "files": checksums}))
     print(_format_summary(summary))
     print(f"wrote {csv_path.resolve()} and {summary_path.resolve()}")
     if failed:
@@ -404,13 +410,13 @@ def _format_summary(summary) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, rows) -> None:
+def _csv_bytes(rows) -> bytes:
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+    return buffer.getvalue().encode()
 
 
 def cmd_train(argv) -> int:

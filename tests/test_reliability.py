@@ -386,6 +386,11 @@ def test_evaluate_continues_past_failing_cases(tmp_path, capsys):
         folder_state(out / good)
     summary = strict_json(out / "summary.json")
     assert summary["cases"] == 2 and set(summary["failed"]) == {"b_corrupt", "c_no_moving"}
+    import hashlib  # the two files are one set: summary.json names metrics.csv with its checksum
+
+    csv_entry = summary["files"]["metrics.csv"]
+    assert csv_entry["sha256"] == hashlib.sha256((out / "metrics.csv").read_bytes()).hexdigest()
+    assert hidden_temporaries(out) == []
     assert not (out / "b_corrupt").exists() or hidden_temporaries(out / "b_corrupt") == []
 
 
