@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE_ENTRY_POINTS = (
     "gradient_magnitude_forward", "gradient_magnitude_backward", "warp_forward", "warp_backward",
     "warp_workspace_bytes", "descriptor_forward", "descriptor_backward", "descriptor_loss_backward",
-    "descriptor_workspace_bytes", "penalty_sum", "penalty_workspace_bytes",
+    "descriptor_workspace_bytes", "penalty_sum", "penalty_workspace_bytes", "cost_volume_forward",
+    "cost_volume_backward",
 )
 
 # lncc_loss and integrate_velocity (issue 14).
@@ -165,6 +166,23 @@ def _loss_bytes(shape, pass_, itemsize, k=12):
     return fwd if pass_ == "fwd" else fwd + mind_bwd
 
 
+# mind_cost_volume runs on pooled descriptors (12 channels at 1/4 of each axis, as the registration
+# engine calls it); radius 2 (125 displacements) keeps torch.compile of the naive loop short.
+COST_VOLUME_RADIUS = 2
+
+
+def _descriptor_pair_inputs(shape, generator, device, dtype):
+    pooled = (shape[0], 12, *(max(1, s // 4) for s in shape[2:]))
+    return [torch.rand(pooled, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+            for _ in range(2)]
+
+
+def _cost_volume_bytes(shape, pass_, itemsize):
+    pooled = math.prod(max(1, s // 4) for s in shape[2:]) * shape[0]
+    descriptors, costs = 2 * 12 * pooled, (2 * COST_VOLUME_RADIUS + 1) ** 3 * pooled
+    return itemsize * (descriptors + costs if pass_ == "fwd" else 2 * (descriptors + costs) + descriptors)
+
+
 def _lncc_bytes(shape, pass_, itemsize):
     """Two images read; with the backward, 3 coefficients written and read back, the upstream-free gradient
     written and both images read again."""
@@ -212,6 +230,10 @@ OPS = {
         lambda b: (lambda v: gradreg_fast.integrate_velocity(v, 7, backend=b)),
         lambda v: reference.integrate_velocity_grid_sample(v, 7),
         lambda shape, pass_, itemsize: _integrate_bytes(shape, pass_, itemsize)),
+    "mind_cost_volume": Op(
+        "mind_cost_volume", _descriptor_pair_inputs, (0, 1),
+        lambda b: (lambda f, m: gradreg_fast.mind_cost_volume(f, m, COST_VOLUME_RADIUS, backend=b)),
+        lambda f, m: reference.mind_cost_volume(f, m, COST_VOLUME_RADIUS), _cost_volume_bytes),
 }
 BACKENDS = ("cuda", "triton", "reference")
 PASSES = ("fwd", "fwd_bwd")
@@ -231,7 +253,8 @@ def check_backends(shape) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(11)
     refs = {"gradient_magnitude": reference.gradient_magnitude, "warp": reference.warp,
-            "mind_ssc": reference.mind_ssc, "mind_loss": reference.mind_loss}
+            "mind_ssc": reference.mind_ssc, "mind_loss": reference.mind_loss,
+            "mind_cost_volume": lambda f, m: reference.mind_cost_volume(f, m, COST_VOLUME_RADIUS)}
     refs.update(lncc_loss=lambda w, f: reference.lncc_loss(w, f, 9),
                 integrate_velocity=lambda v: reference.integrate_velocity(v, 7))
     for op in OPS.values():
@@ -261,7 +284,7 @@ def check_backends(shape) -> list[dict]:
 def _backend_op_name(op_name):
     if op_name in ("lncc_loss", "integrate_velocity"):
         return {"lncc_loss": "lncc", "integrate_velocity": "integrate"}[op_name]
-    return {"mind_ssc": "mind", "mind_loss": "mind"}.get(op_name, op_name)
+    return {"mind_ssc": "mind", "mind_loss": "mind", "mind_cost_volume": "cost_volume"}.get(op_name, op_name)
 
 
 def _forward_and_grads(fn, inputs, grad_indices, seed):
