@@ -199,6 +199,68 @@ def test_thread_count_does_not_change_the_result(gen):
         torch.testing.assert_close(a, b)
 
 
+def _threads_run(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_is_bit_identical_for_1_2_and_8_threads(padding_mode, dtype, gen):
+    # Large enough (> 32768 elements) for the core to use every thread it is given; flows that send many
+    # samples into the same corners from far apart planes, and some outside the volume.
+    shape = (2, 2, 21, 17, 23)
+    image = make_volume(shape, dtype, False, gen)
+    base = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=dtype) for s in shape[2:]), indexing="ij"))
+    flow = (-0.6 * base + 3.0 * make_volume((2, 3, *shape[2:]), dtype, False, gen)).contiguous()
+    grad_out = make_volume(shape, dtype, False, gen)
+    fn = lambda i, f: gradreg_fast.warp(i, f, padding_mode=padding_mode, backend="cpu")  # noqa: E731
+    results = [_threads_run(t, lambda: value_and_grads(fn, [image, flow], grad_out)) for t in (1, 2, 8)]
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            assert torch.equal(a, b)
+    expected = value_and_grads(lambda i, f: reference.warp(i, f, padding_mode=padding_mode), [image, flow], grad_out)
+    for a, b in zip(results[0][1], expected[1]):
+        torch.testing.assert_close(a, b)
+
+
+_PEAK_RSS_SCRIPT = """
+import resource, sys, torch, gradreg_fast
+torch.set_num_threads(int(sys.argv[1]))
+shape = (1, 4, 48, 48, 48)
+image = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+flow = (2 * torch.rand(1, 3, *shape[2:], dtype=torch.float64) - 1).requires_grad_()
+grad_out = torch.rand(shape, dtype=torch.float64)
+small = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+gradreg_fast.warp(small, torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64), backend="cpu").sum().backward()  # start-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gradreg_fast.warp(image, flow, backend="cpu").backward(grad_out)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_backward_scratch_does_not_grow_with_the_thread_count():
+    # The image gradient used to be scattered into one private copy of the image per extra thread
+    # (63 copies at 64 threads). Growth of the peak RSS over one forward and backward, in KiB, at 1 and
+    # 16 threads: the difference must stay far below one image (1 x 4 x 48^3 float64 = 3456 KiB).
+    import subprocess
+    import sys
+
+    growth = []
+    for threads in (1, 16):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(threads)], capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "MALLOC_ARENA_MAX": "2"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        growth.append(int(proc.stdout.split()[-1]))
+    image_kib = 4 * 48**3 * 8 // 1024
+    assert growth[1] - growth[0] < image_kib // 4, growth
+
+
 def test_does_not_modify_inputs(gen):
     image, flow = _inputs((1, 2, 4, 5, 3), torch.float32, True, gen, flow_scale=2.0)
     before = image.clone(), flow.clone()
