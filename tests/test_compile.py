@@ -114,6 +114,33 @@ def test_mind_loss_module_dynamic_shapes(gen):
                     more_inputs=[inputs((3, 1, 4, 6, 3))])
 
 
+@pytest.mark.parametrize("warped_batch, fixed_batch", [(3, 1), (1, 2)])
+def test_mind_loss_atlas_broadcasting_with_keywords(warped_batch, fixed_batch, gen):
+    loss_fn = gradreg_fast.MINDLoss(penalty="l2", backend="cpu")
+    warped = make_volume((warped_batch, 1, 5, 4, 6), torch.float64, False, gen)
+    atlas = make_volume((fixed_batch, 1, 5, 4, 6), torch.float64, False, gen)
+    _check_compiled(lambda w: loss_fn(y_pred=w, y_true=atlas), [warped])
+
+
+def test_mind_loss_under_autocast(gen):
+    # bfloat16 warped image against a float32 fixed one inside the compiled region, as in AMP training.
+    loss_fn = gradreg_fast.MINDLoss(backend="cpu")
+    fixed = make_volume((2, 1, 5, 4, 6), torch.float32, False, gen)
+
+    def fn(w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(w.to(torch.bfloat16), fixed)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    warped = make_volume((2, 1, 5, 4, 6), torch.float32, False, gen)
+    out, (grad,) = value_and_grads(compiled, [warped])
+    expected, (expected_grad,) = value_and_grads(fn, [warped])
+    assert out.dtype == torch.float32 and counter.frame_count == 1
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_registered_ops_exist():
     for name in ("gradient_magnitude", "gradient_magnitude_backward", "warp", "warp_backward", "mind_descriptor",
                  "mind_descriptor_backward", "mind_loss", "mind_loss_backward"):
