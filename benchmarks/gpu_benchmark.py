@@ -5,7 +5,8 @@
 2. Checks every backend (cuda, triton, reference) of every op against the float64 reference, forward
    and gradients, on an odd-sized volume (float32 and float64).
 3. Times, on CUDA, for gradient magnitude, warp, MIND-SSC and the MIND-SSC loss, at 1x1x144x144x128 and
-   1x1x192x160x192, forward and forward+backward:
+   1x1x192x160x192 (the MIND cost volume on 12-channel descriptors at 1/4 of those sizes, radius 2),
+   forward and forward+backward:
    the backends ``cuda``, ``triton``, ``reference`` (the custom op routed to the naive code), against
    ``naive`` PyTorch (gradreg_fast.reference; for MIND the ConvexAdam-style mind_ssc_convexadam that
    registration code uses), ``compiled`` (torch.compile of the naive code) and, for warp,
