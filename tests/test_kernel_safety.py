@@ -98,6 +98,101 @@ def triton_ties():
         _assert_originals_tie_gradient(out, grad, vol, grad_out, radius, dilation)
 
 
+# ------------------------------------------------------------------ non-finite input
+# Policy, as the originals: a NaN or inf voxel (or squares that overflow, ~1e20 in float32) makes the
+# mean variance m non-finite, and then the whole descriptor and its whole gradient are NaN (m per
+# item with per_item=True) -- never a partly finite result, never a silent zero gradient.
+
+
+def _non_finite_cases(dtype):
+    gen = _gen(f"non-finite {dtype}")
+    base = torch.rand((1, 1, 9, 7, 8), generator=gen, dtype=dtype)
+    nan, inf, huge = base.clone(), base.clone(), base * 1e20
+    nan[0, 0, 4, 3, 5] = float("nan")
+    inf[0, 0, 2, 6, 1] = float("inf")
+    cases = {"nan": nan, "inf": inf}
+    if dtype == torch.float32:
+        cases["overflow"] = huge
+    return cases
+
+
+def _assert_all_nan(vol, descriptor):
+    leaf = vol.clone().requires_grad_()
+    out = descriptor(leaf)
+    assert torch.isnan(out).all(), f"{(~torch.isnan(out)).sum().item()} finite values"
+    (grad,) = torch.autograd.grad(out, leaf, torch.rand(out.shape, dtype=out.dtype))
+    assert torch.isnan(grad).all(), f"{(~torch.isnan(grad)).sum().item()} finite gradient values"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["mind_ssc", "mind"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_input_gives_an_all_nan_descriptor_and_gradient(backend, kind, dtype):
+    import gradreg_fast
+
+    for name, vol in _non_finite_cases(dtype).items():
+        _assert_all_nan(vol, lambda v: getattr(gradreg_fast, kind)(v, radius=1, dilation=1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_item_leaves_the_other_items_alone_with_per_item(backend):
+    import gradreg_fast
+
+    gen = _gen("per item nan")
+    vol = torch.rand((2, 1, 6, 7, 5), generator=gen, dtype=torch.float64)
+    vol[1, 0, 3, 3, 3] = float("nan")
+    out = gradreg_fast.mind_ssc(vol, radius=1, dilation=1, per_item=True, backend=backend)
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[:1], gradreg_fast.mind_ssc(vol[:1], radius=1, dilation=1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_non_finite_warped_image_gives_a_nan_loss_and_gradient(backend, penalty):
+    import gradreg_fast
+
+    gen = _gen("loss nan")
+    fixed = torch.rand((1, 1, 8, 7, 6), generator=gen, dtype=torch.float64)
+    warped = torch.rand((1, 1, 8, 7, 6), generator=gen, dtype=torch.float64)
+    warped[0, 0, 1, 2, 3] = float("nan")
+    leaf = warped.clone().requires_grad_()
+    loss = gradreg_fast.mind_loss(leaf, fixed, penalty=penalty, radius=1, dilation=1, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(leaf.grad).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_non_finite_input(emulated_core, dtype):
+    import test_cuda
+    from gradreg_fast.ops.mind_tables import MIND_PAIRS, SSC_PAIRS, flat_pairs
+
+    for kind, pairs, subtract_min in (("ssc", SSC_PAIRS, True), ("mind", MIND_PAIRS, False)):
+        for name, vol in _non_finite_cases(dtype).items():
+            out, variance, flags = test_cuda._descriptor_forward(emulated_core, vol, kind, 1, 1, False)
+            assert torch.isnan(out).all(), (kind, name)
+            n, _, d, h, w = vol.shape
+            is_double = dtype == torch.float64
+            nbytes = emulated_core.module.descriptor_workspace_bytes(is_double, n, d, h, w, len(pairs), True)
+            scratch = emulated_core.workspace(nbytes)
+            grad_out = torch.rand(out.shape, dtype=dtype)
+            grad = torch.zeros(vol.shape, dtype=dtype)  # not poisoned: a NaN must come from the kernel
+            emulated_core.call("descriptor_backward", is_double, grad_out.data_ptr(), out.data_ptr(), vol.data_ptr(),
+                               variance.data_ptr(), flags.data_ptr(), grad.data_ptr(), n, d, h, w,
+                               list(flat_pairs(pairs)), 1, 1, subtract_min, scratch.data_ptr(), nbytes, 0)
+            assert torch.isnan(grad).all(), (kind, name)
+
+
+@triton_check
+def triton_non_finite_input():
+    import gradreg_fast
+
+    for dtype in (torch.float32, torch.float64):
+        for kind in ("mind_ssc", "mind"):
+            for name, vol in _non_finite_cases(dtype).items():
+                _assert_all_nan(vol, lambda v: getattr(gradreg_fast, kind)(v, radius=1, dilation=1, backend="triton"))
+
+
 # ------------------------------------------------------------------ C++ errors never abort
 
 # Runs one case in a fresh process (an abort there must not take the test run with it) whose address

@@ -56,6 +56,9 @@ def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False, 
     # finite (zero) gradient instead of 0/0.
     tiny = torch.finfo(vol.dtype).tiny
     clamped = torch.where(clamped > 0, clamped.clamp_min(tiny), torch.ones_like(clamped))
+    # Non-finite input makes m NaN or inf: then the whole descriptor (and its gradient) is NaN, as the
+    # originals' clamp with NaN bounds gives. m - m is 0 for a finite m, NaN otherwise.
+    clamped = clamped + (m - m)
     return torch.exp(-patch / clamped)
 
 

@@ -187,8 +187,9 @@ def _finish_kernel(centered_ptr, out_ptr, variance_ptr, flags_ptr, mean_ptr, D, 
     below = variance < low
     above = variance > high
     vc = tl.where(below, low, tl.where(above, high, variance))
-    # tiny only matters on a constant volume (m = 0): exp(-0 / tiny) = 1 instead of 0 / 0.
-    vc = tl.where(vc > TINY, vc, TINY)
+    # tiny only matters on a constant volume (m = 0): exp(-0 / tiny) = 1 instead of 0 / 0. A non-finite
+    # m (non-finite input) makes vc NaN, hence the whole descriptor (m - m: 0 or NaN), as in mind.h.
+    vc = tl.where(vc > TINY, vc, TINY) + (m - m)
     flag = tl.load(flags_ptr + voxel, mask=mask, other=0).to(tl.int32)
     flag = flag | tl.where(below | above, 0, 0x80)
     tl.store(variance_ptr + voxel, vc, mask=mask)
@@ -223,7 +224,7 @@ def _box_gradient_kernel(upstream_ptr, target_ptr, scale_ptr, out_ptr, variance_
     else:
         upstream = tl.load(upstream_ptr + offsets, mask=tile_mask, other=0.0)
     t = upstream * out
-    varies = vc > TINY  # false only where m = 0 (a constant volume) or vc is NaN: zeroed below
+    varies = (vc > TINY) | (vc != vc)  # false only where m = 0 (a constant volume): zeroed below; NaN stays
     vc_row = tl.where(varies, vc, 1.0)[None, :]
     grad = -t / vc_row
     # The patch distance is -vc * log(out); where out underflowed to 0, out * log(out) -> 0.

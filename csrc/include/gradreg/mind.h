@@ -66,6 +66,10 @@ GR_HD T descriptor_center(T* values, int64_t cs, int K, T inv_box, bool subtract
 
 // The clamped variance; `tiny` (the dtype's smallest normal) only matters on a constant
 // volume, where m = 0 and every patch distance is 0: exp(-0 / tiny) = 1 instead of 0/0.
+// Non-finite input (a NaN or inf voxel, or squares that overflow) makes m NaN or inf: then vc is
+// NaN everywhere, so the whole descriptor and its gradient are NaN, as the originals' clamp with
+// NaN bounds gives, on every backend. (m - m) is 0 for a finite m and NaN otherwise, without a
+// branch, so the callers' loops still vectorise.
 template <typename T>
 GR_HD T descriptor_clamped_variance(T variance, T m, T tiny, uint8_t& flag) {
   const T lo = T(0.001) * m, hi = T(1000) * m;
@@ -73,7 +77,7 @@ GR_HD T descriptor_clamped_variance(T variance, T m, T tiny, uint8_t& flag) {
   if (variance < lo) vc = lo;
   else if (variance > hi) vc = hi;
   else flag |= kInClampRange;
-  return vc > tiny ? vc : tiny;
+  return (vc > tiny ? vc : tiny) + (m - m);
 }
 
 // exp(x) for x <= 0 and log(x) for x > 0, the only ranges the descriptor needs. On the host,
@@ -91,8 +95,10 @@ GR_HD T log_positive(T x) {
 #if !defined(__CUDA_ARCH__)
 template <>
 inline float exp_nonpositive<float>(float x) {
+  const float input = x;
+  const bool is_nan = !(x == x);      // kept apart: a NaN must not reach the int cast below
   const bool underflow = x < -87.3f;  // exp(-87.3) is the smallest normal float: return 0 below
-  x = underflow ? -87.3f : x;
+  x = underflow || is_nan ? -87.3f : x;
   const float n = floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -107,7 +113,7 @@ inline float exp_nonpositive<float>(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : y * scale;
+  return is_nan ? input : (underflow ? 0.0f : y * scale);
 }
 
 // For normal x > 0 (the caller never passes denormals).
@@ -217,8 +223,9 @@ GR_HD void descriptor_backward_block(const T* out, int64_t p0, int64_t cs, int K
   for (int k = 0; k < K; ++k) {
     GR_SIMD for (int i = 0; i < B; ++i) {
       const int64_t g = i + k * gs;
-      // vc <= tiny only on a constant volume, where the descriptor is locally constant
-      grad_box[g] = vc[i] > tiny ? grad_box[g] * inv_box : T(0);
+      // vc <= tiny only on a constant volume, where the descriptor is locally constant; a NaN vc
+      // (non-finite input) keeps its NaN gradient
+      grad_box[g] = !(vc[i] <= tiny) ? grad_box[g] * inv_box : T(0);
     }
   }
 }
