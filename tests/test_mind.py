@@ -388,3 +388,23 @@ def test_descriptor_gradient_with_ties_equals_the_originals(backend, radius, dil
                                                  [warped], grad_out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
     assert (grad - expected_grad).abs().max().item() <= 1e-12 * expected_grad.abs().max().item()
+
+
+def test_reference_tables_agree_with_the_kernels_tables():
+    # The reference builds its tables by names of unit steps; the kernels' come from 3x3x3 kernel indices
+    # (gradreg_fast/ops/mind_tables.py). Neither module imports the other's.
+    import importlib
+    import inspect
+
+    from gradreg_fast.ops import mind_tables
+
+    reference_mind = importlib.import_module("gradreg_fast.reference.mind")  # the package exports a function `mind`
+
+    assert "mind_tables" not in inspect.getsource(reference_mind).split('"""', 2)[2]
+    assert reference_mind.SSC_PAIRS == mind_tables.SSC_PAIRS
+    assert reference_mind.MIND_PAIRS == mind_tables.MIND_PAIRS
+    assert tuple(reference_mind.SSC_TIE_RANKS) == tuple(mind_tables.SSC_TIE_RANKS)
+    # Geometry both must have: 12 distinct pairs of unit steps along different axes.
+    assert len(set(reference_mind.SSC_PAIRS)) == 12
+    for a, b in reference_mind.SSC_PAIRS:
+        assert sum(map(abs, a)) == sum(map(abs, b)) == 1 and sum((p - q) ** 2 for p, q in zip(a, b)) == 2

@@ -3,13 +3,34 @@
 Both descriptors are "self-similarity" descriptors built from a table of
 offset pairs (a, b): channel k is the box mean, over a (2*radius+1)^3 patch
 with replicate edges, of ``(I[clamp(x + dilation*a_k)] - I[clamp(x + dilation*b_k)])**2``.
-The tables and the normalisation are defined in :mod:`gradreg_fast.ops.mind_tables`.
+
+The tables are built here from the descriptors' definitions, by a construction of their own, and not
+taken from :mod:`gradreg_fast.ops.mind_tables` (the kernels' tables, which this module checks); a test
+checks that both agree.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ..ops.mind_tables import MIND_PAIRS, SSC_PAIRS, SSC_OFFSETS_3X3X3, SSC_PERMUTATION, TIE_RANKS
+# Unit steps (dz, dy, dx) by name.
+_STEP = {"-z": (-1, 0, 0), "+z": (1, 0, 0), "-y": (0, -1, 0), "+y": (0, 1, 0), "-x": (0, 0, -1), "+x": (0, 0, 1)}
+# The six-neighbourhood in ConvexAdam's order (its 3x3x3 kernel indices (0,1,1), (1,1,0), (1,0,1), (1,1,2),
+# (2,1,1), (1,2,1)), which is also MIND's channel order.
+_SIX = ("-z", "-x", "-y", "+x", "+z", "+y")
+# MIND-SSC compares the neighbours two by two along different axes (squared distance 2): the 12 edges of
+# the octahedron. The originals list them as (i, j), i > j over _SIX, row-major: their channel order
+# before the final permutation, written out by name.
+_ORIGINALS_CHANNELS = (("-x", "-z"), ("-y", "-z"), ("-y", "-x"), ("+x", "-z"), ("+x", "-y"), ("+z", "-x"),
+                       ("+z", "-y"), ("+z", "+x"), ("+y", "-z"), ("+y", "-x"), ("+y", "+x"), ("+y", "+z"))
+# Their final re-indexing (output channel k is channel _OUTPUT_ORDER[k] above), a literal in their code.
+_OUTPUT_ORDER = (6, 8, 1, 11, 2, 10, 0, 7, 9, 4, 5, 3)
+
+SSC_PAIRS = tuple((_STEP[a], _STEP[b]) for a, b in (_ORIGINALS_CHANNELS[c] for c in _OUTPUT_ORDER))
+# Where channels tie for the minimum, the originals' torch.min gives the gradient to the first of them in
+# their pre-permutation order: the rank of output channel k is its position there.
+SSC_TIE_RANKS = _OUTPUT_ORDER
+MIND_PAIRS = tuple(((0, 0, 0), _STEP[name]) for name in _SIX)
+_TIE_RANKS = {SSC_PAIRS: SSC_TIE_RANKS}
 
 
 def _shift(vol: torch.Tensor, offset, dilation: int) -> torch.Tensor:
@@ -41,7 +62,7 @@ def self_similarity(vol, pairs, radius, dilation, subtract_min, per_item=False, 
     """
     pairs = tuple(pairs)
     if tie_ranks is None:
-        tie_ranks = TIE_RANKS.get(pairs, tuple(range(len(pairs))))
+        tie_ranks = _TIE_RANKS.get(pairs, tuple(range(len(pairs))))
     patch = torch.cat(
         [_box_mean((_shift(vol, a, dilation) - _shift(vol, b, dilation)) ** 2, radius) for a, b in pairs], dim=1
     )
@@ -80,7 +101,7 @@ def mind_ssc_convexadam(img: torch.Tensor, radius: int = 2, dilation: int = 2) -
     baseline of the benchmarks. It returns NaN on a constant volume, as the original does.
     """
     device, dtype = img.device, img.dtype
-    six = torch.tensor(SSC_OFFSETS_3X3X3, dtype=torch.long, device=device)
+    six = torch.tensor([[c + 1 for c in _STEP[name]] for name in _SIX], dtype=torch.long, device=device)
     dist = ((six.unsqueeze(1) - six.unsqueeze(0)) ** 2).sum(-1)
     x, y = torch.meshgrid(torch.arange(6, device=device), torch.arange(6, device=device), indexing="ij")
     mask = (x > y).reshape(-1) & (dist == 2).reshape(-1)
@@ -99,4 +120,4 @@ def mind_ssc_convexadam(img: torch.Tensor, radius: int = 2, dilation: int = 2) -
     m = var.mean().item()
     var = torch.clamp(var, m * 0.001, m * 1000)
     out = torch.exp(-out / var)
-    return out[:, torch.tensor(SSC_PERMUTATION, device=device)]
+    return out[:, torch.tensor(_OUTPUT_ORDER, device=device)]
