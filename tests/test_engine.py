@@ -145,3 +145,22 @@ def test_bundled_pair_objective_falls_at_every_level_and_dice_rises():
     assert objectives and all(end < start for start, end in objectives)
     assert stages["after"]["mean_dice"] > stages["affine"]["mean_dice"] + 0.05
     assert result.metrics["folding_percent"] < 0.1
+
+
+def test_principal_axes_keep_the_leading_variance_and_never_lengthen_a_difference(gen):
+    from gradreg_fast.register.deformable import _principal
+
+    base = torch.randn((1, 3, 6, 5, 4), generator=gen, dtype=torch.float64)
+    mixing = torch.randn((8, 3), generator=gen, dtype=torch.float64)
+    fixed = torch.einsum("kc,ncdhw->nkdhw", mixing, base)  # 8 channels spanning 3 directions
+    moving = fixed + 0.01 * torch.randn(fixed.shape, generator=gen, dtype=torch.float64)
+    same_f, same_m = _principal(fixed, moving, None)
+    assert same_f is fixed and same_m is moving
+    small_f, small_m = _principal(fixed, moving, 3)
+    assert small_f.shape == (1, 3, 6, 5, 4)
+    full = (fixed - moving).square().sum(1)
+    kept = (small_f - small_m).square().sum(1)
+    assert bool((kept <= full * (1 + 1e-9)).all())
+    # three components hold every direction of the data, so distances between points of that span stay
+    torch.testing.assert_close(_principal(fixed, fixed.roll(1, 2), 3)[0].sub(_principal(fixed, fixed.roll(1, 2), 3)[1])
+                               .square().sum(1), (fixed - fixed.roll(1, 2)).square().sum(1), rtol=1e-9, atol=1e-9)

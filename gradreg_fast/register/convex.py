@@ -19,7 +19,6 @@ came from), channel k along spatial axis k, as :func:`gradreg_fast.warp` reads f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import warp
 
