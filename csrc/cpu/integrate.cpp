@@ -1,7 +1,7 @@
 #include "gradreg/integrate.h"
 
 #include <algorithm>
-#include <vector>
+#include <cmath>
 
 #include "ops.h"
 #include "parallel.h"
@@ -49,43 +49,54 @@ const T* recompute_field(const T* velocity, const T* checkpoints, int interval, 
   return src;
 }
 
-// d/du_k from G = d/du_{k+1}, every part accumulated in one pass over the voxels: thread 0 into the
-// zeroed `out`, the others into zeroed private buffers summed into it in thread order, so the result is
-// the same bits from run to run for a given thread count.
+// How far (in planes) a voxel's scatter can land from its own plane: the largest finite |u_z| rounded
+// up, plus the second corner. Non-finite displacements scatter nothing; coordinates are clamped to
+// [-2, D + 1] (zeros) or [0, D - 1] (border), so the bound never needs to exceed D + 3.
 template <typename T>
-void squaring_step_backward(const T* u, const T* G, T* out, std::vector<std::vector<T>>& private_grads, int64_t N,
-                            const FieldGeometry& g, Padding padding, int threads) {
-  const int64_t DHW = g.voxels(), numel = N * 3 * DHW, rows = N * g.D * g.H;
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = thread_id(), parts = team_size();
-    T* accum = out;
-    if (tid > 0) accum = private_grads[tid - 1].data();
-    std::fill(accum, accum + numel, T(0));
-    int64_t begin, end;
-    static_chunk(rows, tid, parts, begin, end);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (g.D * g.H), z = (r / g.H) % g.D, y = r % g.H;
+int64_t scatter_reach(const T* u, int64_t N, const FieldGeometry& g, int threads) {
+  const int64_t DHW = g.voxels();
+  double largest = 0.0;
+#pragma omp parallel for collapse(2) reduction(max : largest) schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < DHW; ++i) {
+      const double a = std::fabs(double(u[n * 3 * DHW + i]));
+      if (a == a) largest = std::max(largest, std::min(a, double(g.D + 3)));  // a NaN scatters nothing
+    }
+  return std::min<int64_t>(static_cast<int64_t>(std::ceil(largest)) + 1, g.D + 3);
+}
+
+// d/du_k from G = d/du_{k+1} into `out`. The scatter of a voxel at plane z lands within `reach`
+// planes of z, so slabs of 2 * reach planes, taken every other one, never write the same voxel:
+// the even slabs (of every item) run in parallel, then the odd ones, each slab by one thread in
+// voxel order, accumulating straight into `out`. No per-thread copy exists, and the result is the
+// same bits whatever the thread count.
+template <typename T>
+void squaring_step_backward(const T* u, const T* G, T* out, int64_t N, const FieldGeometry& g, Padding padding,
+                            int threads) {
+  const int64_t DHW = g.voxels(), numel = N * 3 * DHW;
+  const int64_t slab = std::max<int64_t>(1, 2 * scatter_reach(u, N, g, threads));
+  const int64_t slabs = (g.D + slab - 1) / slab, pairs = (slabs + 1) / 2;
+#pragma omp parallel for simd schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < numel; ++i) out[i] = T(0);
+  for (int phase = 0; phase < 2; ++phase) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t unit = 0; unit < N * pairs; ++unit) {
+      const int64_t n = unit / pairs, s = 2 * (unit % pairs) + phase;
+      if (s >= slabs) continue;
       const T* un = u + n * 3 * DHW;
       const T* Gn = G + n * 3 * DHW;
-      T* dst = accum + n * 3 * DHW;
-      for (int64_t x = 0; x < g.W; ++x) {
-        const SquaringGradTerms<T> t = squaring_step_grad_terms(un, Gn, z, y, x, g, padding);
-        const int64_t p = (z * g.H + y) * g.W + x;
-        for (int c = 0; c < 3; ++c) {
-          scatter_trilinear(dst + c * DHW, t.az, t.ay, t.ax, g.H, g.W, t.upstream[c]);
-          dst[c * DHW + p] += t.direct[c];
-        }
-      }
-    }
-#pragma omp barrier
-    if (parts > 1) {
-      int64_t b, e;
-      static_chunk(numel, tid, parts, b, e);
-      for (int t = 0; t < parts - 1; ++t) {
-        const T* buffer = private_grads[t].data();
-        for (int64_t i = b; i < e; ++i) out[i] += buffer[i];
-      }
+      T* dst = out + n * 3 * DHW;
+      const int64_t z_end = std::min<int64_t>(g.D, (s + 1) * slab);
+      for (int64_t z = s * slab; z < z_end; ++z)
+        for (int64_t y = 0; y < g.H; ++y)
+          for (int64_t x = 0; x < g.W; ++x) {
+            const SquaringGradTerms<T> t = squaring_step_grad_terms(un, Gn, z, y, x, g, padding);
+            const int64_t p = (z * g.H + y) * g.W + x;
+            for (int c = 0; c < 3; ++c) {
+              scatter_trilinear(dst + c * DHW, t.az, t.ay, t.ax, g.H, g.W, t.upstream[c]);
+              dst[c * DHW + p] += t.direct[c];
+            }
+          }
     }
   }
 }
@@ -131,16 +142,13 @@ void integrate_backward(const T* velocity, const T* checkpoints, int interval, c
   T* field_a = scratch;
   T* field_b = scratch + numel;
   T* grad_spare = scratch + 2 * numel;
-  const int64_t rows = N * D * H;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
-  std::vector<std::vector<T>> private_grads(threads - 1, std::vector<T>(numel));
   const T* G = grad_out;
   // Each step's input field is recomputed from the nearest stored one below it (the velocity, or a
   // checkpoint the forward kept), never stored for the whole chain.
   for (int k = steps - 1; k >= 0; --k) {
     const T* u = recompute_field(velocity, checkpoints, interval, k, scale, field_a, field_b, N, g, pad, threads);
     T* dst = (k % 2 == 0) ? grad_velocity : grad_spare;  // the last step (k = 0) lands in grad_velocity
-    squaring_step_backward(u, G, dst, private_grads, N, g, pad, threads);
+    squaring_step_backward(u, G, dst, N, g, pad, threads);
     G = dst;
   }
   scale_field(G, grad_velocity, numel, scale, threads);

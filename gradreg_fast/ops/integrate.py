@@ -14,10 +14,10 @@ PADDINGS = ("zeros", "border")
 MAX_STEPS = 30
 
 
-# The forward keeps at most this many intermediate fields for the backward: with 7 steps, u_3 and u_6,
-# so that no field is recomputed by more than 2 squaring steps (6 steps in all instead of 21), for two
-# fields of memory.
-MAX_CHECKPOINTS = 2
+# The forward keeps at most this many intermediate fields for the backward: with 7 steps u_2, u_4 and
+# u_6, so that no field is recomputed by more than one squaring step (3 steps in all instead of 21),
+# for three fields of memory.
+MAX_CHECKPOINTS = 3
 
 
 def checkpoint_layout(steps: int) -> tuple[int, int]:
@@ -65,7 +65,8 @@ def _launch_backward(grad_out, velocity, checkpoints, steps, padding_mode, backe
         return kernel.backward(grad_out, velocity, checkpoints, steps, padding, interval)
     n, _, d, h, w = velocity.shape
     grad = torch.empty_like(velocity)
-    # Two fields for recomputing the intermediate fields, one for the gradient's ping-pong.
+    # Two fields for recomputing the intermediate fields, one for the gradient's ping-pong (the CPU core
+    # scatters into it directly; the GPU kernels with atomics).
     scratch = velocity.new_empty((3, *velocity.shape))
     ptr = checkpoints.data_ptr() if checkpoints.numel() else 0
     if backend == "cpu":
@@ -136,11 +137,13 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7, padding_mode: str
     channel k along spatial axis k in (D, H, W) order; zeros or border padding), which equals VoxelMorph's
     ``SpatialTransformer`` (``grid_sample(align_corners=True)``) when every spatial size is > 1.
 
-    Memory: the chain is never stored. When a gradient is wanted, the forward keeps at most two
-    intermediate fields as checkpoints (u_3 and u_6 for 7 steps); the backward recomputes every other
-    step's input from the nearest stored field below it (6 extra squaring steps for 7, against 21 from
-    the velocity alone), holding two fields for that, the running gradient (two fields), and on the CPU
-    one private scatter buffer per extra thread (so that the scatter is deterministic).
+    Memory: the chain is never stored. When a gradient is wanted, the forward keeps at most three
+    intermediate fields as checkpoints (u_2, u_4 and u_6 for 7 steps); the backward recomputes every
+    other step's input from the nearest stored field below it (3 extra squaring steps for 7, against 21
+    from the velocity alone), holding two fields for that and the running gradient (two fields). On the
+    CPU each backward step scatters straight into the gradient, slab by slab (slabs twice as thick as
+    the largest displacement, every other one at a time, so no two threads write one voxel): no
+    per-thread copy, and the same bits whatever the thread count.
 
     Args:
         velocity: (N, 3, D, H, W) in voxels, float32 or float64 (float16/bfloat16 computed in float32).

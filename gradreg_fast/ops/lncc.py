@@ -179,7 +179,7 @@ def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: f
     window sums), ``cross = S_tp - (S_p / n) S_t``, ``var = max(S_tt - (S_t / n) S_t, eps)`` for target
     and prediction (a floor; where it holds the variance has no gradient, and half of one on a tie, as
     ``torch.max``), ``cc = (cross^2 + smooth_nr) / (var_t var_p)`` with nothing added to that denominator
-    (MONAI's current code; releases before 1.2 added ``smooth_dr`` there too), and the same sign and
+    (as in MONAI's current source; some earlier releases also added ``smooth_dr`` there), and the same sign and
     reductions (``-cc``). Its default window is 3 (pass ``window=3``); its ``smooth_nr`` default is 0.
 
     The kernel streams a separable window sum of the five products through a few planes, never storing
