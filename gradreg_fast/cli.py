@@ -157,8 +157,8 @@ def _add_registration(parser) -> None:
     group.add_argument("--method", choices=("field", "network"), default=None,
                        help="deformable stage: instance-optimised displacement field (default without a "
                             "checkpoint) or the dual-branch network fine-tuned on the pair")
-    group.add_argument("--iterations", help="deformable Adam steps per pyramid level, coarse to fine (field: 3 "
-                                            "levels, default 15,15,3; network: 2 levels, default 100,50; one "
+    group.add_argument("--iterations", help="deformable Adam steps per level (field: one level after the convex "
+                                            "search, default 40; network: 2 pyramid levels, default 100,50; one "
                                             "number: every level)")
     group.add_argument("--affine-iterations", help="affine Adam steps per pyramid level, at 1/4 and 1/2 scale "
                                                    "(default 10,10; --thorough: 40,40)")
@@ -173,7 +173,7 @@ def _add_registration(parser) -> None:
     group.add_argument("--moving-modality", default="auto", choices=("auto", "ct", "mr"))
     group.add_argument("--quick", action="store_true", help="fewer iterations (a rough result)")
     group.add_argument("--thorough", action="store_true",
-                       help="about 3x the iterations (on the bundled pair: Dice 0.712 instead of 0.648)")
+                       help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
     group.add_argument("--no-figure", action="store_true", help="skip overview.png")
 
 
@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help=f"output directory (default: a fresh ./{DEMO_OUT}[-N])")
     demo.add_argument("--quick", action="store_true", help="fewer iterations (a rough result)")
     demo.add_argument("--thorough", action="store_true",
-                      help="about 3x the iterations (Dice 0.712 instead of 0.648 on this pair)")
-    demo.add_argument("--iterations", help="deformable Adam steps per pyramid level (default 15,15,3)")
+                      help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
+    demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 40)")
     demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 10,10)")
     _add_common(demo)
 
