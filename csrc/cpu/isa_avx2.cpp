@@ -31,6 +31,7 @@ namespace gradreg_avx2 {
 #include "warp.cpp"
 #include "lncc.cpp"
 #include "integrate.cpp"
+#include "warped_sq_diff.cpp"
 }  // namespace gradreg_avx2
 
 #endif

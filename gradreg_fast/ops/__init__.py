@@ -5,6 +5,7 @@ from .lncc import LNCCLoss, lncc_loss
 from .mind import mind, mind_ssc
 from .mind_loss import MINDLoss, mind_loss
 from .warp import warp
+from .warped_sq_diff import warped_sq_diff
 
 __all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_loss", "MINDLoss", "mind_cost_volume",
-           "mind_cost_volume_displacements", "lncc_loss", "LNCCLoss", "integrate_velocity", "compose"]
+           "mind_cost_volume_displacements", "lncc_loss", "LNCCLoss", "integrate_velocity", "compose", "warped_sq_diff"]

@@ -13,9 +13,10 @@ from .integrate import compose, integrate_velocity, integrate_velocity_grid_samp
 from .lncc import lncc_loss, lncc_map
 from .warp import nearest_source as warp_nearest_source
 from .warp import warp
+from .warped_sq_diff import warped_sq_diff
 from .mind import mind, mind_ssc, mind_ssc_convexadam
 from .mind_loss import mind_loss
 
 __all__ = ["lncc_loss", "lncc_map", "integrate_velocity", "integrate_velocity_grid_sample", "compose",
            "gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source",
-           "mind_cost_volume", "mind_cost_volume_displacements"]
+           "mind_cost_volume", "mind_cost_volume_displacements", "warped_sq_diff"]

@@ -1,0 +1,16 @@
+import torch
+
+from .warp import warp
+
+
+def warped_sq_diff(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None = None,
+                   padding_mode: str = "border") -> torch.Tensor:
+    """Reference for :func:`gradreg_fast.warped_sq_diff`: the reference warp, then a weighted squared difference.
+
+    ``sum_{n,x} weight(n, x) * sum_c (warp(moving, flow)_c(x) - fixed_c(x))^2``. A voxel of weight 0 adds
+    exactly 0 (and passes no gradient), even where the difference is not finite.
+    """
+    per_voxel = (warp(moving, flow, "bilinear", padding_mode) - fixed).square().sum(1, keepdim=True)
+    if weight is None:
+        return per_voxel.sum()
+    return torch.where(weight != 0, weight * per_voxel, torch.zeros_like(per_voxel)).sum()

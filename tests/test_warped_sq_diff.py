@@ -1,0 +1,223 @@
+"""warped_sq_diff: the fused weighted squared difference of a warped image, against the reference (the
+reference warp, then a square and a sum) on fresh random inputs, with its gradients w.r.t. the flow,
+the fixed and the moving image; determinism, both CPU kernel copies, bad input, torch.compile."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import make_volume, value_and_grads
+
+import gradreg_fast
+from gradreg_fast import reference
+
+core = importlib.import_module("gradreg_fast._C")
+
+# Odd sizes, axes of size 1, batches > 1, C in {1, 5, 24}.
+SHAPES = [(2, 5, 7, 6, 9), (1, 1, 1, 8, 5), (1, 24, 4, 5, 6), (3, 1, 5, 1, 4), (2, 5, 3, 4, 1)]
+
+
+def _inputs(shape, dtype, gen, noncontiguous=False, weighted=True, flow_scale=2.5):
+    """Moving, fixed, a flow of a few voxels (many samples fall outside the volume) and a weight that is
+    0 on about a third of the voxels (a field-of-view mask) and positive elsewhere."""
+    n, _, d, h, w = shape
+    moving = make_volume(shape, dtype, noncontiguous, gen)
+    fixed = make_volume(shape, dtype, noncontiguous, gen)
+    flow = make_volume((n, 3, d, h, w), dtype, noncontiguous, gen, scale=flow_scale)
+    weight = None
+    if weighted:
+        mask = torch.rand((n, 1, d, h, w), generator=gen) > 0.35
+        weight = (mask * (0.5 + torch.rand((n, 1, d, h, w), generator=gen))).to(dtype)
+    return moving, fixed, flow, weight
+
+
+def _tolerances(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+
+
+def _check_against_reference(shape, dtype, padding_mode, weighted, gen, noncontiguous=False, backend="cpu"):
+    moving, fixed, flow, weight = _inputs(shape, dtype, gen, noncontiguous, weighted)
+    fused = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend=backend)  # noqa: E731
+    ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, weight, padding_mode)  # noqa: E731
+    value, grads = value_and_grads(fused, [moving, fixed, flow])
+    wide = [t.double() for t in (moving, fixed, flow)]
+    ref_weight = weight.double() if weight is not None else None
+    ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, ref_weight, padding_mode)  # noqa: E731
+    ref_value, ref_grads = value_and_grads(ref, wide)
+    assert value.dtype == dtype and value.dim() == 0
+    tol = _tolerances(dtype)
+    torch.testing.assert_close(value.double(), ref_value, **tol)
+    for grad, ref_grad in zip(grads, ref_grads):
+        scale = max(ref_grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    # The flow alone (the engine's case): the stored gradient, scaled by a non-unit upstream.
+    leaf = flow.detach().requires_grad_()
+    (grad_flow,) = torch.autograd.grad(3.5 * fused(moving, fixed, leaf), leaf)
+    torch.testing.assert_close(grad_flow.double(), 3.5 * ref_grads[2], rtol=tol["rtol"],
+                               atol=tol["atol"] * max(ref_grads[2].abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference(shape, dtype, padding_mode, weighted, gen):
+    _check_against_reference(shape, dtype, padding_mode, weighted, gen)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_non_contiguous_inputs(padding_mode, gen):
+    _check_against_reference((2, 5, 5, 6, 7), torch.float64, padding_mode, True, gen, noncontiguous=True)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_reference_backend_through_the_op(padding_mode, gen):
+    _check_against_reference((2, 3, 4, 5, 6), torch.float64, padding_mode, True, gen, backend="reference")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_gradcheck(padding_mode, gen):
+    moving, fixed, flow, weight = _inputs((2, 3, 3, 4, 5), torch.float64, gen, flow_scale=1.5)
+    fn = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend="cpu")  # noqa: E731
+    leaves = [t.detach().requires_grad_() for t in (moving, fixed, flow)]
+    assert torch.autograd.gradcheck(fn, leaves)
+    # Each input alone (the backward takes a different path when the flow is the only one).
+    for k in range(3):
+        leaves = [t.detach().requires_grad_(i == k) for i, t in enumerate((moving, fixed, flow))]
+        assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_torch_func_grad(gen):
+    moving, fixed, flow, weight = _inputs((2, 4, 3, 5, 6), torch.float64, gen)
+    fused = torch.func.grad(lambda u: gradreg_fast.warped_sq_diff(moving, fixed, u, weight, backend="cpu"))(flow)
+    leaf = flow.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.warped_sq_diff(moving, fixed, leaf, weight, "border"), leaf)
+    torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_weight_voxels_add_nothing_even_when_not_finite(gen):
+    moving, fixed, flow, weight = _inputs((1, 3, 4, 5, 6), torch.float64, gen)
+    fixed = fixed.clone()
+    outside = (weight == 0).expand_as(fixed)
+    fixed[outside] = float("nan")
+    leaf = flow.detach().requires_grad_()
+    value = gradreg_fast.warped_sq_diff(moving, fixed, leaf, weight, backend="cpu")
+    (grad,) = torch.autograd.grad(value, leaf)
+    clean = torch.where(outside, torch.zeros_like(fixed), fixed)
+    expected = reference.warped_sq_diff(moving, clean, flow, weight, "border")
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    assert (grad[(weight == 0).expand_as(grad)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_bits_for_every_thread_count(dtype, gen):
+    # 8 * 16^3 elements: above the size where the core starts threads.
+    moving, fixed, flow, weight = _inputs((1, 8, 16, 16, 16), dtype, gen)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(value_and_grads(
+                lambda u: gradreg_fast.warped_sq_diff(moving, fixed, u, weight, backend="cpu"), [flow]))
+    finally:
+        torch.set_num_threads(previous)
+    (v1, (g1,)), (v2, (g2,)) = results
+    assert torch.equal(v1, v2) and torch.equal(g1, g2)
+
+
+@pytest.fixture(params=core.available_isas())
+def isa(request):
+    previous = core.cpu_isa()
+    core.set_cpu_isa(request.param)
+    yield request.param
+    core.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_cpu_kernel_copies(isa, dtype, gen):
+    _check_against_reference((2, 24, 5, 7, 9), dtype, "border", True, gen)
+    _check_against_reference((1, 5, 3, 1, 17), dtype, "zeros", False, gen)
+
+
+def test_half_precision_is_computed_in_float32(gen):
+    moving, fixed, flow, weight = _inputs((1, 3, 4, 5, 6), torch.float32, gen)
+    half = [t.to(torch.bfloat16) for t in (moving, fixed, flow, weight)]
+    value = gradreg_fast.warped_sq_diff(*half, backend="cpu")
+    expected = reference.warped_sq_diff(*[t.double() for t in half], "border")
+    assert value.dtype == torch.bfloat16
+    torch.testing.assert_close(value.double(), expected, rtol=1e-2, atol=0)
+
+
+def test_bad_input(gen):
+    moving, fixed, flow, weight = _inputs((1, 3, 4, 5, 6), torch.float64, gen)
+    fn = gradreg_fast.warped_sq_diff
+    with pytest.raises(ValueError, match="`moving` must have 5 dimensions"):
+        fn(moving[0], fixed, flow)
+    with pytest.raises(ValueError, match="`flow` must have 3 channel"):
+        fn(moving, fixed, flow[:, :2])
+    with pytest.raises(TypeError, match="`moving` is torch.float64 but `fixed` is torch.float32"):
+        fn(moving, fixed.float(), flow)
+    with pytest.raises(TypeError, match="`moving` is torch.float64 but `flow` is torch.float32"):
+        fn(moving, fixed, flow.float())
+    with pytest.raises(TypeError, match="`fixed` must be a floating-point tensor"):
+        fn(moving, fixed.long(), flow)
+    with pytest.raises(ValueError, match="`moving` and `fixed` must have the same shapes"):
+        fn(moving, fixed[:, :2], flow)
+    with pytest.raises(ValueError, match="`moving` and `flow` must have the same batch and spatial shapes"):
+        fn(moving, fixed, flow[..., :4])
+    with pytest.raises(ValueError, match="`padding_mode` must be one of"):
+        fn(moving, fixed, flow, padding_mode="reflection")
+    with pytest.raises(ValueError, match="`weight` must have 1 channel"):
+        fn(moving, fixed, flow, weight.expand(1, 3, 4, 5, 6))
+    with pytest.raises(ValueError, match="`moving` and `weight` must have the same batch and spatial shapes"):
+        fn(moving, fixed, flow, weight[..., 1:])
+    with pytest.raises(TypeError, match="`moving` is torch.float64 but `weight` is torch.float32"):
+        fn(moving, fixed, flow, weight.float())
+    for backend in ("cpu", "reference"):
+        negative = weight.clone()
+        negative[0, 0, 1, 2, 3] = -0.5
+        with pytest.raises(ValueError, match="`weight` must be non-negative"):
+            fn(moving, fixed, flow, negative, backend=backend)
+        negative[0, 0, 1, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match="`weight` must be non-negative"):
+            fn(moving, fixed, flow, negative, backend=backend)
+    with pytest.raises(ValueError, match="`weight` is a constant"):
+        fn(moving, fixed, flow, weight.clone().requires_grad_())
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        fn(moving, fixed, flow, backend="fortran")
+
+
+def test_compile_fullgraph(gen):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    moving, fixed, flow, weight = _inputs((2, 5, 4, 5, 6), torch.float64, gen)
+    fn = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, backend="cpu") / weight.sum()  # noqa: E731
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    expected, expected_grads = value_and_grads(fn, (moving, fixed, flow))
+    value, grads = value_and_grads(compiled, (moving, fixed, flow))
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
+
+
+def test_opcheck(gen):
+    moving, fixed, flow, weight = _inputs((2, 3, 4, 5, 3), torch.float64, gen)
+    torch.library.opcheck(torch.ops.gradreg.warped_sq_diff.default,
+                          (moving, fixed, flow.requires_grad_(), weight, "border", True, "cpu"))
+
+
+def test_flow_gradient_not_stored_by_the_forward_is_recomputed(gen):
+    # The op called with need_flow=False (nothing stored) while the flow requires grad: the backward
+    # forms the flow gradient through warp's kernels instead.
+    moving, fixed, flow, weight = _inputs((2, 3, 4, 5, 6), torch.float64, gen)
+    leaf = flow.detach().requires_grad_()
+    value, stored = torch.ops.gradreg.warped_sq_diff(moving, fixed, leaf, weight, "zeros", False, "cpu")
+    assert stored.numel() == 0
+    (grad,) = torch.autograd.grad(2.0 * value, leaf)
+    ref_leaf = flow.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(2.0 * reference.warped_sq_diff(moving, fixed, ref_leaf, weight, "zeros"), ref_leaf)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
