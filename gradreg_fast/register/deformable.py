@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import gradient_magnitude, integrate_velocity, mind_ssc, warp
+from .. import gradient_magnitude, integrate_velocity, mind_ssc, warped_sq_diff
 from ..losses import flow_smoothness
 from .affine import coarse_box, downsample, record_step
 from .convex import COUPLING, box3, convex_field
@@ -158,28 +158,27 @@ def _outside(loss_box, factor: int, shape) -> torch.Tensor | None:
 class _Objective:
     """The Adam stage's objective for a velocity on its control grid: squared differences between the fixed
     descriptors and the moving ones warped on the Adam grid (summed over channels, averaged over the fixed
-    field of view), plus ``smoothness`` times the squared spatial gradient of the velocity upsampled to the
-    Adam grid (summed over the three axes, as ConvexAdam's diffusion term). The descriptors carry their
-    term's weight (see :func:`_weighted`)."""
+    field of view; the fused :func:`gradreg_fast.warped_sq_diff`, which never stores the warped descriptors),
+    plus ``smoothness`` times the squared spatial gradient of the velocity upsampled to the Adam grid (summed
+    over the three axes, as ConvexAdam's diffusion term). The descriptors carry their term's weight (see
+    :func:`_weighted`)."""
 
     def __init__(self, fixed_features, moving_features, box, settings: FieldSettings, backend):
-        self.fixed, self.moving, self.box, self.settings, self.backend = (fixed_features, moving_features, box,
-                                                                          settings, backend)
+        self.fixed, self.moving, self.settings, self.backend = fixed_features, moving_features, settings, backend
         self.shape = tuple(moving_features.shape[2:])
+        self.inside = moving_features.new_zeros((1, 1) + self.shape)
+        self.inside[box] = 1.0  # the fixed field of view
+        self.count = float(self.inside.sum())
 
     def smoothed(self, parameters):
         return box3(parameters, self.settings.smoothing_passes) if self.settings.smoothing_passes else parameters
 
-    def flow(self, parameters):
-        """The displacement on the Adam grid (voxels of that grid)."""
-        return resize_flow(integrate(self.smoothed(parameters), self.settings.squarings, self.backend), self.shape)
-
     def __call__(self, parameters):
         velocity = self.smoothed(parameters)
         flow = resize_flow(integrate(velocity, self.settings.squarings, self.backend), self.shape)
-        warped = warp(self.moving, flow, padding_mode="border", backend=self.backend)[self.box]
-        return ((warped - self.fixed).square().sum(1).mean()
-                + 3.0 * self.settings.smoothness * flow_smoothness(resize_flow(velocity, self.shape)))
+        data = warped_sq_diff(self.moving, self.fixed, flow, self.inside, padding_mode="border",
+                              backend=self.backend) / self.count
+        return data + 3.0 * self.settings.smoothness * flow_smoothness(resize_flow(velocity, self.shape))
 
 
 def _weighted(pairs):
@@ -288,7 +287,7 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
         velocity_grid = settings.velocity_grid or grid
         box = coarse_box(loss_box, grid, level_shape, minimum=1)
         with torch.no_grad():
-            objective = _Objective(downsample(fixed_features, grid)[box], downsample(moving_features, grid), box,
+            objective = _Objective(downsample(fixed_features, grid), downsample(moving_features, grid), box,
                                    settings, backend)
         parameters = resize_flow(parameters.detach(), tuple(n // velocity_grid for n in shape)).requires_grad_(True)
         optimizer = torch.optim.Adam([parameters], lr=settings.lr)
