@@ -9,7 +9,8 @@ upstream gradient) and forward alone:
 * LNCC: ``gradreg_fast.lncc_loss(warped, fixed, window=9)`` (CPU core) against the naive code, VoxelMorph's
   NCC with its five conv3d box sums (``gradreg_fast.reference.lncc_loss``).
 * Integration: ``gradreg_fast.integrate_velocity(v, steps=7)`` (CPU core) against VoxelMorph's VecInt chain
-  of seven ``grid_sample`` calls (``gradreg_fast.reference.integrate_velocity_grid_sample``).
+  of seven ``grid_sample`` calls (``gradreg_fast.reference.integrate_velocity_grid_sample``), on a smooth
+  random velocity of up to 8 voxels per axis.
 
 Time: the median of ``--repeats`` calls after one warm-up call, in this process (torch threads from
 BENCH_THREADS, default 2). Peak memory: each case in a fresh process (benchmarks/peak_memory.py's
@@ -35,6 +36,7 @@ SIZES = {"main": (144, 144, 128), "small": (96, 96, 96), "quick": (24, 21, 19)}
 CASES = ("lncc:fused", "lncc:naive", "integrate:fused", "integrate:naive")
 PASSES = ("fwd", "fwd_bwd")
 SEED = 1234
+VELOCITY_VOXELS = 8.0
 
 
 def build(case: str, pass_: str, size):
@@ -55,7 +57,10 @@ def build(case: str, pass_: str, size):
             (lambda w: reference.lncc_loss(w, fixed, 9))
         inputs, upstream = warped, None
     else:
-        velocity = (torch.randn((1, 3, *size), generator=gen) * 4.0).requires_grad_(grad)
+        # A smooth velocity (as a network or an optimiser gives), up to VELOCITY_VOXELS per axis.
+        coarse = torch.randn((1, 3, *(max(2, s // 16) for s in size)), generator=gen)
+        velocity = torch.nn.functional.interpolate(coarse, size=size, mode="trilinear", align_corners=True)
+        velocity = (velocity * (VELOCITY_VOXELS / velocity.abs().amax())).requires_grad_(grad)
         fn = (lambda v: gradreg_fast.integrate_velocity(v, 7, backend="cpu")) if impl == "fused" else \
             (lambda v: reference.integrate_velocity_grid_sample(v, 7))
         inputs, upstream = velocity, torch.randn((1, 3, *size), generator=gen)

@@ -8,7 +8,7 @@
 //             + sum_c G_c(p) d(sample_c)/d(coordinate)  (u_k as the flow, at p)
 //             + sum over voxels q that sample p of G(q) times p's trilinear weight  (u_k as the image)
 // The first two live at p ("direct"); the third is a scatter, so the kernels accumulate every part
-// into a zeroed buffer (per thread, or with atomics).
+// into a zeroed buffer (slab by slab on the CPU, with atomics on the GPU).
 #pragma once
 
 #include "warp.h"
