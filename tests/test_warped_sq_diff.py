@@ -221,3 +221,75 @@ def test_flow_gradient_not_stored_by_the_forward_is_recomputed(gen):
     ref_leaf = flow.detach().requires_grad_()
     (expected,) = torch.autograd.grad(2.0 * reference.warped_sq_diff(moving, fixed, ref_leaf, weight, "zeros"), ref_leaf)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the CUDA source, emulated on the CPU
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from test_lncc import build_emulated_cuda
+
+    return build_emulated_cuda(tmp_path_factory, "warped_sq_diff.cu",
+                               ("warped_sq_diff_forward", "warped_sq_diff_workspace_bytes"), "_warped_sq_diff_emulated")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_emulated_cuda_matches_reference(emulated, dtype, padding_mode, gen):
+    # Grids capped at 3 blocks of 256 threads: 2 x 7 x 9 x 13 voxels make every thread stride.
+    for shape, weighted in (((2, 5, 7, 9, 13), True), ((1, 24, 3, 1, 5), False)):
+        moving, fixed, flow, weight = _inputs(shape, dtype, gen)
+        weight = weight if weighted else None
+        n, ch, d, h, w = shape
+        total = torch.full((), float("nan"), dtype=dtype)
+        grad_flow = torch.full_like(flow, float("nan"))
+        nbytes = emulated.warped_sq_diff_workspace_bytes(n, d, h, w)
+        scratch = torch.full((nbytes,), 255, dtype=torch.uint8)
+        for with_grad in (False, True):
+            err = emulated.warped_sq_diff_forward(
+                dtype == torch.float64, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(),
+                weight.data_ptr() if weight is not None else 0, grad_flow.data_ptr() if with_grad else 0,
+                total.data_ptr(), n, ch, d, h, w, ("zeros", "border").index(padding_mode), scratch.data_ptr(), nbytes, 0)
+            assert err == ""
+            leaf = flow.double().requires_grad_()
+            ref_weight = weight.double() if weight is not None else None
+            expected = reference.warped_sq_diff(moving.double(), fixed.double(), leaf, ref_weight, padding_mode)
+            (expected_grad,) = torch.autograd.grad(expected, leaf)
+            tol = _tolerances(dtype)
+            torch.testing.assert_close(total.double(), expected.detach(), **tol)
+        torch.testing.assert_close(grad_flow.double(), expected_grad, rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(expected_grad.abs().max().item(), 1.0))
+    err = emulated.warped_sq_diff_forward(True, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), 0, 0,
+                                          total.data_ptr(), n, ch, d, h, w, 2, scratch.data_ptr(), nbytes, 0)
+    assert "`padding` must be 0 (zeros) or 1 (border)" in err
+    err = emulated.warped_sq_diff_forward(True, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), 0, 0,
+                                          total.data_ptr(), n, ch, d, h, w, 1, scratch.data_ptr(), 8, 0)
+    assert "the workspace has 8 bytes" in err
+
+
+# ---------------------------------------------------------------- GPU
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_gpu_matches_reference(backend, padding_mode, gen):
+    for shape, dtype in (((2, 24, 7, 9, 13), torch.float32), ((1, 5, 4, 1, 6), torch.float64)):
+        moving, fixed, flow, weight = (t.cuda() for t in _inputs(shape, dtype, gen))
+        fused = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend=backend)  # noqa: E731
+        value, grads = value_and_grads(fused, [moving, fixed, flow])
+        ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, weight.double(), padding_mode)  # noqa: E731
+        ref_value, ref_grads = value_and_grads(ref, [t.double() for t in (moving, fixed, flow)])
+        tol = _tolerances(dtype)
+        torch.testing.assert_close(value.double(), ref_value, **tol)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["rtol"],
+                                       atol=tol["atol"] * max(ref_grad.abs().max().item(), 1.0))
+        again = gradreg_fast.warped_sq_diff(moving, fixed, flow, weight, padding_mode, backend=backend)
+        assert torch.equal(again, value)

@@ -84,6 +84,15 @@ std::string integrate_backward(bool is_double, uintptr_t velocity, uintptr_t che
                                uintptr_t grad_out, uintptr_t grad_velocity, uintptr_t scratch, int64_t N, int64_t D,
                                int64_t H, int64_t W, int steps, int padding, uintptr_t stream);
 
+// warped_sq_diff: total (a device pointer to one scalar of the compute dtype) = sum over n, x of
+// weight * sum_c (moving_c(x + flow(x)) - fixed_c(x))^2; weight and grad_flow (that sum's flow
+// gradient) may be 0. The workspace holds the per-block partial sums.
+std::string warped_sq_diff_forward(bool is_double, uintptr_t moving, uintptr_t fixed, uintptr_t flow,
+                                   uintptr_t weight, uintptr_t grad_flow, uintptr_t total, int64_t N, int64_t C,
+                                   int64_t D, int64_t H, int64_t W, int padding, uintptr_t workspace,
+                                   int64_t workspace_bytes, uintptr_t stream);
+int64_t warped_sq_diff_workspace_bytes(int64_t N, int64_t D, int64_t H, int64_t W);
+
 // Compute capabilities with SASS in this binary, and the PTX one (JIT-compiled on newer GPUs).
 int ptx_architecture();
 std::string device_check(int device);

@@ -55,6 +55,10 @@ PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
         "H"_a, "W"_a, "window"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
   m.def("lncc_workspace_bytes", &gc::lncc_workspace_bytes, "is_double"_a, "N"_a, "D"_a, "H"_a, "W"_a, "backward"_a,
         nogil);
+  m.def("warped_sq_diff_forward", &gc::warped_sq_diff_forward, "is_double"_a, "moving"_a, "fixed"_a, "flow"_a,
+        "weight"_a, "grad_flow"_a, "total"_a, "N"_a, "C"_a, "D"_a, "H"_a, "W"_a, "padding"_a, "workspace"_a,
+        "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("warped_sq_diff_workspace_bytes", &gc::warped_sq_diff_workspace_bytes, "N"_a, "D"_a, "H"_a, "W"_a, nogil);
   m.def("integrate_forward", &gc::integrate_forward, "is_double"_a, "velocity"_a, "out"_a, "scratch"_a,
         "checkpoints"_a, "interval"_a, "N"_a, "D"_a, "H"_a, "W"_a, "steps"_a, "padding"_a, "stream"_a, nogil);
   m.def("integrate_backward", &gc::integrate_backward, "is_double"_a, "velocity"_a, "checkpoints"_a, "interval"_a,

@@ -37,7 +37,19 @@ def _launch_forward(moving, fixed, flow, weight, padding_mode, need_flow, backen
             c.dtype_name(moving), moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), ptr(weight), ptr(grad_flow),
             n, ch, d, h, w, padding, c.threads(moving.numel() + flow.numel()))
         return torch.tensor(total, dtype=moving.dtype), grad_flow
-    raise RuntimeError(f"gradreg_fast.{OP}: no {backend} kernel")
+    if backend == "triton":
+        from ..triton_kernels import warped_sq_diff as kernel
+
+        return kernel.forward(moving, fixed, flow, weight, padding, need_flow)
+    core = c.cuda_core()
+    with torch.cuda.device(moving.device):
+        nbytes = core.warped_sq_diff_workspace_bytes(n, d, h, w)
+    scratch = c.workspace(moving, nbytes)
+    total = moving.new_empty(())
+    c.raise_cuda_error(OP, core.warped_sq_diff_forward(
+        moving.dtype == torch.float64, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), ptr(weight),
+        ptr(grad_flow), total.data_ptr(), n, ch, d, h, w, padding, scratch.data_ptr(), nbytes, c.stream(moving)))
+    return total, grad_flow
 
 
 def _launch_backward(grad, saved_grad_flow, moving, fixed, flow, weight, padding_mode, need_moving, need_fixed,

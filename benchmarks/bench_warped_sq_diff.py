@@ -1,0 +1,103 @@
+"""warped_sq_diff (fused) against what the refinement stage did before it, on the CPU (issue 11).
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        python benchmarks/bench_warped_sq_diff.py [--repeats 5] [--threads 2]
+
+One Adam step's data term, forward plus backward w.r.t. the flow (the gradient read back), at the
+engine's size (1 x 24 x 16 x 48 x 64, MIND descriptors at the refinement resolution) and a larger one
+(1 x 12 x 64 x 64 x 64), with a 0/1 field-of-view weight (a centred box, as the engine's mask):
+
+* fused: ``gradreg_fast.warped_sq_diff(moving, fixed, flow, weight)`` (CPU core): one pass, no warped
+  image, the backward scales the stored flow gradient.
+* unfused: ``gradreg_fast.warp(moving, flow, padding_mode="border")`` (CPU core), then
+  ``(weight * (warped - fixed).square().sum(1, keepdim=True)).sum()`` and autograd (warp's CPU backward).
+
+Time: the median of ``--repeats`` calls after one warm-up call; the two results are checked against
+each other first. The load average is printed with the figures (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import gradreg_fast
+
+SHAPES = [(1, 24, 16, 48, 64), (1, 12, 64, 64, 64)]
+SEED = 1234
+
+
+def make_inputs(shape):
+    gen = torch.Generator().manual_seed(SEED)
+    n, ch, d, h, w = shape
+    fixed = torch.randn(shape, generator=gen)
+    moving = torch.randn(shape, generator=gen)
+    # A smooth flow of a few voxels: random values on a coarse grid, upsampled.
+    coarse = torch.randn((n, 3, 4, 4, 4), generator=gen) * 3.0
+    flow = torch.nn.functional.interpolate(coarse, size=(d, h, w), mode="trilinear", align_corners=True)
+    weight = torch.zeros((n, 1, d, h, w))
+    weight[:, :, d // 8: d - d // 8, h // 8: h - h // 8, w // 8: w - w // 8] = 1.0
+    return moving, fixed, flow.contiguous(), weight
+
+
+def fused(moving, fixed, flow, weight):
+    leaf = flow.detach().requires_grad_()
+    value = gradreg_fast.warped_sq_diff(moving, fixed, leaf, weight, "border", backend="cpu")
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach(), grad
+
+
+def unfused(moving, fixed, flow, weight):
+    leaf = flow.detach().requires_grad_()
+    warped = gradreg_fast.warp(moving, leaf, padding_mode="border", backend="cpu")
+    value = (weight * (warped - fixed).square().sum(1, keepdim=True)).sum()
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach(), grad
+
+
+def fused_forward(moving, fixed, flow, weight):
+    return gradreg_fast.warped_sq_diff(moving, fixed, flow, weight, "border", backend="cpu")
+
+
+def unfused_forward(moving, fixed, flow, weight):
+    warped = gradreg_fast.warp(moving, flow, padding_mode="border", backend="cpu")
+    return (weight * (warped - fixed).square().sum(1, keepdim=True)).sum()
+
+
+def median_ms(fn, args, repeats):
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, ISA {gradreg_fast._C.cpu_isa()}, load average {os.getloadavg()[0]:.2f}")
+    for shape in SHAPES:
+        inputs = make_inputs(shape)
+        (v1, g1), (v2, g2) = fused(*inputs), unfused(*inputs)
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=0)
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4 * g2.abs().max().item())
+        with torch.no_grad():
+            fwd = [median_ms(f, inputs, args.repeats) for f in (fused_forward, unfused_forward)]
+        both = [median_ms(f, inputs, args.repeats) for f in (fused, unfused)]
+        label = "x".join(map(str, shape))
+        print(f"{label:>16}  fwd+bwd: fused {both[0]:8.2f} ms  unfused {both[1]:8.2f} ms  ({both[1] / both[0]:.2f}x)"
+              f"   fwd only: fused {fwd[0]:8.2f} ms  unfused {fwd[1]:8.2f} ms  ({fwd[1] / fwd[0]:.2f}x)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
