@@ -46,7 +46,7 @@ class FieldSettings:
     radius: int = 1  # MIND-SSC patch radius
     dilation: int = 2  # MIND-SSC neighbour distance
     alpha: float = 0.5  # weight of the gradient-map terms (eq. 2's alpha, abdomen preset); 0 switches them off
-    channels: int | None = 12  # principal components kept of the stacked (weighted) descriptors; None: all
+    channels: int | None = None  # principal components kept of the stacked (weighted) descriptors; None: all
     # stage 1: coupled convex optimisation over a cost volume
     convex_grid: int = 2  # control-point spacing of the discrete search
     search_radius: int = 2  # displacements of -r..r control cells per axis, (2r+1)^3 of them
