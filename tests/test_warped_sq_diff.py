@@ -3,6 +3,7 @@ reference warp, then a square and a sum) on fresh random inputs, with its gradie
 the fixed and the moving image; determinism, both CPU kernel copies, bad input, torch.compile."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -38,7 +39,6 @@ def _tolerances(dtype):
 def _check_against_reference(shape, dtype, padding_mode, weighted, gen, noncontiguous=False, backend="cpu"):
     moving, fixed, flow, weight = _inputs(shape, dtype, gen, noncontiguous, weighted)
     fused = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend=backend)  # noqa: E731
-    ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, weight, padding_mode)  # noqa: E731
     value, grads = value_and_grads(fused, [moving, fixed, flow])
     wide = [t.double() for t in (moving, fixed, flow)]
     ref_weight = weight.double() if weight is not None else None
@@ -219,7 +219,8 @@ def test_flow_gradient_not_stored_by_the_forward_is_recomputed(gen):
     assert stored.numel() == 0
     (grad,) = torch.autograd.grad(2.0 * value, leaf)
     ref_leaf = flow.detach().requires_grad_()
-    (expected,) = torch.autograd.grad(2.0 * reference.warped_sq_diff(moving, fixed, ref_leaf, weight, "zeros"), ref_leaf)
+    expected_value = reference.warped_sq_diff(moving, fixed, ref_leaf, weight, "zeros")
+    (expected,) = torch.autograd.grad(2.0 * expected_value, ref_leaf)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -251,7 +252,8 @@ def test_emulated_cuda_matches_reference(emulated, dtype, padding_mode, gen):
             err = emulated.warped_sq_diff_forward(
                 dtype == torch.float64, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(),
                 weight.data_ptr() if weight is not None else 0, grad_flow.data_ptr() if with_grad else 0,
-                total.data_ptr(), n, ch, d, h, w, ("zeros", "border").index(padding_mode), scratch.data_ptr(), nbytes, 0)
+                total.data_ptr(), n, ch, d, h, w, ("zeros", "border").index(padding_mode), scratch.data_ptr(),
+                nbytes, 0)
             assert err == ""
             leaf = flow.double().requires_grad_()
             ref_weight = weight.double() if weight is not None else None
@@ -269,6 +271,38 @@ def test_emulated_cuda_matches_reference(emulated, dtype, padding_mode, gen):
     assert "the workspace has 8 bytes" in err
 
 
+# ---------------------------------------------------------------- Triton, interpreted on the CPU
+
+
+def _triton_interpreted_check():
+    """Run by the subprocess below, with TRITON_INTERPRET=1 set before triton is imported (it must be on
+    when the kernels are defined; set in the pytest process it would leak into later tests)."""
+    gen = torch.Generator().manual_seed(20261130)
+    for shape, dtype in (((2, 5, 5, 6, 7), torch.float64), ((1, 24, 3, 1, 5), torch.float32),
+                         ((2, 1, 1, 9, 4), torch.float64)):
+        for padding_mode in ("zeros", "border"):
+            for weighted in (True, False):
+                _check_against_reference(shape, dtype, padding_mode, weighted, gen, noncontiguous=True,
+                                         backend="triton")
+
+
+@pytest.mark.slow
+def test_triton_interpreted_matches_reference():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "triton"], env=env, cwd=here.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "triton check passed" in proc.stdout
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -282,7 +316,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def test_gpu_matches_reference(backend, padding_mode, gen):
     for shape, dtype in (((2, 24, 7, 9, 13), torch.float32), ((1, 5, 4, 1, 6), torch.float64)):
         moving, fixed, flow, weight = (t.cuda() for t in _inputs(shape, dtype, gen))
-        fused = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend=backend)  # noqa: E731
+        def fused(m, f, u):
+            return gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend=backend)
+
         value, grads = value_and_grads(fused, [moving, fixed, flow])
         ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, weight.double(), padding_mode)  # noqa: E731
         ref_value, ref_grads = value_and_grads(ref, [t.double() for t in (moving, fixed, flow)])
@@ -293,3 +329,8 @@ def test_gpu_matches_reference(backend, padding_mode, gen):
                                        atol=tol["atol"] * max(ref_grad.abs().max().item(), 1.0))
         again = gradreg_fast.warped_sq_diff(moving, fixed, flow, weight, padding_mode, backend=backend)
         assert torch.equal(again, value)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["triton"]:
+    _triton_interpreted_check()
+    print("triton check passed")
