@@ -295,7 +295,7 @@ def test_emulated_cuda_matches_reference(emulated, padding_mode, dtype, gen):
         for steps in (0, 1, 3, 7):
             velocity = _velocity(shape, gen).to(dtype)
             interval, count = checkpoint_layout(steps)
-            out, scratch = poisoned(shape, dtype), poisoned((2, *shape), dtype)
+            out, scratch = poisoned(shape, dtype), poisoned(shape, dtype)
             checkpoints = poisoned((max(count, 1), *shape), dtype)
             ckpt = checkpoints.data_ptr() if count else 0
             assert emulated.integrate_forward(is_double, velocity.data_ptr(), out.data_ptr(), scratch.data_ptr(), ckpt,

@@ -111,24 +111,14 @@ void integrate_forward(const T* velocity, T* out, T* scratch, T* checkpoints, in
   const Padding pad = static_cast<Padding>(padding);
   const int64_t numel = N * 3 * g.voxels();
   const T scale = T(1) / T(int64_t(1) << steps);  // a power of two: v * scale is exactly v / 2^steps
-  if (steps == 0) {
-    scale_field(velocity, out, numel, scale, threads);
-    return;
-  }
-  T* spare[2] = {scratch, scratch + numel};
-  scale_field(velocity, spare[0], numel, scale, threads);
-  const T* cur = spare[0];
-  for (int k = 1; k <= steps; ++k) {
-    T* next;
-    if (k == steps)
-      next = out;
-    else if (checkpoints != nullptr && k % interval == 0)
-      next = checkpoints + (k / interval - 1) * numel;
-    else
-      next = (cur == spare[0]) ? spare[1] : spare[0];
-    squaring_step(cur, next, N, g, pad, threads);
-    cur = next;
-  }
+  const int count = checkpoints != nullptr ? (steps - 1) / interval : 0;
+  auto field = [&](int target) {
+    return target == 0 ? out : (target == 1 ? scratch : checkpoints + (target - 2) * numel);
+  };
+  scale_field(velocity, field(forward_target(0, steps, interval, count)), numel, scale, threads);
+  for (int k = 1; k <= steps; ++k)
+    squaring_step(static_cast<const T*>(field(forward_target(k - 1, steps, interval, count))),
+                  field(forward_target(k, steps, interval, count)), N, g, pad, threads);
 }
 
 template <typename T>

@@ -80,7 +80,7 @@ template <typename T>
 double warped_sq_diff_forward(const T* moving, const T* fixed, const T* flow, const T* weight, T* grad_flow,
                               int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads);
 
-// integrate_velocity: scratch holds two fields (forward) or three (backward). checkpoints, when not
+// integrate_velocity: scratch holds one field (forward) or three (backward). checkpoints, when not
 // null, holds the fields u_k for k = interval, 2 interval, ... < steps, written by the forward and
 // read by the backward (which recomputes every other field from the nearest one below it).
 template <typename T>

@@ -92,24 +92,15 @@ std::string forward(uintptr_t velocity, uintptr_t out_ptr, uintptr_t scratch, ui
   const T factor = T(1) / T(int64_t(1) << steps);
   T* out = reinterpret_cast<T*>(out_ptr);
   T* checkpoints = reinterpret_cast<T*>(checkpoints_ptr);
-  if (steps == 0) {
-    scale(l, reinterpret_cast<const T*>(velocity), out, factor);
-    return launch_error("integrate_forward");
-  }
-  T* spare[2] = {reinterpret_cast<T*>(scratch), reinterpret_cast<T*>(scratch) + l.numel()};
-  scale(l, reinterpret_cast<const T*>(velocity), spare[0], factor);
-  const T* cur = spare[0];
-  for (int k = 1; k <= steps; ++k) {
-    T* next;
-    if (k == steps)
-      next = out;
-    else if (checkpoints && k % interval == 0)
-      next = checkpoints + (k / interval - 1) * l.numel();
-    else
-      next = (cur == spare[0]) ? spare[1] : spare[0];
-    step(l, cur, next);
-    cur = next;
-  }
+  const int count = checkpoints != nullptr ? (steps - 1) / interval : 0;
+  T* scratch_field = reinterpret_cast<T*>(scratch);
+  auto field = [&](int target) {
+    return target == 0 ? out : (target == 1 ? scratch_field : checkpoints + (target - 2) * l.numel());
+  };
+  scale(l, reinterpret_cast<const T*>(velocity), field(forward_target(0, steps, interval, count)), factor);
+  for (int k = 1; k <= steps; ++k)
+    step(l, static_cast<const T*>(field(forward_target(k - 1, steps, interval, count))),
+         field(forward_target(k, steps, interval, count)));
   return launch_error("integrate_forward");
 }
 

@@ -75,7 +75,7 @@ std::string lncc_backward(bool is_double, uintptr_t coefficients, int coefficien
                           int window, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
 int64_t lncc_workspace_bytes(bool is_double, int64_t N, int64_t D, int64_t H, int64_t W, bool backward);
 
-// integrate_velocity. scratch: two fields (forward) or three (backward); checkpoints (optional): the
+// integrate_velocity. scratch: one field (forward) or three (backward); checkpoints (optional): the
 // fields u_k, k = interval, 2 interval, ... < steps, written by the forward, read by the backward.
 std::string integrate_forward(bool is_double, uintptr_t velocity, uintptr_t out, uintptr_t scratch,
                               uintptr_t checkpoints, int interval, int64_t N, int64_t D, int64_t H, int64_t W,

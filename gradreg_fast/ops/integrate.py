@@ -39,7 +39,7 @@ def _launch_forward(velocity, steps, padding_mode, keep_checkpoints, backend):
         return kernel.forward(velocity, steps, padding, interval, count)
     n, _, d, h, w = velocity.shape
     out = torch.empty_like(velocity)
-    scratch = velocity.new_empty((2, *velocity.shape))
+    scratch = torch.empty_like(velocity)  # with `out` (and the checkpoints), all the forward needs
     checkpoints = velocity.new_empty((count, *velocity.shape)) if count else velocity.new_empty(0)
     ptr = checkpoints.data_ptr() if count else 0
     if backend == "cpu":

@@ -29,6 +29,21 @@ GR_HD void sample_axes(const T* u, int64_t p, int64_t z, int64_t y, int64_t x, c
   ax = linear_axis(T(x) + u[2 * DHW + p], g.W, padding);
 }
 
+// Where the forward writes u_k, k = 0 (the scaled velocity) .. steps: 0 = the output, 1 = the one
+// scratch field, 2 + j = checkpoint j (u_k for k = (j + 1) interval; `checkpoints` of them, or none).
+// Planned from the last step back so that u_steps lands in the output and no step writes the field it
+// reads: two fields besides the checkpoints. (Host code.)
+inline int forward_target(int k, int steps, int interval, int checkpoints) {
+  int target = 0;  // u_steps
+  for (int j = steps - 1; j >= k; --j) {
+    if (j > 0 && checkpoints > 0 && j % interval == 0 && j / interval <= checkpoints)
+      target = 2 + j / interval - 1;
+    else
+      target = (target == 1) ? 0 : 1;
+  }
+  return target;
+}
+
 // next(p) = u(p) + u(p + u(p)) for the three channels of one item's field.
 template <typename T>
 GR_HD void squaring_step_voxel(const T* u, T* next, int64_t z, int64_t y, int64_t x, const FieldGeometry& g,
