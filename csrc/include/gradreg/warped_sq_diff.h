@@ -37,36 +37,54 @@ GR_HD void trilinear_value_and_slope(const T* img, const LinearAxis<T>& az, cons
   value = v, dz = gz, dy = gy, dx = gx;
 }
 
+// One channel's term of one voxel: adds diff^2 to sum and, with kGrad, diff * d(moving_c)/du (before
+// the border rule) to g_z, g_y, g_x. Summing these over c in increasing order is the voxel's sum.
+template <bool kGrad, typename T>
+GR_HD void warped_sq_diff_channel(const T* moving_c, T fixed_value, const LinearAxis<T>& az, const LinearAxis<T>& ay,
+                                  const LinearAxis<T>& ax, int64_t H, int64_t W, T& sum, T& g_z, T& g_y, T& g_x) {
+  if (!kGrad) {
+    const T d = trilinear_sample(moving_c, az, ay, ax, H, W) - fixed_value;
+    sum += d * d;
+    return;
+  }
+  T value, dz, dy, dx;
+  trilinear_value_and_slope(moving_c, az, ay, ax, H, W, value, dz, dy, dx);
+  const T d = value - fixed_value;
+  sum += d * d;
+  g_z += d * dz;
+  g_y += d * dy;
+  g_x += d * dx;
+}
+
+// The flow gradient of a voxel from its channel sums: 2 * weight * sum_c diff_c * d(moving_c)/du,
+// 0 along an axis where border padding clipped the coordinate.
+template <typename T>
+GR_HD void warped_sq_diff_flow_grad(T weight, T g_z, T g_y, T g_x, const LinearAxis<T>& az, const LinearAxis<T>& ay,
+                                    const LinearAxis<T>& ax, T* grad, int64_t plane_stride) {
+  const T scale = T(2) * weight;
+  grad[0] = scale * g_z * az.dcoord;
+  grad[plane_stride] = scale * g_y * ay.dcoord;
+  grad[2 * plane_stride] = scale * g_x * ax.dcoord;
+}
+
 // One voxel: returns sum_c (moving_c(x + u) - fixed_c(x))^2 (unweighted) and, when grad is not null,
-// writes 2 * weight * sum_c diff_c * d(moving_c)/du to grad[0], grad[plane_stride], grad[2 *
-// plane_stride] (z, y, x; 0 along an axis where border padding clipped the coordinate).
-// moving and fixed point at channel 0 of the item, channels channel_stride apart; fixed at the voxel.
+// writes its flow gradient (warped_sq_diff_flow_grad) to grad[0], grad[plane_stride], grad[2 * plane_stride].
+// moving points at channel 0 of the item, fixed at channel 0 of the voxel; channels channel_stride apart.
 template <typename T>
 GR_HD T warped_sq_diff_voxel(const T* moving, const T* fixed_at_voxel, int64_t C, int64_t channel_stride,
                              const LinearAxis<T>& az, const LinearAxis<T>& ay, const LinearAxis<T>& ax, int64_t H,
                              int64_t W, T weight, T* grad, int64_t plane_stride) {
-  T sum = T(0);
+  T sum = T(0), gz = T(0), gy = T(0), gx = T(0);
   if (grad == nullptr) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T d = trilinear_sample(moving + c * channel_stride, az, ay, ax, H, W) - fixed_at_voxel[c * channel_stride];
-      sum += d * d;
-    }
+    for (int64_t c = 0; c < C; ++c)
+      warped_sq_diff_channel<false>(moving + c * channel_stride, fixed_at_voxel[c * channel_stride], az, ay, ax, H, W,
+                                    sum, gz, gy, gx);
     return sum;
   }
-  T gz = T(0), gy = T(0), gx = T(0);
-  for (int64_t c = 0; c < C; ++c) {
-    T value, dz, dy, dx;
-    trilinear_value_and_slope(moving + c * channel_stride, az, ay, ax, H, W, value, dz, dy, dx);
-    const T d = value - fixed_at_voxel[c * channel_stride];
-    sum += d * d;
-    gz += d * dz;
-    gy += d * dy;
-    gx += d * dx;
-  }
-  const T scale = T(2) * weight;
-  grad[0] = scale * gz * az.dcoord;
-  grad[plane_stride] = scale * gy * ay.dcoord;
-  grad[2 * plane_stride] = scale * gx * ax.dcoord;
+  for (int64_t c = 0; c < C; ++c)
+    warped_sq_diff_channel<true>(moving + c * channel_stride, fixed_at_voxel[c * channel_stride], az, ay, ax, H, W,
+                                 sum, gz, gy, gx);
+  warped_sq_diff_flow_grad(weight, gz, gy, gx, az, ay, ax, grad, plane_stride);
   return sum;
 }
 
