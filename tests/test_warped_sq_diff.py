@@ -334,3 +334,19 @@ def test_gpu_matches_reference(backend, padding_mode, gen):
 if __name__ == "__main__" and sys.argv[1:] == ["triton"]:
     _triton_interpreted_check()
     print("triton check passed")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_non_finite_flow_samples_nothing(padding_mode, gen):
+    # As warp: a non-finite sample point reads 0 and passes no flow gradient; the rest is unchanged.
+    moving, fixed, flow, weight = _inputs((1, 4, 3, 5, 6), torch.float64, gen)
+    flow = flow.clone()
+    flow[0, 0, 1, 2, 3], flow[0, 1, 2, 4, 0], flow[0, 2, 0, 0, 5] = float("nan"), float("inf"), -float("inf")
+    weight = torch.ones_like(weight)
+    value, (grad,) = value_and_grads(
+        lambda u: gradreg_fast.warped_sq_diff(moving, fixed, u, weight, padding_mode, backend="cpu"), [flow])
+    expected, (expected_grad,) = value_and_grads(
+        lambda u: reference.warped_sq_diff(moving, fixed, u, weight, padding_mode), [flow])
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
