@@ -365,8 +365,9 @@ def size_limits(device):
     assert check_voxels("warp", (3, 5, 7)) == 105
     for call, needle in ((lambda: check_voxels("warp", (1025, 1024, 1024)), "1025x1024x1024"),
                          (lambda: volume_grid("mind", 2**30, 2**12, 256), "programs"),
-                         (lambda: mind._channels([0] * 7), "6 ints per channel"),
-                         (lambda: mind._channels([0] * 6 * 128), "at most 127 channels")):
+                         (lambda: mind._channels([0] * 8), "7 ints per channel"),
+                         (lambda: mind._channels([0] * 6 + [1]), "tie ranks"),
+                         (lambda: mind._channels([0] * 7 * 128), "at most 127 channels")):
         try:
             call()
         except ValueError as exc:

@@ -315,10 +315,10 @@ def _channels(pairs) -> int:
         raise ValueError(f"gradreg_fast.{OP} (triton): `pairs` must hold 7 ints per channel (6 offsets, a tie "
                          f"rank), got {len(pairs)} ints")
     k = len(pairs) // 7
-    if sorted(pairs[6 * k:]) != list(range(k)):
-        raise ValueError(f"gradreg_fast.{OP} (triton): the tie ranks of `pairs` must be a permutation of 0..{k - 1}")
     if k > MAX_CHANNELS:
         raise ValueError(f"gradreg_fast.{OP} (triton): at most {MAX_CHANNELS} channels fit the flag byte, got {k}")
+    if sorted(pairs[6 * k:]) != list(range(k)):
+        raise ValueError(f"gradreg_fast.{OP} (triton): the tie ranks of `pairs` must be a permutation of 0..{k - 1}")
     return k
 
 
