@@ -12,8 +12,9 @@ upstream gradient) and forward alone:
   of seven ``grid_sample`` calls (``gradreg_fast.reference.integrate_velocity_grid_sample``), on a smooth
   random velocity of up to 8 voxels per axis.
 
-Time: the median of ``--repeats`` calls after one warm-up call, in this process (torch threads from
-BENCH_THREADS, default 2). Peak memory: each case in a fresh process (benchmarks/peak_memory.py's
+Time: the median (and the minimum) of ``--repeats`` calls after one warm-up call, in this process (torch
+threads from BENCH_THREADS, default 2), the fused and the naive call alternating, so that a change of the
+machine's load between calls hits both alike. Peak memory: each case in a fresh process (benchmarks/peak_memory.py's
 method: peak resident-size increase over imports + inputs during a second, warm call, with
 MALLOC_MMAP_THRESHOLD_=65536 so that the resident size follows the live tensors). The load average is
 printed with the figures: other work on the machine slows both sides, not always equally.
@@ -33,7 +34,6 @@ import time
 TIMING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 MEMORY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SIZES = {"main": (144, 144, 128), "small": (96, 96, 96), "quick": (24, 21, 19)}
-CASES = ("lncc:fused", "lncc:naive", "integrate:fused", "integrate:naive")
 PASSES = ("fwd", "fwd_bwd")
 SEED = 1234
 VELOCITY_VOXELS = 8.0
@@ -106,16 +106,20 @@ def memory_child(case: str, pass_: str, size) -> dict:
     return {"first_call_bytes": figures[0], "steady_bytes": figures[1]}
 
 
-def measure_time(case: str, pass_: str, size, repeats: int) -> float:
-    run = build(case, pass_, size)
-    run()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
+def measure_times(op: str, pass_: str, size, repeats: int) -> dict:
+    """Seconds per call of the fused and the naive code, the two timed alternately (after one warm-up call
+    each), so that a change in the machine's load between calls hits both sides alike."""
+    runs = {impl: build(f"{op}:{impl}", pass_, size) for impl in ("fused", "naive")}
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {impl: [] for impl in runs}
+    for _ in range(repeats):
+        for impl, run in runs.items():
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            times[impl].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv=None) -> int:
@@ -144,18 +148,22 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0]:.2f}", flush=True)
     env = {**os.environ, **MEMORY_MALLOC_ENV}
     results = {}
-    for case in CASES:
+    for op in ("lncc", "integrate"):
         for pass_ in PASSES:
-            seconds = measure_time(case, pass_, size, args.repeats)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--size", args.size, "--memory-child",
-                                   case, pass_], env=env, capture_output=True, text=True, timeout=1200)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory child {case} {pass_} failed:\n{proc.stderr[-3000:]}")
-            memory = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[f"{case}:{pass_}"] = {"seconds": seconds, **memory}
-            print(f"{case:18s} {pass_:8s} {seconds * 1e3:10.1f} ms   peak +{memory['steady_bytes'] / 2**20:8.1f} MiB "
-                  f"(first call +{memory['first_call_bytes'] / 2**20:.1f} MiB)   load {os.getloadavg()[0]:.2f}",
-                  flush=True)
+            times = measure_times(op, pass_, size, args.repeats)
+            for impl in ("fused", "naive"):
+                case = f"{op}:{impl}"
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--size", args.size,
+                                       "--memory-child", case, pass_], env=env, capture_output=True, text=True,
+                                      timeout=1200)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"memory child {case} {pass_} failed:\n{proc.stderr[-3000:]}")
+                memory = json.loads(proc.stdout.strip().splitlines()[-1])
+                seconds = statistics.median(times[impl])
+                results[f"{case}:{pass_}"] = {"seconds": seconds, "min_seconds": min(times[impl]), **memory}
+                print(f"{case:18s} {pass_:8s} median {seconds * 1e3:9.1f} ms  min {min(times[impl]) * 1e3:9.1f} ms"
+                      f"   peak +{memory['steady_bytes'] / 2**20:8.1f} MiB (first call "
+                      f"+{memory['first_call_bytes'] / 2**20:.1f} MiB)   load {os.getloadavg()[0]:.2f}", flush=True)
     print("\nratios (naive / fused): time = speed-up, memory = fused peak / naive peak")
     targets = {"lncc": (50.0, 0.25), "integrate": (3.0, 0.5)}
     for op, (min_speedup, max_memory) in targets.items():

@@ -20,7 +20,9 @@ void scale_field(const T* in, T* out, int64_t numel, T scale, int threads) {
 template <typename T>
 void squaring_step(const T* u, T* next, int64_t N, const FieldGeometry& g, Padding padding, int threads) {
   const int64_t DHW = g.voxels();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  // Planes handed out two at a time: on a shared machine a thread that loses its core leaves the rest
+  // to the others instead of holding up the step (each voxel is written once: same result any order).
+#pragma omp parallel for collapse(2) schedule(dynamic, 2) num_threads(threads)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t z = 0; z < g.D; ++z)
       for (int64_t y = 0; y < g.H; ++y)
