@@ -63,3 +63,44 @@ def value_and_grads(fn, inputs, grad_output=None):
         grad_output = torch.ones_like(out)
     return out.detach(), torch.autograd.grad(out, leaves, grad_output, materialize_grads=True)
 
+
+def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
+    """csrc/cuda/<source> compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so that every
+    grid-stride loop strides; blocks of fibers with real barriers), with a binding of ``functions``: the
+    kernels' indexing, passes and workspace layout, as tests/test_cuda.py checks the other ops'."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the emulated CUDA source")
+    pybind11 = pytest.importorskip("pybind11")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp(name)
+    common = ["-std=c++17", "-O1", "-fPIC", f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
+              "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90", "-Wall",
+              "-Wextra", "-Werror"]
+    obj = out / "kernels.o"
+    subprocess.run([compiler, "-x", "c++", *common, "-c", str(root / "csrc" / "cuda" / source), "-o", str(obj)],
+                   check=True)
+    binding = out / "binding.cpp"
+    binding.write_text("#include <pybind11/pybind11.h>\n#include \"launch.h\"\n"
+                       f"PYBIND11_MODULE({name}, m) {{\n"
+                       + "".join(f"  m.def(\"{f}\", &gradreg::cuda::{f});\n" for f in functions) + "}\n")
+    library = out / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    subprocess.run([compiler, *common, "-shared", *includes, str(binding), str(obj), "-o", str(library)], check=True)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def poisoned(shape, dtype=torch.float64):
+    """An output buffer full of NaN: an element a kernel forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)

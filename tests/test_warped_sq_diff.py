@@ -229,7 +229,7 @@ def test_flow_gradient_not_stored_by_the_forward_is_recomputed(gen):
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    from test_lncc import build_emulated_cuda
+    from conftest import build_emulated_cuda
 
     return build_emulated_cuda(tmp_path_factory, "warped_sq_diff.cu",
                                ("warped_sq_diff_forward", "warped_sq_diff_workspace_bytes"), "_warped_sq_diff_emulated")

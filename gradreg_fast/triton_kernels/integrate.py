@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
-from .warp import _corner, _linear_axis, _sample_points
+from .warp import _corner, _linear_axis, _sample_points, _trilinear
 
 OP = "integrate_velocity"
 BLOCK = 256
@@ -26,19 +26,12 @@ def _step_kernel(u_ptr, next_ptr, D, H, W, blocks_per_item, BORDER: tl.constexpr
     lz, fz, lz_in, hz_in, _ = _linear_axis(cz, D, BORDER)
     ly, fy, ly_in, hy_in, _ = _linear_axis(cy, H, BORDER)
     lx, fx, lx_in, hx_in, _ = _linear_axis(cx, W, BORDER)
+    zero = tl.zeros([BLOCK], dtype=next_ptr.dtype.element_ty)
     for c in tl.static_range(3):
         offset = (item * 3 + c) * DHW
         acc = tl.load(u_ptr + offset + p, mask=mask, other=0.0)
-        sample = tl.zeros([BLOCK], dtype=next_ptr.dtype.element_ty)
-        for hz in tl.static_range(2):
-            iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
-            for hy in tl.static_range(2):
-                iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
-                for hx in tl.static_range(2):
-                    ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
-                    inside = mask & in_z & in_y & in_x
-                    value = tl.load(u_ptr + offset + ((iz * H + iy) * W + ix), mask=inside, other=0.0)
-                    sample += tl.where(inside, wz * wy * wx * value, 0.0)
+        sample, _, _, _ = _trilinear(u_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in, hx_in,
+                                     H, W, mask, zero, False)
         tl.store(next_ptr + offset + p, acc + sample, mask=mask)
 
 

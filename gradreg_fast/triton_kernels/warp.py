@@ -66,6 +66,31 @@ def _corner(lo, frac, lo_in, hi_in, HIGH: tl.constexpr):
 
 
 @triton.jit
+def _trilinear(image_ptr, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in, hx_in, H, W, mask, zero,
+               GRADIENT: tl.constexpr):
+    """The trilinear sample of one channel (``image_ptr`` at its first voxel) at the points whose axes
+    ``_linear_axis`` gave, and with GRADIENT its derivatives along z, y, x (each axis's own weight replaced
+    by its sign). Corners outside the volume, and lanes outside ``mask``, contribute 0. Shared by warp,
+    integrate and warped_sq_diff, so that all three sample alike."""
+    value, dz, dy, dx = zero, zero, zero, zero
+    for hz in tl.static_range(2):
+        iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
+        for hy in tl.static_range(2):
+            iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
+            for hx in tl.static_range(2):
+                ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
+                inside = mask & in_z & in_y & in_x
+                corner = tl.load(image_ptr + ((iz * H + iy) * W + ix), mask=inside, other=0.0)
+                corner = tl.where(inside, corner, 0.0)
+                value += wz * wy * wx * corner
+                if GRADIENT:
+                    dz += (2.0 * hz - 1.0) * wy * wx * corner
+                    dy += wz * (2.0 * hy - 1.0) * wx * corner
+                    dx += wz * wy * (2.0 * hx - 1.0) * corner
+    return value, dz, dy, dx
+
+
+@triton.jit
 def _nearest_axis(coord, n, BORDER: tl.constexpr):
     """(index of the nearest voxel, inside); rounds half to even like grid_sample (nearbyint)."""
     finite = tl.abs(coord) < float("inf")
@@ -111,18 +136,11 @@ def _forward_kernel(image_ptr, flow_ptr, out_ptr, C, D, H, W, blocks_per_item, N
         lz, fz, lz_in, hz_in, _ = _linear_axis(cz, D, BORDER)
         ly, fy, ly_in, hy_in, _ = _linear_axis(cy, H, BORDER)
         lx, fx, lx_in, hx_in, _ = _linear_axis(cx, W, BORDER)
+        zero = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
         for c in range(C):
             offset = (item * C + c) * DHW
-            acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-            for hz in tl.static_range(2):
-                iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
-                for hy in tl.static_range(2):
-                    iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
-                    for hx in tl.static_range(2):
-                        ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
-                        inside = mask & in_z & in_y & in_x
-                        value = tl.load(image_ptr + offset + ((iz * H + iy) * W + ix), mask=inside, other=0.0)
-                        acc += tl.where(inside, wz * wy * wx * value, 0.0)
+            acc, _, _, _ = _trilinear(image_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
+                                      hx_in, H, W, mask, zero, False)
             tl.store(out_ptr + offset + p, acc, mask=mask)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
-from .warp import _corner, _linear_axis, _sample_points
+from .warp import _linear_axis, _sample_points, _trilinear
 
 OP = "warped_sq_diff"
 BLOCK = 256
@@ -40,21 +40,8 @@ def _kernel(moving_ptr, fixed_ptr, flow_ptr, weight_ptr, grad_flow_ptr, partial_
     total, grad_z, grad_y, grad_x = zero, zero, zero, zero
     for c in range(C):
         offset = (item * C + c) * DHW
-        value, dz, dy, dx = zero, zero, zero, zero
-        for hz in tl.static_range(2):
-            iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
-            for hy in tl.static_range(2):
-                iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
-                for hx in tl.static_range(2):
-                    ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
-                    inside = active & in_z & in_y & in_x
-                    m = tl.load(moving_ptr + offset + ((iz * H + iy) * W + ix), mask=inside, other=0.0)
-                    m = tl.where(inside, m, 0.0)
-                    value += wz * wy * wx * m
-                    if NEED_FLOW:
-                        dz += (2.0 * hz - 1.0) * wy * wx * m
-                        dy += wz * (2.0 * hy - 1.0) * wx * m
-                        dx += wz * wy * (2.0 * hx - 1.0) * m
+        value, dz, dy, dx = _trilinear(moving_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
+                                       hx_in, H, W, active, zero, NEED_FLOW)
         diff = value - tl.load(fixed_ptr + offset + p, mask=active, other=0.0)
         diff = tl.where(active, diff, 0.0)
         total += diff * diff
