@@ -1,7 +1,6 @@
 """Reliability of the registration pipeline and the command line (issue 13): consistent output sets,
 right and bounded metrics, early one-line refusals, clean interruption."""
 
-import json
 import os
 import signal
 import subprocess
@@ -335,11 +334,15 @@ def save_then_die(obj, f, *args, **kwargs):
     if calls[0] == 2:  # the second checkpoint: one complete last.pt exists
         os.kill(os.getpid(), signal.SIGTERM)
 torch.save = save_then_die
-sys.exit(cli.main(sys.argv[1:]))
+if sys.argv[1] == "module":  # python -m gradreg_fast.train, torchrun's entry point
+    from gradreg_fast.train import cli_main
+    sys.exit(cli_main(sys.argv[3:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path):
+@pytest.mark.parametrize("entry", ["gradreg", "module"])
+def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path, entry):
     out = tmp_path / "run"
     script = tmp_path / "term.py"
     script.write_text(TRAIN_TERM_SCRIPT)
@@ -347,10 +350,11 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path):
             "--train-pairs", "4", "--val-pairs", "1", "--descriptor", "mind", "--lr", "1e-3", "--steps", "20",
             "--checkpoint-every", "1", "--val-every", "1000", "--log-every", "1", "--num-workers", "0",
             "--no-progress", "--device", "cpu", "--out-dir", str(out)]
-    run = subprocess.run([sys.executable, str(script), *args], env=_env(), capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(script), entry, *args], env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 143, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "gradreg train: terminated (SIGTERM)"
+    assert "Traceback" not in run.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     import torch
 

@@ -20,6 +20,14 @@ def cli_main(argv: list[str]) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"gradreg train: error: {exc}", file=sys.stderr)
         return 2
-    best = train(config)
+    from .._atomic import Terminated, sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():  # SIGTERM (a scheduler's, torchrun's) cleans up like Ctrl-C
+            best = train(config)
+    except KeyboardInterrupt as exc:  # the trainer has removed its temporaries: one line, no traceback
+        terminated = isinstance(exc, Terminated)
+        print(f"gradreg train: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + the signal's number, as a shell reports it
     print(f"best checkpoint: {best}")
     return 0
