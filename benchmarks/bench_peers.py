@@ -4,7 +4,8 @@ Cases: the six same-subject cases of benchmarks/validation.py (known deformation
 the bundled inter-subject CT/MR pair. Every method starts from the same place, the centre-of-mass
 alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
 
-* gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable);
+* gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable), and with
+  ``--presets default,quick`` also its ``--quick`` preset;
 * ConvexAdam: the ``convexadam`` package (PyPI; ``convex_adam_pt`` with its own defaults: MIND-SSC r=1 d=2,
   6-voxel grid, search half-width 4, lambda 1.25, 80 Adam steps on a 2-voxel grid, inverse consistency)
   on the two images after the centre-of-mass alignment, float32 on the CPU;
@@ -140,8 +141,14 @@ def run_ants(prep: dict, python: str) -> tuple[np.ndarray, float]:
         return np.load(Path(tmp) / "warp.npy"), core
 
 
-def run_gradreg(files: dict) -> dict:
-    row = validation.run_gradreg(files)
+PRESETS = ("default", "quick", "thorough")
+
+
+def run_gradreg(files: dict, preset: str = "default") -> dict:
+    from gradreg_fast.register import Settings, quick_settings, thorough_settings
+
+    settings = {"default": Settings, "quick": quick_settings, "thorough": thorough_settings}[preset]()
+    row = validation.run_gradreg(files, settings)
     return {key: row[key] for key in ("dice", "epe_body_mm", "epe_organs_mm", "folding_percent", "sd_log_jacobian",
                                       "core_s", "wall_s") if key in row}
 
@@ -157,7 +164,8 @@ def table(rows: dict) -> str:
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) and math.isfinite(row[k]) else "-" for k in KEYS]
             lines.append(f"| {case} | {method} | " + " | ".join(cells) + " |")
     same = [c for c in rows if c != "bundled"]
-    for method in ("gradreg", "ConvexAdam", "ANTs SyN"):
+    methods = list(dict.fromkeys(m for c in same for m in rows[c]))
+    for method in methods:
         values = [rows[c][method] for c in same if method in rows[c]]
         if values:
             cells = [f"{np.mean([v[k] for v in values if k in v]):.3f}" if any(k in v for v in values) else "-"
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ants-python", default=None, help="the python of a venv with antspyx (skipped without)")
     parser.add_argument("--skip-convexadam", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--presets", default="default",
+                        help=f"comma-separated gradreg presets to run, from {PRESETS} (default: default)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None, help="write the table here")
     args = parser.parse_args(argv)
@@ -182,8 +192,11 @@ def main(argv=None) -> int:
     cases = validation.all_cases(args.cases.split(",") if args.cases else None)
     rows = {}
     for name, files in cases.items():
-        rows[name] = {"gradreg": run_gradreg(files)}
-        print(name, "gradreg", rows[name]["gradreg"], flush=True)
+        rows[name] = {}
+        for preset in args.presets.split(","):
+            method = "gradreg" if preset == "default" else f"gradreg --{preset}"
+            rows[name][method] = run_gradreg(files, preset)
+            print(name, method, rows[name][method], flush=True)
         peers = []
         if not args.skip_convexadam:
             peers.append(("ConvexAdam", run_convexadam))

@@ -257,13 +257,16 @@ def summarize(rows: dict) -> str:
 
 
 def settings_with(overrides: dict):
-    """The pipeline's default Settings with FieldSettings fields (or ``affine_model``) overridden."""
+    """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``)
+    overridden."""
     from gradreg_fast.register import Settings
 
     settings = Settings()
     for key, value in overrides.items():
         if key == "affine_model":
             settings.affine_model = value
+        elif key == "affine_iterations":
+            settings.affine_iterations = tuple(value)
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)
     return settings
