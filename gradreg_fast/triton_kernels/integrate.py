@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
-from .warp import _corner, _linear_axis, _sample_points, _trilinear
+from .warp import _linear_axis, _sample_points, _scatter_trilinear, _trilinear
 
 OP = "integrate_velocity"
 BLOCK = 256
@@ -49,20 +49,10 @@ def _grad_kernel(u_ptr, g_ptr, dst_ptr, D, H, W, blocks_per_item, BORDER: tl.con
     for c in tl.static_range(3):
         offset = (item * 3 + c) * DHW
         g = tl.load(g_ptr + offset + p, mask=mask, other=0.0)
-        dz, dy, dx = zero, zero, zero
-        for hz in tl.static_range(2):
-            iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
-            for hy in tl.static_range(2):
-                iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
-                for hx in tl.static_range(2):
-                    ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
-                    inside = mask & in_z & in_y & in_x
-                    index = (iz * H + iy) * W + ix
-                    value = tl.load(u_ptr + offset + index, mask=inside, other=0.0)
-                    dz += tl.where(inside, (2.0 * hz - 1.0) * wy * wx * value, 0.0)
-                    dy += tl.where(inside, wz * (2.0 * hy - 1.0) * wx * value, 0.0)
-                    dx += tl.where(inside, wz * wy * (2.0 * hx - 1.0) * value, 0.0)
-                    tl.atomic_add(dst_ptr + offset + index, wz * wy * wx * g, mask=inside, sem="relaxed")
+        _scatter_trilinear(dst_ptr + offset, g, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in, hx_in, H, W,
+                           mask)
+        _, dz, dy, dx = _trilinear(u_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in, hx_in,
+                                   H, W, mask, zero, True)
         grad_z += g * dz
         grad_y += g * dy
         grad_x += g * dx

@@ -91,6 +91,20 @@ def _trilinear(image_ptr, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx
 
 
 @triton.jit
+def _scatter_trilinear(grad_ptr, g, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in, hx_in, H, W, mask):
+    """The adjoint of :func:`_trilinear`'s value: ``g`` times each corner's weight added (atomically) to the
+    corners inside the volume of one channel's gradient (``grad_ptr`` at its first voxel)."""
+    for hz in tl.static_range(2):
+        iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
+        for hy in tl.static_range(2):
+            iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
+            for hx in tl.static_range(2):
+                ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
+                inside = mask & in_z & in_y & in_x
+                tl.atomic_add(grad_ptr + ((iz * H + iy) * W + ix), wz * wy * wx * g, mask=inside, sem="relaxed")
+
+
+@triton.jit
 def _nearest_axis(coord, n, BORDER: tl.constexpr):
     """(index of the nearest voxel, inside); rounds half to even like grid_sample (nearbyint)."""
     finite = tl.abs(coord) < float("inf")
@@ -159,24 +173,13 @@ def _backward_kernel(grad_out_ptr, image_ptr, flow_ptr, grad_image_ptr, grad_flo
     for c in range(C):
         offset = (item * C + c) * DHW
         g = tl.load(grad_out_ptr + offset + p, mask=mask, other=0.0)
-        dz, dy, dx = zero, zero, zero  # d(sample)/d(coordinate) of this channel
-        for hz in tl.static_range(2):
-            iz, wz, in_z = _corner(lz, fz, lz_in, hz_in, hz)
-            for hy in tl.static_range(2):
-                iy, wy, in_y = _corner(ly, fy, ly_in, hy_in, hy)
-                for hx in tl.static_range(2):
-                    ix, wx, in_x = _corner(lx, fx, lx_in, hx_in, hx)
-                    inside = mask & in_z & in_y & in_x
-                    index = (iz * H + iy) * W + ix
-                    if NEED_FLOW:
-                        value = tl.load(image_ptr + offset + index, mask=inside, other=0.0)
-                        # d(weight)/d(coordinate): the axis's own weight is replaced by its sign.
-                        dz += tl.where(inside, (2.0 * hz - 1.0) * wy * wx * value, 0.0)
-                        dy += tl.where(inside, wz * (2.0 * hy - 1.0) * wx * value, 0.0)
-                        dx += tl.where(inside, wz * wy * (2.0 * hx - 1.0) * value, 0.0)
-                    if ATOMIC_IMAGE:
-                        tl.atomic_add(grad_image_ptr + offset + index, wz * wy * wx * g, mask=inside, sem="relaxed")
+        if ATOMIC_IMAGE:
+            _scatter_trilinear(grad_image_ptr + offset, g, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
+                               hx_in, H, W, mask)
         if NEED_FLOW:
+            # d(sample)/d(coordinate) of this channel
+            _, dz, dy, dx = _trilinear(image_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
+                                       hx_in, H, W, mask, zero, True)
             grad_z += g * dz
             grad_y += g * dy
             grad_x += g * dx
