@@ -104,3 +104,21 @@ def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
 def poisoned(shape, dtype=torch.float64):
     """An output buffer full of NaN: an element a kernel forgets to write fails the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def run_under_triton_interpreter(test_file, *args: str, timeout: int = 600):
+    """``python test_file args`` in a fresh process with TRITON_INTERPRET=1 (it must be set before triton is
+    imported), the repository and tests/ importable; fails the calling test with the output's tail."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), *args], env=env, cwd=str(tests.parent),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"Triton checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc

@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_volume, requires_cuda, value_and_grads  # noqa: E402
+from conftest import make_volume, requires_cuda, run_under_triton_interpreter, value_and_grads  # noqa: E402
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -440,11 +440,7 @@ def triton_checks(device):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "cpu"], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"Triton checks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    run_under_triton_interpreter(__file__, "cpu")
 
 
 if __name__ == "__main__":

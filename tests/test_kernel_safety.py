@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from conftest import run_under_triton_interpreter  # noqa: E402
 from test_mind import _ssc_in_the_originals_order, _tied_volumes  # noqa: E402
 
 TRITON_CHECKS = {}
@@ -312,12 +313,7 @@ requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 @requires_triton
 @pytest.mark.parametrize("name", list(TRITON_CHECKS))
 def test_triton_interpreter(name):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = str(HERE.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), name], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"check {name!r} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    run_under_triton_interpreter(__file__, name)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import build_emulated_cuda, make_volume, poisoned, requires_cuda, value_and_grads  # noqa: E402
+from conftest import (build_emulated_cuda, make_volume, poisoned, requires_cuda,  # noqa: E402
+                      run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -410,12 +411,7 @@ def triton_checks(device: str) -> None:
 
 
 def test_triton_interpreter_on_cpu():
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__, "cpu"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_triton_interpreter(__file__, "cpu")
 
 
 @pytest.mark.gpu

@@ -288,18 +288,9 @@ def _triton_interpreted_check():
 
 @pytest.mark.slow
 def test_triton_interpreted_matches_reference():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_under_triton_interpreter
 
-    pytest.importorskip("triton")
-    here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "triton"], env=env, cwd=here.parent,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_under_triton_interpreter(__file__, "triton")
     assert "triton check passed" in proc.stdout
 
 
