@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import warp
+from .. import mind_cost_volume, mind_cost_volume_displacements, warp
 
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling weights (cost units per cell^2)
 
@@ -62,8 +62,6 @@ def cost_volume(fixed_features, moving_features, radius: int, outside=None, smoo
     ``outside``: a (d, h, w) bool mask of control points outside the fixed field of view; their cost is
     set to zero for every displacement, so that only the coupling decides their motion.
     """
-    from .. import mind_cost_volume
-
     cost = mind_cost_volume(fixed_features, moving_features, radius, backend=backend)[0]
     if smoothing:
         cost = box3(cost.unsqueeze(0), smoothing)[0]
@@ -74,8 +72,6 @@ def cost_volume(fixed_features, moving_features, radius: int, outside=None, smoo
 
 def coupled_convex(cost: torch.Tensor, radius: int, coupling=COUPLING) -> torch.Tensor:
     """The coupled convex optimisation over a (K, d, h, w) cost volume: a (1, 3, d, h, w) field in cells."""
-    from .. import mind_cost_volume_displacements
-
     k, *shape = cost.shape
     table = mind_cost_volume_displacements(radius, dtype=cost.dtype, device=cost.device)  # (K, 3)
     by_point = cost.reshape(k, -1).T.contiguous()  # (P, K): each point's costs side by side for argmin

@@ -121,7 +121,8 @@ def _levels(settings: FieldSettings) -> list:
     return list(zip(grids, steps))
 
 
-def _check_settings(settings: FieldSettings, shape) -> None:
+def _check_settings(settings: FieldSettings, shape) -> list:
+    """Refuse settings that cannot run on a grid of ``shape``; the Adam levels of :func:`_levels` otherwise."""
     if settings.channels is not None and (isinstance(settings.channels, bool) or not isinstance(settings.channels, int)
                                           or settings.channels < 1):
         raise ValueError(f"FieldSettings: `channels` must be an integer >= 1 or None, got {settings.channels!r}")
@@ -134,7 +135,8 @@ def _check_settings(settings: FieldSettings, shape) -> None:
         value = getattr(settings, name)
         if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
             raise ValueError(f"FieldSettings: `{name}` must be a finite number >= 0, got {value!r}")
-    grids = [("convex_grid", settings.convex_grid)] + [("adam_grid", grid) for grid, _ in _levels(settings)]
+    levels = _levels(settings)
+    grids = [("convex_grid", settings.convex_grid)] + [("adam_grid", grid) for grid, _ in levels]
     if settings.velocity_grid is not None:
         if isinstance(settings.velocity_grid, bool) or not isinstance(settings.velocity_grid, int) \
                 or any(settings.velocity_grid % grid for _, grid in grids[1:]):
@@ -144,6 +146,7 @@ def _check_settings(settings: FieldSettings, shape) -> None:
     for name, grid in grids:
         if any(n % grid for n in shape):
             raise ValueError(f"grid {tuple(shape)} is not divisible by FieldSettings.{name} = {grid}")
+    return levels
 
 
 def _outside(loss_box, factor: int, shape) -> torch.Tensor | None:
@@ -246,8 +249,7 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
         raise ValueError(f"`fixed` and `moving` must both be (1, 1, D, H, W), got {tuple(fixed.shape)} and "
                          f"{tuple(moving.shape)}")
     shape = tuple(fixed.shape[2:])
-    _check_settings(settings, shape)
-    levels = _levels(settings)
+    levels = _check_settings(settings, shape)
     # Every term treats the three axes alike, so the work may run in any axis order; the fused kernels
     # vectorise along the last axis and pay a fixed cost per row, so the longest axis goes last.
     order = tuple(sorted(range(3), key=lambda axis: (shape[axis], axis)))
