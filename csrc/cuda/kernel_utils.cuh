@@ -119,6 +119,39 @@ class WorkspaceCarver {
   uintptr_t begin_, cursor_;
 };
 
+// Deterministic sums of a grid-stride kernel: each block adds its threads' values with block_sum and
+// writes one double partial, then sum_partials_kernel (one block) adds the partials in index order.
+// The block count depends on the item count alone, so the result is the same on every run.
+constexpr int64_t kMaxSumBlocks = 1024;
+
+inline int64_t sum_blocks(int64_t items) {
+  const int64_t cap = kMaxSumBlocks < kMaxBlocks ? kMaxSumBlocks : kMaxBlocks;
+  const int64_t blocks = (items + kBlockThreads - 1) / kBlockThreads;
+  return blocks < 1 ? 1 : (blocks < cap ? blocks : cap);
+}
+
+// The partials of sum_blocks(items) blocks carved from a workspace at `base` (0: only measure it).
+inline double* carve_partials(uintptr_t base, int64_t items, uint64_t* bytes) {
+  WorkspaceCarver carver(base);
+  double* partials = carver.take<double>(static_cast<uint64_t>(sum_blocks(items)));
+  *bytes = carver.bytes();
+  return partials;
+}
+
+namespace {  // one copy of the kernel per translation unit
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    sum_partials_kernel(const double* __restrict__ partials, int64_t count, T* __restrict__ out) {
+  __shared__ double scratch[kBlockThreads];
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) sum += partials[i];
+  sum = block_sum(sum, scratch);
+  if (threadIdx.x == 0) *out = static_cast<T>(sum);
+}
+
+}  // namespace
+
 // Products of sizes that cannot overflow int64 (tensor sizes can't, but these entry points are
 // plain functions: check rather than trust).
 inline bool checked_product(std::initializer_list<int64_t> factors, int64_t* product) {

@@ -17,19 +17,12 @@ namespace gradreg {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxSumBlocks = 1024;
 constexpr int kMaxChannels = 5;
 
 struct LnccShape {
   int64_t N, D, H, W;
   GR_HD int64_t DHW() const { return D * H * W; }
 };
-
-int64_t sum_blocks(int64_t numel) {
-  const int64_t cap = kMaxSumBlocks < kMaxBlocks ? kMaxSumBlocks : kMaxBlocks;
-  const int64_t blocks = (numel + kBlockThreads - 1) / kBlockThreads;
-  return blocks < 1 ? 1 : (blocks < cap ? blocks : cap);
-}
 
 template <typename T>
 struct LnccWorkspace {
@@ -118,16 +111,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    lncc_total_kernel(const double* __restrict__ partials, int64_t count, T* __restrict__ out) {
-  __shared__ double scratch[kBlockThreads];
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) sum += partials[i];
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) *out = static_cast<T>(sum);
-}
-
 // out[(n * count + k) * DHW + p] = coefficient k times the upstream gradient at (n, p).
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -200,7 +183,7 @@ std::string forward(uintptr_t warped, uintptr_t fixed, int64_t fixed_batch_strid
                 count ? reinterpret_cast<T*>(coefficients) : static_cast<T*>(nullptr), count, ws.partials);
   err = launch_error("lncc_forward (per voxel)");
   if (!err.empty()) return err;
-  launch_kernel(lncc_total_kernel<T>, dim3(1), dim3(kBlockThreads), stream, static_cast<const double*>(ws.partials),
+  launch_kernel(sum_partials_kernel<T>, dim3(1), dim3(kBlockThreads), stream, static_cast<const double*>(ws.partials),
                 blocks, reinterpret_cast<T*>(total));
   return launch_error("lncc_forward (total)");
 }

@@ -8,21 +8,6 @@ namespace gradreg {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxPenaltyBlocks = 1024;
-
-int64_t penalty_blocks(int64_t numel) {
-  const int64_t cap = kMaxPenaltyBlocks < kMaxBlocks ? kMaxPenaltyBlocks : kMaxBlocks;
-  const int64_t blocks = (numel + kBlockThreads - 1) / kBlockThreads;
-  return blocks < 1 ? 1 : (blocks < cap ? blocks : cap);
-}
-
-double* carve_partials(uintptr_t base, int64_t numel, uint64_t* bytes) {
-  WorkspaceCarver carver(base);
-  double* partials = carver.take<double>(static_cast<uint64_t>(penalty_blocks(numel)));
-  *bytes = carver.bytes();
-  return partials;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     penalty_partial_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t numel, bool squared,
@@ -38,16 +23,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    penalty_total_kernel(const double* __restrict__ partial_sums, int64_t count, T* __restrict__ out) {
-  __shared__ double scratch[kBlockThreads];
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) sum += partial_sums[i];
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) *out = static_cast<T>(sum);
-}
-
-template <typename T>
 std::string launch(uintptr_t a, uintptr_t b, int64_t numel, bool squared, uintptr_t out, uintptr_t workspace,
                    int64_t workspace_bytes, uintptr_t stream_handle) {
   if (numel < 1) return "penalty_sum: `numel` must be >= 1, got " + std::to_string(numel);
@@ -58,13 +33,13 @@ std::string launch(uintptr_t a, uintptr_t b, int64_t numel, bool squared, uintpt
   if (workspace_bytes < 0 || static_cast<uint64_t>(workspace_bytes) < needed)
     return "penalty_sum: the workspace has " + std::to_string(workspace_bytes) + " bytes, needs " +
            std::to_string(needed) + " (penalty_workspace_bytes)";
-  const int64_t blocks = penalty_blocks(numel);
+  const int64_t blocks = sum_blocks(numel);
   const cudaStream_t stream = as_stream(stream_handle);
   launch_kernel(penalty_partial_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kBlockThreads), stream,
                 reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(b), numel, squared, partials);
   std::string err = launch_error("penalty_sum (partial sums)");
   if (!err.empty()) return err;
-  launch_kernel(penalty_total_kernel<T>, dim3(1), dim3(kBlockThreads), stream, static_cast<const double*>(partials),
+  launch_kernel(sum_partials_kernel<T>, dim3(1), dim3(kBlockThreads), stream, static_cast<const double*>(partials),
                 blocks, reinterpret_cast<T*>(out));
   return launch_error("penalty_sum (total)");
 }

@@ -11,24 +11,10 @@ namespace gradreg {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxSumBlocks = 1024;
 
 struct SqDiffShape {
   int64_t N, C, D, H, W;
 };
-
-int64_t sum_blocks(int64_t voxels) {
-  const int64_t cap = kMaxSumBlocks < kMaxBlocks ? kMaxSumBlocks : kMaxBlocks;
-  const int64_t blocks = (voxels + kBlockThreads - 1) / kBlockThreads;
-  return blocks < 1 ? 1 : (blocks < cap ? blocks : cap);
-}
-
-double* carve_partials(uintptr_t base, int64_t voxels, uint64_t* bytes) {
-  WorkspaceCarver carver(base);
-  double* partials = carver.take<double>(static_cast<uint64_t>(sum_blocks(voxels)));
-  *bytes = carver.bytes();
-  return partials;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -60,16 +46,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    warped_sq_diff_total_kernel(const double* __restrict__ partials, int64_t count, T* __restrict__ out) {
-  __shared__ double scratch[kBlockThreads];
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) sum += partials[i];
-  sum = block_sum(sum, scratch);
-  if (threadIdx.x == 0) *out = static_cast<T>(sum);
-}
-
-template <typename T>
 std::string launch(uintptr_t moving, uintptr_t fixed, uintptr_t flow, uintptr_t weight, uintptr_t grad_flow,
                    uintptr_t total, const SqDiffShape& s, int padding, uintptr_t workspace, int64_t workspace_bytes,
                    uintptr_t stream_handle) {
@@ -94,7 +70,7 @@ std::string launch(uintptr_t moving, uintptr_t fixed, uintptr_t flow, uintptr_t 
                 partials);
   std::string err = launch_error("warped_sq_diff_forward (per voxel)");
   if (!err.empty()) return err;
-  launch_kernel(warped_sq_diff_total_kernel<T>, dim3(1), dim3(kBlockThreads), stream,
+  launch_kernel(sum_partials_kernel<T>, dim3(1), dim3(kBlockThreads), stream,
                 static_cast<const double*>(partials), blocks, reinterpret_cast<T*>(total));
   return launch_error("warped_sq_diff_forward (total)");
 }
