@@ -70,6 +70,65 @@ def test_non_contiguous_inputs(padding_mode, gen):
     _check_against_reference((2, 5, 5, 6, 7), torch.float64, padding_mode, True, gen, noncontiguous=True)
 
 
+# Channels-last inputs take the CPU kernel that reads each corner's channels together (eight partial
+# channel sums): C below, at and above the 8 lanes, with a remainder, odd sizes, axes of size 1, batch > 1.
+LAST_SHAPES = [(2, 24, 5, 7, 9), (1, 11, 4, 1, 6), (3, 8, 3, 4, 1), (1, 2, 1, 5, 7), (2, 17, 6, 3, 5)]
+
+
+def _channels_last(volume):
+    last = volume.contiguous(memory_format=torch.channels_last_3d)
+    assert volume.shape[1] == 1 or not last.is_contiguous()
+    return last
+
+
+@pytest.mark.parametrize("shape", LAST_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_channels_last_matches_reference(shape, dtype, padding_mode, weighted, gen):
+    moving, fixed, flow, weight = _inputs(shape, dtype, gen, weighted=weighted)
+    ref_weight = weight.double() if weight is not None else None
+    ref = lambda m, f, u: reference.warped_sq_diff(m, f, u, ref_weight, padding_mode)  # noqa: E731
+    ref_value, ref_grads = value_and_grads(ref, [t.double() for t in (moving, fixed, flow)])
+    tol = _tolerances(dtype)
+    # Both channels-last; and moving alone (fixed is then read channels-last too).
+    for fixed_in in (_channels_last(fixed), fixed):
+        fused = lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, weight, padding_mode, backend="cpu")  # noqa: E731
+        value, grads = value_and_grads(fused, [_channels_last(moving), fixed_in, flow])
+        torch.testing.assert_close(value.double(), ref_value, **tol)
+        for grad, ref_grad in zip(grads, ref_grads):
+            scale = max(ref_grad.abs().max().item(), 1.0)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=tol["rtol"], atol=tol["atol"] * scale)
+        leaf = flow.detach().requires_grad_()  # the flow alone: the gradient the forward stored
+        (grad_flow,) = torch.autograd.grad(-2.0 * fused(_channels_last(moving), fixed_in, leaf), leaf)
+        torch.testing.assert_close(grad_flow.double(), -2.0 * ref_grads[2], rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(ref_grads[2].abs().max().item(), 1.0))
+
+
+def test_channels_last_agrees_with_channels_first(gen):
+    # The engine's case: 24 channels, a smooth flow of several voxels; float32 differs only by the order
+    # of the channel sum.
+    moving, fixed, _, weight = _inputs((1, 24, 12, 14, 16), torch.float32, gen)
+    flow = torch.nn.functional.interpolate(4 * torch.randn((1, 3, 3, 3, 4), generator=gen), size=(12, 14, 16),
+                                           mode="trilinear").requires_grad_()
+    first = value_and_grads(lambda u: gradreg_fast.warped_sq_diff(moving, fixed, u, weight, backend="cpu"), [flow])
+    last = value_and_grads(lambda u: gradreg_fast.warped_sq_diff(_channels_last(moving), _channels_last(fixed), u,
+                                                                 weight, backend="cpu"), [flow])
+    torch.testing.assert_close(last[0], first[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(last[1][0], first[1][0], rtol=1e-4, atol=1e-4 * first[1][0].abs().max().item())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_channels_last_gradcheck(padding_mode, gen):
+    moving, fixed, flow, weight = _inputs((2, 9, 3, 4, 5), torch.float64, gen, flow_scale=1.5)
+    fn = lambda m, f, u: gradreg_fast.warped_sq_diff(_channels_last(m), f, u, weight, padding_mode,  # noqa: E731
+                                                     backend="cpu")
+    leaves = [t.detach().requires_grad_() for t in (moving, fixed, flow)]
+    assert torch.autograd.gradcheck(fn, leaves)
+    leaves = [t.detach().requires_grad_(i == 2) for i, t in enumerate((moving, fixed, flow))]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_reference_backend_through_the_op(padding_mode, gen):
     _check_against_reference((2, 3, 4, 5, 6), torch.float64, padding_mode, True, gen, backend="reference")
@@ -117,14 +176,17 @@ def test_same_bits_for_every_thread_count(dtype, gen):
     previous = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(value_and_grads(
-                lambda u: gradreg_fast.warped_sq_diff(moving, fixed, u, weight, backend="cpu"), [flow]))
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            m, f = moving.contiguous(memory_format=layout), fixed.contiguous(memory_format=layout)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(value_and_grads(
+                    lambda u: gradreg_fast.warped_sq_diff(m, f, u, weight, backend="cpu"), [flow]))
     finally:
         torch.set_num_threads(previous)
-    (v1, (g1,)), (v2, (g2,)) = results
+    (v1, (g1,)), (v2, (g2,)), (v3, (g3,)), (v4, (g4,)) = results
     assert torch.equal(v1, v2) and torch.equal(g1, g2)
+    assert torch.equal(v3, v4) and torch.equal(g3, g4)
 
 
 @pytest.fixture(params=core.available_isas())
@@ -138,6 +200,7 @@ def isa(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_both_cpu_kernel_copies(isa, dtype, gen):
     _check_against_reference((2, 24, 5, 7, 9), dtype, "border", True, gen)
+    test_channels_last_matches_reference((2, 24, 5, 7, 9), dtype, "border", True, gen)
     _check_against_reference((1, 5, 3, 1, 17), dtype, "zeros", False, gen)
 
 
@@ -328,9 +391,11 @@ if __name__ == "__main__" and sys.argv[1:] == ["triton"]:
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_non_finite_flow_samples_nothing(padding_mode, gen):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_non_finite_flow_samples_nothing(padding_mode, layout, gen):
     # As warp: a non-finite sample point reads 0 and passes no flow gradient; the rest is unchanged.
     moving, fixed, flow, weight = _inputs((1, 4, 3, 5, 6), torch.float64, gen)
+    moving = moving.contiguous(memory_format=layout)
     flow = flow.clone()
     flow[0, 0, 1, 2, 3], flow[0, 1, 2, 4, 0], flow[0, 2, 0, 0, 5] = float("nan"), float("inf"), -float("inf")
     weight = torch.ones_like(weight)

@@ -274,14 +274,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "warped_sq_diff_forward",
       [](const std::string& dtype, uintptr_t moving, uintptr_t fixed, uintptr_t flow, uintptr_t weight,
-         uintptr_t grad_flow, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads) {
+         uintptr_t grad_flow, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, bool interleaved,
+         int threads) {
         if (is_double(dtype))
           return GRADREG_CALL(warped_sq_diff_forward, ptr<const double>(moving), ptr<const double>(fixed),
                               ptr<const double>(flow), ptr<const double>(weight), ptr<double>(grad_flow), N, C, D,
-                              H, W, padding, threads);
+                              H, W, padding, interleaved, threads);
         return GRADREG_CALL(warped_sq_diff_forward, ptr<const float>(moving), ptr<const float>(fixed),
                             ptr<const float>(flow), ptr<const float>(weight), ptr<float>(grad_flow), N, C, D, H, W,
-                            padding, threads);
+                            padding, interleaved, threads);
       },
       nogil);
   m.def(

@@ -76,9 +76,12 @@ void lncc_backward(const T* coefficients, int coefficient_count, const T* grad_m
 
 // warped_sq_diff: returns sum over n, x of weight * sum_c (moving_c(x + flow(x)) - fixed_c(x))^2 (weight
 // null: all ones) and, when grad_flow is not null, writes that term's gradient w.r.t. the flow there.
+// interleaved: moving and fixed are channels-last ((N, D, H, W, C) in memory); flow, weight and grad_flow
+// are channels-first either way.
 template <typename T>
 double warped_sq_diff_forward(const T* moving, const T* fixed, const T* flow, const T* weight, T* grad_flow,
-                              int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads);
+                              int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, bool interleaved,
+                              int threads);
 
 // integrate_velocity: scratch holds one field (forward) or three (backward). checkpoints, when not
 // null, holds the fields u_k for k = interval, 2 interval, ... < steps, written by the forward and

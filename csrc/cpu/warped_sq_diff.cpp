@@ -55,9 +55,32 @@ double row_block(const T* mov, const T* fix, const T* f, const T* wt, T* gf, int
 // are added in row order at the end, so the value has the same bits for every thread count. The flow
 // gradient of a voxel is local (its own sample only), so each row writes its own part of grad_flow:
 // no scratch, no atomics.
+// Interleaved channels (channels-last moving and fixed): voxel by voxel, each sample reads its corners'
+// channels in order, so the row needs no blocking.
+template <typename T>
+double interleaved_row(const T* mov, const T* fix, const T* f, const T* wt, T* gf, int64_t C, int64_t z, int64_t y,
+                       int64_t D, int64_t H, int64_t W, int64_t DHW, Padding pad) {
+  double total = 0.0;
+  for (int64_t x = 0; x < W; ++x) {
+    const T w = wt ? wt[x] : T(1);
+    if (!(w != T(0))) {
+      if (gf) gf[x] = gf[DHW + x] = gf[2 * DHW + x] = T(0);
+      continue;
+    }
+    const LinearAxis<T> az = linear_axis(T(z) + f[x], D, pad);
+    const LinearAxis<T> ay = linear_axis(T(y) + f[DHW + x], H, pad);
+    const LinearAxis<T> ax = linear_axis(T(x) + f[2 * DHW + x], W, pad);
+    const T sum = warped_sq_diff_voxel_interleaved(mov, fix + x * C, C, az, ay, ax, H, W, w, gf ? gf + x : nullptr,
+                                                   DHW);
+    total += static_cast<double>(w * sum);
+  }
+  return total;
+}
+
 template <typename T>
 double warped_sq_diff_forward(const T* moving, const T* fixed, const T* flow, const T* weight, T* grad_flow,
-                              int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, int threads) {
+                              int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int padding, bool interleaved,
+                              int threads) {
   const int64_t HW = H * W, DHW = D * HW;
   const Padding pad = static_cast<Padding>(padding);
   std::vector<double> row_sums(checked_count({N, D, H}));  // before the parallel region: may throw
@@ -72,6 +95,10 @@ double warped_sq_diff_forward(const T* moving, const T* fixed, const T* flow, co
     const T* fix = fixed + n * C * DHW + offset;
     T* gf = grad_flow ? grad_flow + n * 3 * DHW + offset : nullptr;
     double sum = 0.0;
+    if (interleaved) {
+      row_sums[row] = interleaved_row(mov, fixed + n * C * DHW + offset * C, f, wt, gf, C, z, y, D, H, W, DHW, pad);
+      continue;
+    }
     for (int64_t x0 = 0; x0 < W; x0 += kLaneBlock) {
       const int64_t count = std::min(kLaneBlock, W - x0);
       sum += gf ? row_block<true>(mov, fix, f, wt, gf, C, z, y, x0, count, D, H, W, DHW, pad)
@@ -86,7 +113,7 @@ double warped_sq_diff_forward(const T* moving, const T* fixed, const T* flow, co
 
 #define GRADREG_INSTANTIATE(T)                                                                                    \
   template double warped_sq_diff_forward<T>(const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, \
-                                            int64_t, int64_t, int, int);
+                                            int64_t, int64_t, int, bool, int);
 GRADREG_INSTANTIATE(float)
 GRADREG_INSTANTIATE(double)
 #undef GRADREG_INSTANTIATE

@@ -21,21 +21,31 @@ def _check_weight_values(weight):
         raise ValueError(f"{OP}: `weight` must be non-negative (and not NaN) everywhere")
 
 
+def _channels_last(volume: torch.Tensor) -> bool:
+    """Whether ``volume`` is laid out channels-last (torch.channels_last_3d) and not also channels-first."""
+    return volume.is_contiguous(memory_format=torch.channels_last_3d) and not volume.is_contiguous()
+
+
 def _launch_forward(moving, fixed, flow, weight, padding_mode, need_flow, backend):
     _check_weight_values(weight)
     if backend == "reference":
         # The reference backward recomputes everything: no flow gradient stored.
         return reference.warped_sq_diff(moving, fixed, flow, weight, padding_mode), flow.new_empty(0)
-    moving, fixed, flow = moving.contiguous(), fixed.contiguous(), flow.contiguous()
+    # A channels-last moving image keeps each corner's channels side by side: the CPU kernel then reads
+    # them in order, with one set of corner weights for all channels (several times faster at C >= 8).
+    interleaved = backend == "cpu" and moving.shape[1] > 1 and _channels_last(moving)
+    layout = torch.channels_last_3d if interleaved else torch.contiguous_format
+    moving, fixed = moving.contiguous(memory_format=layout), fixed.contiguous(memory_format=layout)
+    flow = flow.contiguous()
     weight = weight.contiguous() if weight is not None else None
     padding = _PADDINGS.index(padding_mode)
-    grad_flow = torch.empty_like(flow) if need_flow else flow.new_empty(0)
+    grad_flow = torch.empty_like(flow, memory_format=torch.contiguous_format) if need_flow else flow.new_empty(0)
     ptr = lambda t: t.data_ptr() if t is not None and t.numel() else 0  # noqa: E731
     n, ch, d, h, w = moving.shape
     if backend == "cpu":
         total = c.cpu_core().warped_sq_diff_forward(
             c.dtype_name(moving), moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), ptr(weight), ptr(grad_flow),
-            n, ch, d, h, w, padding, c.threads(moving.numel() + flow.numel()))
+            n, ch, d, h, w, padding, interleaved, c.threads(moving.numel() + flow.numel()))
         return torch.tensor(total, dtype=moving.dtype), grad_flow
     if backend == "triton":
         from ..triton_kernels import warped_sq_diff as kernel
@@ -144,6 +154,9 @@ def warped_sq_diff(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor
 
     Args:
         moving: (N, C, D, H, W), float32 or float64 (float16/bfloat16 computed in float32); any strides.
+            On the CPU, ``moving`` in ``torch.channels_last_3d`` (``fixed`` is then read that way too) takes
+            a kernel that reads each corner's channels together: several times faster for many channels
+            (the engine's descriptors); the value differs only by the rounding of the channel sum order.
             Its gradient (a scatter) goes through warp's backward kernels.
         fixed: same shape, dtype and device as ``moving``. Its gradient is ``-2 w diff``.
         flow: (N, 3, D, H, W) displacement in voxels, same dtype and device.

@@ -88,4 +88,75 @@ GR_HD T warped_sq_diff_voxel(const T* moving, const T* fixed_at_voxel, int64_t C
   return sum;
 }
 
+// Channels interleaved (channels-last: channel c of voxel v at v * C + c; fixed_at_voxel likewise at c).
+// A voxel's eight corners then hold all their channels in eight contiguous runs, so one set of corner
+// weights serves every channel and the channel loop reads memory in order (it vectorises on the CPU).
+// Each channel's value and slopes are the nested lerps of trilinear_value_and_slope; the channel sums are
+// kept in kInterleavedLanes partial sums (channel c in lane c % kInterleavedLanes) added at the end, so
+// the result equals warped_sq_diff_voxel's up to the rounding of that summation order.
+constexpr int kInterleavedLanes = 8;
+
+template <typename T>
+GR_HD void interleaved_channel(const T* p, int64_t sx, int64_t sy, int64_t sz, T fx, T fy, T fz, T fixed_value,
+                               T& sum, T& g_z, T& g_y, T& g_x) {
+  const T c0 = p[0], c1 = p[sx], c2 = p[sy], c3 = p[sy + sx];
+  const T c4 = p[sz], c5 = p[sz + sx], c6 = p[sz + sy], c7 = p[sz + sy + sx];
+  const T e00 = lerp(c0, c1, fx), e01 = lerp(c2, c3, fx);
+  const T e10 = lerp(c4, c5, fx), e11 = lerp(c6, c7, fx);
+  const T near_z = lerp(e00, e01, fy), far_z = lerp(e10, e11, fy);
+  const T d = lerp(near_z, far_z, fz) - fixed_value;
+  sum += d * d;
+  g_z += d * (far_z - near_z);
+  g_y += d * lerp(e01 - e00, e11 - e10, fz);
+  g_x += d * lerp(lerp(c1 - c0, c3 - c2, fy), lerp(c5 - c4, c7 - c6, fy), fz);
+}
+
+// One voxel of interleaved channels: returns sum_c (moving_c(x + u) - fixed_c(x))^2 and, when grad is not
+// null, writes its flow gradient as warped_sq_diff_voxel does.
+template <typename T>
+GR_HD T warped_sq_diff_voxel_interleaved(const T* moving, const T* fixed_at_voxel, int64_t C,
+                                         const LinearAxis<T>& az, const LinearAxis<T>& ay, const LinearAxis<T>& ax,
+                                         int64_t H, int64_t W, T weight, T* grad, int64_t plane_stride) {
+  T sum[kInterleavedLanes], gz[kInterleavedLanes], gy[kInterleavedLanes], gx[kInterleavedLanes];
+  for (int l = 0; l < kInterleavedLanes; ++l) sum[l] = gz[l] = gy[l] = gx[l] = T(0);
+  if (all_corners_inside(az, ay, ax)) {
+    const T* p = moving + ((az.lo * H + ay.lo) * W + ax.lo) * C;
+    const int64_t sx = C, sy = W * C, sz = H * W * C;
+    int64_t c0 = 0;
+    for (; c0 + kInterleavedLanes <= C; c0 += kInterleavedLanes)
+      for (int l = 0; l < kInterleavedLanes; ++l)
+        interleaved_channel(p + c0 + l, sx, sy, sz, ax.frac, ay.frac, az.frac, fixed_at_voxel[c0 + l], sum[l], gz[l],
+                            gy[l], gx[l]);
+    for (int l = 0; c0 + l < C; ++l)
+      interleaved_channel(p + c0 + l, sx, sy, sz, ax.frac, ay.frac, az.frac, fixed_at_voxel[c0 + l], sum[l], gz[l],
+                          gy[l], gx[l]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      T v = T(0), dz = T(0), dy = T(0), dx = T(0);
+      for_each_corner(az, ay, ax, H, W, [&](int64_t idx, T w, T wdz, T wdy, T wdx) {
+        const T m = moving[idx * C + c];
+        v += w * m;
+        dz += wdz * m;
+        dy += wdy * m;
+        dx += wdx * m;
+      });
+      const T d = v - fixed_at_voxel[c];
+      const int l = static_cast<int>(c % kInterleavedLanes);
+      sum[l] += d * d;
+      gz[l] += d * dz;
+      gy[l] += d * dy;
+      gx[l] += d * dx;
+    }
+  }
+  T total = T(0), g_z = T(0), g_y = T(0), g_x = T(0);
+  for (int l = 0; l < kInterleavedLanes; ++l) {
+    total += sum[l];
+    g_z += gz[l];
+    g_y += gy[l];
+    g_x += gx[l];
+  }
+  if (grad != nullptr) warped_sq_diff_flow_grad(weight, g_z, g_y, g_x, az, ay, ax, grad, plane_stride);
+  return total;
+}
+
 }  // namespace gradreg
