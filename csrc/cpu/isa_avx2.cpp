@@ -26,6 +26,7 @@
 
 namespace gradreg_avx2 {
 #include "cost_volume.cpp"
+#include "coupled_argmin.cpp"
 #include "gradient_magnitude.cpp"
 #include "mind.cpp"
 #include "warp.cpp"

@@ -286,6 +286,18 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "coupled_argmin",
+      [](const std::string& dtype, uintptr_t cost, uintptr_t field, double coupling, uintptr_t index, int64_t N,
+         int64_t D, int64_t H, int64_t W, int radius, bool mirrored, int threads) {
+        if (is_double(dtype))
+          GRADREG_CALL(coupled_argmin, ptr<const double>(cost), ptr<const double>(field), coupling,
+                       ptr<int64_t>(index), N, D, H, W, radius, mirrored, threads);
+        else
+          GRADREG_CALL(coupled_argmin, ptr<const float>(cost), ptr<const float>(field), static_cast<float>(coupling),
+                       ptr<int64_t>(index), N, D, H, W, radius, mirrored, threads);
+      },
+      nogil);
+  m.def(
       "integrate_forward",
       [](const std::string& dtype, uintptr_t velocity, uintptr_t out, uintptr_t scratch, uintptr_t checkpoints,
          int interval, int64_t N, int64_t D, int64_t H, int64_t W, int steps, int padding, int threads) {

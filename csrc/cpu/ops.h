@@ -74,6 +74,12 @@ void lncc_backward(const T* coefficients, int coefficient_count, const T* grad_m
                    const T* warped, const T* fixed, int64_t fixed_batch_stride, T* grad_warped, T* grad_fixed,
                    int64_t N, int64_t D, int64_t H, int64_t W, int window, int threads);
 
+// coupled_argmin (gradreg/coupled_argmin.h): cost (N, (2r+1)^3, D, H, W), field (N, 3, D, H, W), index
+// (N, D, H, W).
+template <typename T>
+void coupled_argmin(const T* cost, const T* field, T coupling, int64_t* index, int64_t N, int64_t D, int64_t H,
+                    int64_t W, int radius, bool mirrored, int threads);
+
 // warped_sq_diff: returns sum over n, x of weight * sum_c (moving_c(x + flow(x)) - fixed_c(x))^2 (weight
 // null: all ones) and, when grad_flow is not null, writes that term's gradient w.r.t. the flow there.
 // interleaved: moving and fixed are channels-last ((N, D, H, W, C) in memory); flow, weight and grad_flow

@@ -1,4 +1,5 @@
 from .cost_volume import mind_cost_volume, mind_cost_volume_displacements
+from .coupled_argmin import coupled_argmin
 from .gradient_magnitude import gradient_magnitude
 from .integrate import compose, integrate_velocity
 from .lncc import LNCCLoss, lncc_loss
@@ -8,4 +9,5 @@ from .warp import warp
 from .warped_sq_diff import warped_sq_diff
 
 __all__ = ["gradient_magnitude", "warp", "mind", "mind_ssc", "mind_loss", "MINDLoss", "mind_cost_volume",
-           "mind_cost_volume_displacements", "lncc_loss", "LNCCLoss", "integrate_velocity", "compose", "warped_sq_diff"]
+           "mind_cost_volume_displacements", "lncc_loss", "LNCCLoss", "integrate_velocity", "compose", "warped_sq_diff",
+           "coupled_argmin"]

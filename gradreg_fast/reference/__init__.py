@@ -7,6 +7,7 @@ torch operations, so autograd gives their backward.
 """
 
 from .cost_volume import mind_cost_volume
+from .coupled_argmin import coupled_argmin
 from .cost_volume import mind_cost_volume_displacements
 from .gradient_magnitude import gradient_magnitude
 from .integrate import compose, integrate_velocity, integrate_velocity_grid_sample
@@ -19,4 +20,4 @@ from .mind_loss import mind_loss
 
 __all__ = ["lncc_loss", "lncc_map", "integrate_velocity", "integrate_velocity_grid_sample", "compose",
            "gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source",
-           "mind_cost_volume", "mind_cost_volume_displacements", "warped_sq_diff"]
+           "mind_cost_volume", "mind_cost_volume_displacements", "warped_sq_diff", "coupled_argmin"]
