@@ -1,16 +1,30 @@
 """coupled_argmin: the fused search step of the coupled convex optimisation, against the reference (all
 coupled costs materialised, then argmin) on fresh random inputs: odd sizes, axes of size 1, batch > 1,
 non-contiguous inputs, radii 0 to 2, plain and mirrored; the mirrored search against a cost volume computed
-the other way round; ties, NaN, bad input, both CPU kernel copies, torch.compile and opcheck."""
+the other way round; ties, NaN, bad input, both CPU kernel copies, torch.compile and opcheck.
 
-import importlib
+* CUDA source compiled for the CPU against csrc/cuda/emulation.cuh (grids capped at 3 blocks, so the
+  grid-stride loop strides), at the core level with poisoned outputs, and its argument errors.
+* Triton kernel under TRITON_INTERPRET=1 in a subprocess (the interpreter must be chosen before triton is
+  imported).
+* On a GPU (skipped without one): the real CUDA core, and the CUDA and compiled Triton backends.
+"""
 
-import pytest
-import torch
-from conftest import make_volume
+if __name__ == "__main__":  # the Triton check subprocess: the interpreter must be on before triton is imported
+    import os
 
-import gradreg_fast
-from gradreg_fast import reference
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import build_emulated_cuda, make_volume, requires_cuda, run_under_triton_interpreter  # noqa: E402
+
+import gradreg_fast  # noqa: E402
+from gradreg_fast import reference  # noqa: E402
 
 # (shape of the cost volume's points (N, D, H, W), radius)
 CASES = [((2, 5, 6, 7), 1), ((1, 1, 8, 5), 2), ((1, 4, 1, 9), 1), ((3, 3, 4, 1), 0), ((1, 7, 5, 11), 2),
@@ -174,3 +188,210 @@ def test_opcheck(gen):
     for mirrored in (False, True):
         results = torch.library.opcheck(torch.ops.gradreg.coupled_argmin.default, (cost, field, 0.3, mirrored, "cpu"))
         assert all(result == "SUCCESS" for result in results.values()), results
+
+
+# ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)
+
+# (points (N, D, H, W), radius): odd sizes, size-1 axes, batch > 1; 2 x 7 x 9 x 13 points are more than the
+# emulator's 3 blocks of 256 threads, so threads stride.
+CORE_CASES = CASES + [((2, 7, 9, 13), 2), ((1, 3, 5, 2), 4)]
+
+
+def _with_special_values(cost, field, gen):
+    """cost with NaN at random places, a point whose costs are all NaN, a point whose costs are all +inf and
+    one displacement at -inf somewhere, and field with a NaN and an inf component at two points: the cases
+    where the order of the comparisons matters."""
+    field = field.clone()
+    for position, value in zip(torch.randperm(field.numel(), generator=gen)[:2].tolist(), (float("nan"), float("inf"))):
+        field.view(-1)[position] = value
+    cost = cost.clone()
+    cost[torch.rand(cost.shape, generator=gen) < 0.2] = float("nan")
+    points = cost[:, 0].numel()
+    first, second, third = torch.randperm(points, generator=gen)[:3].tolist()
+    flat = cost.movedim(1, -1).reshape(points, -1)  # a copy: written back below
+    flat[first] = float("nan")
+    flat[second] = float("inf")
+    flat[third, flat.shape[1] // 2] = -float("inf")
+    return flat.reshape(*cost.shape[:1], *cost.shape[2:], cost.shape[1]).movedim(-1, 1).contiguous(), field
+
+
+def _check_core(module, device, points, radius, dtype, gen, special=False):
+    """The core's entry point against the reference (computed on the CPU), index poisoned (-1) before
+    each call."""
+    n, d, h, w = points
+    cost, field = _inputs(points, radius, dtype, gen)
+    if special:
+        cost, field = _with_special_values(cost, field, gen)
+    stream = torch.cuda.current_stream(device).cuda_stream if torch.device(device).type == "cuda" else 0
+    cost_d, field_d = cost.to(device), field.to(device)
+    for mirrored in (False, True):
+        for coupling in COUPLINGS:
+            index = torch.full(points, -1, dtype=torch.int64, device=device)
+            err = module.coupled_argmin_forward(dtype == torch.float64, cost_d.data_ptr(), field_d.data_ptr(),
+                                                coupling, index.data_ptr(), n, d, h, w, radius, mirrored, stream)
+            assert err == "", err
+            expected = reference.coupled_argmin(cost, field, coupling, mirrored)
+            got = index.cpu()
+            assert torch.equal(got, expected), (points, radius, mirrored, coupling, (got != expected).sum().item())
+
+
+def _check_core_bad_arguments(module, device):
+    cost = torch.rand(1, 27, 3, 4, 5, device=device)
+    field = torch.rand(1, 3, 3, 4, 5, device=device)
+    index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64, device=device)
+    c, f, i = cost.data_ptr(), field.data_ptr(), index.data_ptr()
+
+    def call(cost=c, field=f, coupling=0.5, index=i, n=1, d=3, h=4, w=5, radius=1):
+        return module.coupled_argmin_forward(False, cost, field, coupling, index, n, d, h, w, radius, False, 0)
+
+    assert call() == ""
+    assert "`radius` must be in [0, 32], got 33" in call(radius=33)
+    assert "`radius` must be in [0, 32], got -1" in call(radius=-1)
+    assert "sizes must be >= 1" in call(d=0)
+    assert "sizes must be >= 1" in call(n=-2)
+    assert "sizes must be >= 1" in call(n=2**40, d=2**20)  # the cost volume's size overflows int64
+    assert "sizes must be >= 1" in call(n=2**62, d=1, h=1, w=1, radius=0)  # only the field's size overflows
+    assert "`coupling` must be finite and >= 0" in call(coupling=-0.5)
+    assert "`coupling` must be finite and >= 0" in call(coupling=float("nan"))
+    assert "`coupling` must be finite and >= 0" in call(coupling=float("inf"))
+    for pointers in ({"cost": 0}, {"field": 0}, {"index": 0}):
+        assert "must be device pointers" in call(**pointers)
+    assert (index >= 0).all() and (index < 27).all()  # the valid call wrote every point
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_emulated_cuda(tmp_path_factory, "coupled_argmin.cu", ("coupled_argmin_forward",),
+                               "_coupled_argmin_emulated")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_matches_reference(emulated, dtype, gen):
+    for points, radius in CORE_CASES:
+        _check_core(emulated, "cpu", points, radius, dtype, gen)
+    _check_core(emulated, "cpu", (2, 5, 6, 7), 1, dtype, gen, special=True)
+
+
+@pytest.mark.slow
+def test_emulated_cuda_largest_radius(emulated, gen):
+    # r = 32: the displacement loops' bounds at their limit (K = 274625); not mirrored, where the reference
+    # would loop over every displacement in Python.
+    cost, field = _inputs((1, 1, 2, 3), 32, torch.float32, gen, field_scale=20.0)
+    index = torch.full((1, 1, 2, 3), -1, dtype=torch.int64)
+    for coupling in (0.0, 0.01):
+        assert emulated.coupled_argmin_forward(False, cost.data_ptr(), field.data_ptr(), coupling, index.data_ptr(),
+                                               1, 1, 2, 3, 32, False, 0) == ""
+        assert torch.equal(index, reference.coupled_argmin(cost, field, coupling))
+
+
+@pytest.mark.slow
+def test_emulated_cuda_ties_go_to_the_lowest_displacement(emulated):
+    cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64)
+    zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64)
+    index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64)
+    for mirrored in (False, True):
+        for coupling, expected in ((0.0, 0), (0.5, 13)):
+            assert emulated.coupled_argmin_forward(True, cost.data_ptr(), zero.data_ptr(), coupling, index.data_ptr(),
+                                                   1, 3, 4, 5, 1, mirrored, 0) == ""
+            assert (index == expected).all()
+
+
+@pytest.mark.slow
+def test_emulated_cuda_bad_arguments(emulated):
+    _check_core_bad_arguments(emulated, "cpu")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_core(dtype, gen):
+    module = gradreg_fast._backend.cuda_core()
+    assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
+    assert hasattr(module, "coupled_argmin_forward"), "gradreg_fast._cuda predates coupled_argmin: rebuild it"
+    for points, radius in CORE_CASES + [((2, 17, 20, 23), 2)]:
+        _check_core(module, "cuda", points, radius, dtype, gen)
+    _check_core(module, "cuda", (2, 5, 6, 7), 1, dtype, gen, special=True)
+    _check_core_bad_arguments(module, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("points, radius", CASES)
+def test_gpu_matches_reference(backend, points, radius, dtype, gen):
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    _check_op("cuda", backend, points, radius, dtype, dtype == torch.float64, gen)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_triton_compiled_on_cuda():
+    pytest.importorskip("triton")
+    triton_checks("cuda")
+
+
+# ---------------------------------------------------------------- through the op (Triton interpreter, or a GPU)
+
+
+def _check_op(device, backend, points, radius, dtype, noncontiguous, gen, couplings=COUPLINGS):
+    """The op on `device` with `backend` against the reference computed on the CPU (whose rounding the
+    CPU tests pin down), for both searches and every coupling."""
+    cost, field = _inputs(points, radius, dtype, gen, noncontiguous)
+    for mirrored in (False, True):
+        for coupling in couplings:
+            index = gradreg_fast.coupled_argmin(cost.to(device), field.to(device), coupling, mirrored,
+                                                backend=backend)
+            expected = reference.coupled_argmin(cost, field, coupling, mirrored)
+            assert index.dtype == torch.int64 and index.shape == points and index.device.type == device
+            got = index.cpu()
+            assert torch.equal(got, expected), (backend, points, radius, mirrored, coupling,
+                                                (got != expected).sum().item())
+
+
+# (points, radius, dtype): the interpreter is slow, so tiny volumes and one dtype per case (float64 cases
+# non-contiguous).
+TRITON_CASES = [((2, 3, 4, 5), 1, torch.float64), ((1, 1, 3, 1), 2, torch.float32), ((3, 2, 1, 4), 0, torch.float32),
+                ((1, 3, 2, 5), 2, torch.float64), ((2, 1, 1, 1), 1, torch.float32)]
+
+
+def triton_checks(device):
+    """Run in a subprocess on the CPU (see the module docstring), or in the pytest process on a GPU; raises
+    on the first mismatch."""
+    gen = torch.Generator().manual_seed(20261130)
+    for points, radius, dtype in TRITON_CASES:
+        _check_op(device, "triton", points, radius, dtype, dtype == torch.float64, gen)
+    cost, field = _inputs((2, 3, 4, 5), 1, torch.float64, gen)
+    cost, field = _with_special_values(cost, field, gen)
+    for mirrored in (False, True):
+        index = gradreg_fast.coupled_argmin(cost.to(device), field.to(device), 0.3, mirrored, backend="triton")
+        assert torch.equal(index.cpu(), reference.coupled_argmin(cost, field, 0.3, mirrored))
+    flat = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64, device=device)
+    zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64, device=device)
+    for mirrored in (False, True):
+        assert (gradreg_fast.coupled_argmin(flat, zero, 0.0, mirrored, backend="triton") == 0).all()
+        assert (gradreg_fast.coupled_argmin(flat, zero, 0.5, mirrored, backend="triton") == 13).all()
+    half_cost, half_field = (t.to(torch.float16) for t in _inputs((1, 2, 3, 4), 1, torch.float32, gen))
+    index = gradreg_fast.coupled_argmin(half_cost.to(device), half_field.to(device), 0.2, backend="triton")
+    assert torch.equal(index.cpu(), reference.coupled_argmin(half_cost.float(), half_field.float(), 0.2))
+    # A float64 coupling reaches the kernel unrounded: with c = 1 + 2^-40, displacement 13 (d = 0, cost c)
+    # ties with displacement 14 (|d - u|^2 = 1, cost 0) and wins as the lower k; a coupling rounded to
+    # float32 (1.0) would make 14 cheaper.
+    coupling = 1.0 + 2.0 ** -40
+    cost = torch.full((1, 27, 1, 1, 1), 100.0, dtype=torch.float64)
+    cost[0, 13], cost[0, 14] = coupling, 0.0
+    field = torch.zeros((1, 3, 1, 1, 1), dtype=torch.float64)
+    index = gradreg_fast.coupled_argmin(cost.to(device), field.to(device), coupling, backend="triton")
+    assert index.item() == reference.coupled_argmin(cost, field, coupling).item() == 13
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_interpreter_on_cpu():
+    run_under_triton_interpreter(__file__, "cpu")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny tensors: no OpenMP team per small torch op
+    triton_checks(sys.argv[1])

@@ -62,6 +62,12 @@ std::string cost_volume_backward(bool is_double, uintptr_t grad_out, uintptr_t f
                                  uintptr_t grad_fixed, uintptr_t grad_moving, int64_t N, int64_t C, int64_t D,
                                  int64_t H, int64_t W, int radius, int spacing, int grid, uintptr_t stream);
 
+// coupled_argmin (gradreg/coupled_argmin.h): cost (N, (2r+1)^3, D, H, W) and field (N, 3, D, H, W) of the
+// compute dtype, index (N, D, H, W) int64. coupling: finite, >= 0. No workspace.
+std::string coupled_argmin_forward(bool is_double, uintptr_t cost, uintptr_t field, double coupling, uintptr_t index,
+                                   int64_t N, int64_t D, int64_t H, int64_t W, int radius, bool mirrored,
+                                   uintptr_t stream);
+
 // lncc_loss. coefficient_count: 0, 3 or 5 (LnccCoefficient order); total: a device pointer to one
 // scalar of the compute dtype, the sum of -cc; loss_map (optional): -cc per voxel. grad: one scalar, or
 // (grad_is_map) one value per voxel. fixed_batch_stride: 0 for one fixed image against the batch.

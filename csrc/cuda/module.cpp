@@ -47,6 +47,8 @@ PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
   m.def("cost_volume_backward", &gc::cost_volume_backward, "is_double"_a, "grad_out"_a, "fixed"_a, "moving"_a,
         "grad_fixed"_a, "grad_moving"_a, "N"_a, "C"_a, "D"_a, "H"_a, "W"_a, "radius"_a, "spacing"_a, "grid"_a,
         "stream"_a, nogil);
+  m.def("coupled_argmin_forward", &gc::coupled_argmin_forward, "is_double"_a, "cost"_a, "field"_a, "coupling"_a,
+        "index"_a, "N"_a, "D"_a, "H"_a, "W"_a, "radius"_a, "mirrored"_a, "stream"_a, nogil);
   m.def("lncc_forward", &gc::lncc_forward, "is_double"_a, "warped"_a, "fixed"_a, "fixed_batch_stride"_a,
         "loss_map"_a, "coefficients"_a, "coefficient_count"_a, "total"_a, "N"_a, "D"_a, "H"_a, "W"_a, "window"_a,
         "eps"_a, "smooth_nr"_a, "monai"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);

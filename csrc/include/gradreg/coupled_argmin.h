@@ -13,10 +13,25 @@
 
 namespace gradreg {
 
+#if defined(__CUDA_ARCH__)
+// On the GPU, products and sums rounded one by one, as the reference rounds them: nvcc contracts
+// a * b + c into an FMA by default, and its single rounding can reorder two near-equal coupled costs, so
+// the CUDA kernel would pick another displacement than the reference.
+__device__ __forceinline__ float coupled_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double coupled_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float coupled_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double coupled_add(double a, double b) { return __dadd_rn(a, b); }
+#endif
+
 template <typename T>
 GR_HD T coupled_cost(T cost, T coupling, T dz, T dy, T dx, T uz, T uy, T ux) {
   const T ez = dz - uz, ey = dy - uy, ex = dx - ux;
+#if defined(__CUDA_ARCH__)
+  const T distance = coupled_add(coupled_add(coupled_mul(ez, ez), coupled_mul(ey, ey)), coupled_mul(ex, ex));
+  return coupled_add(cost, coupled_mul(coupling, distance));
+#else
   return cost + coupling * (ez * ez + ey * ey + ex * ex);
+#endif
 }
 
 // Whether `value` replaces the best so far (strictly below: ties keep the lower k; NaN compares false).
