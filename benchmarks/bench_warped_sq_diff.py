@@ -9,6 +9,8 @@ engine's size (1 x 24 x 16 x 48 x 64, MIND descriptors at the refinement resolut
 
 * fused: ``gradreg_fast.warped_sq_diff(moving, fixed, flow, weight)`` (CPU core): one pass, no warped
   image, the backward scales the stored flow gradient.
+* fused, channels-last: the same call with ``moving`` and ``fixed`` in ``torch.channels_last_3d`` (the
+  engine's layout: the kernel samples all channels of a corner together).
 * unfused: ``gradreg_fast.warp(moving, flow, padding_mode="border")`` (CPU core), then
   ``(weight * (warped - fixed).square().sum(1, keepdim=True)).sum()`` and autograd (warp's CPU backward).
 
@@ -92,16 +94,22 @@ def main():
         (v1, g1), (v2, g2) = fused(*inputs), unfused(*inputs)
         torch.testing.assert_close(v1, v2, rtol=1e-4, atol=0)
         torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4 * g2.abs().max().item())
+        last = tuple(t.contiguous(memory_format=torch.channels_last_3d) for t in inputs[:2]) + inputs[2:]
+        v3, g3 = fused(*last)
+        torch.testing.assert_close(v3, v1, rtol=1e-5, atol=0)
+        torch.testing.assert_close(g3, g1, rtol=1e-4, atol=1e-4 * g1.abs().max().item())
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             with torch.no_grad():
-                fwd = [timings_ms(f, inputs, args.repeats) for f in (fused_forward, unfused_forward)]
-            both = [timings_ms(f, inputs, args.repeats) for f in (fused, unfused)]
+                fwd = [timings_ms(f, x, args.repeats) for f, x in
+                       ((fused_forward, inputs), (unfused_forward, inputs), (fused_forward, last))]
+            both = [timings_ms(f, x, args.repeats) for f, x in ((fused, inputs), (unfused, inputs), (fused, last))]
             label = "x".join(map(str, shape))
-            print(f"{label:>14} t={threads}  fwd+bwd: fused {both[0][0]:7.2f} ({both[0][1]:7.2f})  unfused "
-                  f"{both[1][0]:7.2f} ({both[1][1]:7.2f})  x{both[1][1] / both[0][1]:.2f}   fwd: fused "
-                  f"{fwd[0][0]:7.2f} ({fwd[0][1]:7.2f})  unfused {fwd[1][0]:7.2f} ({fwd[1][1]:7.2f})  "
-                  f"x{fwd[1][1] / fwd[0][1]:.2f}")
+            print(f"{label:>14} t={threads}  fwd+bwd: fused {both[0][0]:7.2f} ({both[0][1]:7.2f})  channels-last "
+                  f"{both[2][0]:7.2f} ({both[2][1]:7.2f})  unfused {both[1][0]:7.2f} ({both[1][1]:7.2f})  "
+                  f"x{both[1][1] / both[0][1]:.2f} / x{both[1][1] / both[2][1]:.2f}   fwd: fused "
+                  f"{fwd[0][0]:7.2f} ({fwd[0][1]:7.2f})  channels-last {fwd[2][0]:7.2f} ({fwd[2][1]:7.2f})  unfused "
+                  f"{fwd[1][0]:7.2f} ({fwd[1][1]:7.2f})  x{fwd[1][1] / fwd[0][1]:.2f} / x{fwd[1][1] / fwd[2][1]:.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

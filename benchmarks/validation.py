@@ -257,7 +257,8 @@ def summarize(rows: dict) -> str:
 
 
 def settings_with(overrides: dict):
-    """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``)
+    """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``,
+    ``affine_objective``)
     overridden."""
     from gradreg_fast.register import Settings
 
@@ -267,6 +268,8 @@ def settings_with(overrides: dict):
             settings.affine_model = value
         elif key == "affine_iterations":
             settings.affine_iterations = tuple(value)
+        elif key == "affine_objective":
+            settings.affine_objective = value
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)
     return settings

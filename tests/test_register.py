@@ -77,14 +77,16 @@ def test_field_registration_in_a_reordered_axis_layout():
     torch.testing.assert_close(optimize_field(fixed, moving, short).flow, by_hand, rtol=0, atol=1e-4)
 
 
-def test_affine_registration_recovers_a_known_affine():
+@pytest.mark.parametrize("objective", ["descriptors", "mind"])
+def test_affine_registration_recovers_a_known_affine(objective):
     shape, spacing = (32, 32, 32), np.array([2.0, 2.0, 3.0])
     fixed = torch.from_numpy(smooth_texture(shape, 3.0, seed=4)).float()[None, None]
     matrix = torch.tensor([[1.06, 0.02, 0.0], [0.0, 0.95, 0.03], [0.0, 0.0, 1.04]])
     shift = torch.tensor([4.0, -3.0, 5.0])  # mm
     moving = g.warp(fixed, affine_flow(matrix, shift, shape, spacing), padding_mode="border")
     inner = (slice(4, 28),) * 3  # the moving image's border repeats edge values: leave it out of the loss
-    result = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(80, 40), lr_shift=1.0, loss_box=inner)
+    result = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(80, 40), lr_shift=1.0, loss_box=inner,
+                             objective=objective)
     inverse = torch.linalg.inv(matrix)
     expected = affine_flow(inverse, -inverse @ shift, shape, spacing)
     found = result.voxel_flow(shape, spacing)
@@ -93,6 +95,12 @@ def test_affine_registration_recovers_a_known_affine():
     assert error_after < 0.1 * error_before, (float(error_before), float(error_after))
     assert np.allclose(result.matrix, inverse.numpy(), atol=0.02)
     assert np.allclose(result.shift, (-inverse @ shift).numpy(), atol=0.3)
+
+
+def test_affine_refuses_an_unknown_objective():
+    fixed = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="objective"):
+        optimize_affine(fixed, fixed.clone(), np.ones(3), levels=(1,), iterations=(1,), objective="ssd")
 
 
 def test_affine_world_transform_matches_the_voxel_flow():
@@ -193,8 +201,7 @@ def synthetic_pair(tmp_path_factory):
 
 def test_pipeline_registers_and_writes_consistent_outputs(synthetic_pair, tmp_path):
     files = synthetic_pair
-    settings = Settings(affine_iterations=(10, 10))
-    settings.field.iterations = (40,)
+    settings = Settings()  # the defaults, as `gradreg register` runs them
     result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], settings,
                       label_names={1: "a", 2: "b"}, device="cpu", progress=False)
     stages = result.metrics["stages"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import mind_loss, mind_ssc, warp
+from .. import mind_loss, mind_ssc, warp, warped_sq_diff
 from ..body import BODY_THRESHOLD, axial_axis, body_mask, mask_moments, moments_init  # noqa: F401 (re-exported)
 from ..io import Grid
 
@@ -127,9 +127,12 @@ def _matrix(model: str, params: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(skew) @ torch.diag(torch.exp(torch.stack([sx, sy, sz])))
 
 
+OBJECTIVES = ("descriptors", "mind")
+
+
 def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(4, 2), iterations=(40, 40),
                     model: str = "affine", lr_shift: float = 2.0, lr_matrix: float = 0.01, loss_box=None,
-                    progress=None, backend: str | None = None) -> AffineResult:
+                    progress=None, backend: str | None = None, objective: str = "descriptors") -> AffineResult:
     """Optimise an affine aligning ``moving`` to ``fixed`` (both (1, 1, D, H, W) on one grid) on MIND-SSC.
 
     Coarse to fine: at each pyramid ``levels`` factor the images are block-averaged, the affine becomes
@@ -144,9 +147,17 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
         lr_shift: Adam step for the translation, mm; ``lr_matrix``: for the linear parameters.
         loss_box: slices of the full grid where the loss is measured (the fixed field of view), so that
             the empty padding around it does not pull the moving image.
+        objective: ``"descriptors"`` (default): the mean squared difference of the MIND-SSC descriptors,
+            those of the moving image computed once per level and warped at every step by the fused
+            :func:`gradreg_fast.warped_sq_diff` (value and flow gradient in one pass, no warped image);
+            ``"mind"``: :func:`gradreg_fast.mind_loss` (L1) of the warped image's descriptors, recomputed
+            at every step (several times slower; the descriptors then follow the image's rotation and
+            scale exactly).
     """
     if model not in MODELS:
         raise ValueError(f"`model` must be one of {MODELS}, got {model!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
     if len(levels) != len(iterations):
         raise ValueError("`levels` and `iterations` must have the same length")
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
@@ -167,13 +178,26 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
         if model != "translation":
             groups.append({"params": [params], "lr": lr_matrix})
         optimizer = torch.optim.Adam(groups)
-        with torch.no_grad():  # the fixed image's descriptor, once per level
-            fixed_descriptor = mind_ssc(fixed_level[box], backend=backend)
+        with torch.no_grad():  # descriptors once per level
+            if objective == "mind":
+                fixed_descriptor = mind_ssc(fixed_level[box], backend=backend)
+            else:
+                # Channels-last: warped_sq_diff's CPU kernel then samples all channels of a corner together.
+                last = torch.channels_last_3d
+                fixed_descriptor = mind_ssc(fixed_level, backend=backend).contiguous(memory_format=last)
+                moving_descriptor = mind_ssc(moving_level, backend=backend).contiguous(memory_format=last)
+                inside = fixed_level.new_zeros((1, 1) + tuple(fixed_level.shape[2:]))
+                inside[box] = 1.0
+                scale = 1.0 / (float(inside.sum()) * fixed_descriptor.shape[1])
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             flow = affine_flow(_matrix(model, params), shift, shape, spacing, factor)
-            warped = warp(moving_level, flow, padding_mode="zeros", backend=backend)
-            loss = mind_loss(warped[box], fixed_descriptor=fixed_descriptor, backend=backend)
+            if objective == "mind":
+                warped = warp(moving_level, flow, padding_mode="zeros", backend=backend)
+                loss = mind_loss(warped[box], fixed_descriptor=fixed_descriptor, backend=backend)
+            else:
+                loss = scale * warped_sq_diff(moving_descriptor, fixed_descriptor, flow, inside,
+                                              padding_mode="border", backend=backend)
             loss.backward()
             optimizer.step()
             record_step(loss, factor, losses, progress)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import mind_cost_volume, mind_cost_volume_displacements, warp
+from .. import coupled_argmin, mind_cost_volume, mind_cost_volume_displacements, warp
 
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling weights (cost units per cell^2)
 
@@ -53,38 +53,34 @@ def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return volume
 
 
-def cost_volume(fixed_features, moving_features, radius: int, outside=None, smoothing: int = 2,
+def cost_volume(fixed_features, moving_features, radius: int, smoothing: int = 2,
                 backend: str | None = None) -> torch.Tensor:
     """(K, d, h, w) matching cost of every control point (the feature voxels) for each of the K = (2r+1)^3
     displacements of :func:`gradreg_fast.mind_cost_volume_displacements`, smoothed by ``smoothing`` 3x3x3
-    box passes over the control grid (a point's cost then reflects its neighbourhood, as in ConvexAdam).
-
-    ``outside``: a (d, h, w) bool mask of control points outside the fixed field of view; their cost is
-    set to zero for every displacement, so that only the coupling decides their motion.
-    """
+    box passes over the control grid (a point's cost then reflects its neighbourhood, as in ConvexAdam)."""
     cost = mind_cost_volume(fixed_features, moving_features, radius, backend=backend)[0]
     if smoothing:
         cost = box3(cost.unsqueeze(0), smoothing)[0]
-    if outside is not None:
-        cost = cost.masked_fill(outside.unsqueeze(0), 0.0)
     return cost
 
 
-def coupled_convex(cost: torch.Tensor, radius: int, coupling=COUPLING) -> torch.Tensor:
-    """The coupled convex optimisation over a (K, d, h, w) cost volume: a (1, 3, d, h, w) field in cells."""
-    k, *shape = cost.shape
+def coupled_convex(cost: torch.Tensor, radius: int, coupling=COUPLING, mirrored: bool = False,
+                   backend: str | None = None) -> torch.Tensor:
+    """The coupled convex optimisation over a (K, d, h, w) cost volume: a (1, 3, d, h, w) field in cells.
+
+    Each step is one pass of the fused :func:`gradreg_fast.coupled_argmin` over the volume; ``mirrored``
+    reads the volume as the opposite search (see there).
+    """
     table = mind_cost_volume_displacements(radius, dtype=cost.dtype, device=cost.device)  # (K, 3)
-    by_point = cost.reshape(k, -1).T.contiguous()  # (P, K): each point's costs side by side for argmin
-    norms = (table * table).sum(1)  # |d_k|^2; |ubar|^2 is the same for every k and drops out
+    volume = cost.unsqueeze(0)
 
-    def pick(index):
-        return box3(table[index].T.reshape(1, 3, *shape))
+    def search(field, weight):
+        index = coupled_argmin(volume, field, weight, mirrored, backend=backend)  # (1, d, h, w)
+        return box3(table[index].permute(0, 4, 1, 2, 3))
 
-    field = pick(by_point.argmin(1))
+    field = search(cost.new_zeros((1, 3, *cost.shape[1:])), 0.0)
     for weight in coupling:
-        # cost + w * (|d_k|^2 - 2 d_k . ubar) in one pass over the (P, K) matrix
-        coupled = torch.addmm(by_point + weight * norms, field.reshape(3, -1).T, table.T, alpha=-2.0 * weight)
-        field = pick(coupled.argmin(1))
+        field = search(field, weight)
     return field
 
 
@@ -102,16 +98,23 @@ def inverse_consistent(forward: torch.Tensor, backward: torch.Tensor, iterations
 
 
 def convex_field(fixed_features, moving_features, radius: int, outside=None, coupling=COUPLING,
-                 symmetric: bool = True, backend: str | None = None) -> torch.Tensor:
+                 symmetric: bool = True, ic_iterations: int = 15, cost_smoothing: int = 2,
+                 backend: str | None = None) -> torch.Tensor:
     """The coupled convex field (1, 3, d, h, w), in control cells, of two feature volumes (1, C, d, h, w).
 
+    ``outside``: a (d, h, w) bool mask of control points outside the fixed field of view; their cost is set
+    to zero for every displacement, so that only the coupling decides their motion.
+
     With ``symmetric`` the search is also run from the moving side and both fields are made inverse
-    consistent (the moving side's ``outside`` is not known on the fixed grid, so it is not masked).
+    consistent. That search needs no second cost volume: the moving -> fixed cost of displacement d at a
+    point is the fixed -> moving cost of -d where d lands (the mirrored read of
+    :func:`gradreg_fast.coupled_argmin`), taken before the ``outside`` mask (which belongs to the fixed side).
     """
-    forward = coupled_convex(cost_volume(fixed_features, moving_features, radius, outside, backend=backend), radius,
-                             coupling)
+    cost = cost_volume(fixed_features, moving_features, radius, cost_smoothing, backend=backend)
+    backward = coupled_convex(cost, radius, coupling, mirrored=True, backend=backend) if symmetric else None
+    if outside is not None:
+        cost = cost.masked_fill_(outside.unsqueeze(0), 0.0)
+    forward = coupled_convex(cost, radius, coupling, backend=backend)
     if not symmetric:
         return forward
-    backward = coupled_convex(cost_volume(moving_features, fixed_features, radius, None, backend=backend), radius,
-                              coupling)
-    return inverse_consistent(forward, backward, backend=backend)[0]
+    return inverse_consistent(forward, backward, ic_iterations, backend=backend)[0]

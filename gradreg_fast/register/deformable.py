@@ -51,13 +51,15 @@ class FieldSettings:
     convex_grid: int = 2  # control-point spacing of the discrete search
     search_radius: int = 2  # displacements of -r..r control cells per axis, (2r+1)^3 of them
     coupling: tuple = COUPLING
+    cost_smoothing: int = 2  # 3x3x3 box passes over the cost volume (a point's cost reflects its neighbourhood)
     symmetric: bool = True  # inverse-consistent forward and backward searches
+    ic_iterations: int = 5  # inverse-consistency iterations of the symmetric search
     # stage 2: Adam on a finer control grid, stationary velocity integrated by scaling and squaring
     adam_grid: int | tuple = 2  # one for every level, or one per level (coarse to fine)
-    iterations: tuple = (40,)  # Adam steps of each level
+    iterations: tuple = (25,)  # Adam steps of each level
     lr: float = 0.5
     warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
-    smoothness: float = 2.0  # weight of the squared spatial gradient of the (smoothed) velocity
+    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity
     squarings: int = 4  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
     velocity_grid: int | None = 4  # the velocity's control grid (a multiple of each level's adam_grid; None: the
@@ -126,9 +128,9 @@ def _check_settings(settings: FieldSettings, shape) -> list:
     if settings.channels is not None and (isinstance(settings.channels, bool) or not isinstance(settings.channels, int)
                                           or settings.channels < 1):
         raise ValueError(f"FieldSettings: `channels` must be an integer >= 1 or None, got {settings.channels!r}")
-    for name in ("radius", "dilation", "convex_grid", "search_radius", "warmup"):
+    for name in ("radius", "dilation", "convex_grid", "search_radius", "warmup", "ic_iterations", "cost_smoothing"):
         value = getattr(settings, name)
-        low = 0 if name in ("search_radius", "warmup") else 1
+        low = 0 if name in ("search_radius", "warmup", "ic_iterations", "cost_smoothing") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"FieldSettings: `{name}` must be an integer >= {low}, got {value!r}")
     for name in ("alpha", "lr", "smoothness"):
@@ -162,12 +164,17 @@ class _Objective:
     """The Adam stage's objective for a velocity on its control grid: squared differences between the fixed
     descriptors and the moving ones warped on the Adam grid (summed over channels, averaged over the fixed
     field of view; the fused :func:`gradreg_fast.warped_sq_diff`, which never stores the warped descriptors),
-    plus ``smoothness`` times the squared spatial gradient of the velocity upsampled to the Adam grid (summed
-    over the three axes, as ConvexAdam's diffusion term). The descriptors carry their term's weight (see
+    plus ``smoothness`` times the squared spatial gradient of the (smoothed) velocity on its control grid, in
+    its own voxels (summed over the three axes, as ConvexAdam's diffusion term; on the control grid rather
+    than upsampled to the Adam grid: the same energy up to the borders, at a fraction of the cost). The descriptors carry their term's weight (see
     :func:`_weighted`)."""
 
     def __init__(self, fixed_features, moving_features, box, settings: FieldSettings, backend):
-        self.fixed, self.moving, self.settings, self.backend = fixed_features, moving_features, settings, backend
+        # Channels-last: the fused op's CPU kernel then samples all channels of a corner together.
+        last = torch.channels_last_3d
+        self.fixed = fixed_features.contiguous(memory_format=last)
+        self.moving = moving_features.contiguous(memory_format=last)
+        self.settings, self.backend = settings, backend
         self.shape = tuple(moving_features.shape[2:])
         self.inside = moving_features.new_zeros((1, 1) + self.shape)
         self.inside[box] = 1.0  # the fixed field of view
@@ -181,7 +188,7 @@ class _Objective:
         flow = resize_flow(integrate(velocity, self.settings.squarings, self.backend), self.shape)
         data = warped_sq_diff(self.moving, self.fixed, flow, self.inside, padding_mode="border",
                               backend=self.backend) / self.count
-        return data + 3.0 * self.settings.smoothness * flow_smoothness(resize_flow(velocity, self.shape))
+        return data + 3.0 * self.settings.smoothness * flow_smoothness(velocity)
 
 
 def _weighted(pairs):
@@ -194,15 +201,17 @@ def _weighted(pairs):
 
 
 def _principal(fixed: torch.Tensor, moving: torch.Tensor, channels: int | None):
-    """Both descriptor stacks projected on the ``channels`` leading principal axes of their joint channel
-    covariance (about their joint mean).
+    """A projection of descriptor stacks (N, C, ...) onto the ``channels`` leading principal axes of the joint
+    channel covariance of ``fixed`` and ``moving`` (about their joint mean); None when ``channels`` keeps
+    them all.
 
     A squared difference of two descriptors is a squared length, which an orthogonal projection can only
     shorten: keeping the axes of largest variance keeps most of every cost while the cost volume and the
-    warps of the Adam stage handle fewer channels (MIND-SSC's channels are strongly correlated)."""
+    warps of the Adam stage handle fewer channels (MIND-SSC's channels are strongly correlated). The
+    projection is linear, so it commutes with block averaging: one basis serves every grid."""
     count = fixed.shape[1]
     if channels is None or channels >= count:
-        return fixed, moving
+        return None
     # The covariance from 2x block averages: 8 times fewer voxels, the same leading axes.
     sample = torch.cat([downsample(fixed, 2) if min(fixed.shape[2:]) >= 2 else fixed,
                         downsample(moving, 2) if min(moving.shape[2:]) >= 2 else moving], 0)
@@ -216,7 +225,25 @@ def _principal(fixed: torch.Tensor, moving: torch.Tensor, channels: int | None):
         flat = volume.reshape(n, count, -1)
         return torch.stack([basis @ flat[i] for i in range(n)]).reshape(n, channels, *shape)
 
-    return project(fixed), project(moving)
+    return project
+
+
+class _Features:
+    """The weighted descriptor stacks of both images (see :func:`_weighted`), block-averaged to each grid the
+    stages ask for, each grid computed once. Each descriptor is averaged before the stacking, so no
+    full-resolution stack is ever formed."""
+
+    def __init__(self, pairs, channels):
+        self.pairs, self.cache = pairs, {}
+        self.project = _principal(*_weighted(pairs), channels) if channels is not None else None
+
+    def at(self, grid: int):
+        if grid not in self.cache:
+            fixed, moving = _weighted([(downsample(f, grid), downsample(m, grid), w) for f, m, w in self.pairs])
+            if self.project is not None:
+                fixed, moving = self.project(fixed), self.project(moving)
+            self.cache[grid] = fixed, moving
+        return self.cache[grid]
 
 
 def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSettings | None = None,
@@ -269,7 +296,7 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
                              mind_ssc(gradient_magnitude(moving, backend=backend), backend=backend, **mind),
                              float(settings.alpha)))
 
-        fixed_features, moving_features = _principal(*_weighted(features), settings.channels)
+        descriptors = _Features(features, settings.channels)
         del features
 
         # 1. coupled convex optimisation on the convex control grid
@@ -277,8 +304,9 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
         outside = _outside(loss_box, g, tuple(n // g for n in shape))
         if outside is not None:
             outside = outside.to(fixed.device)
-        cells = convex_field(downsample(fixed_features, g), downsample(moving_features, g), settings.search_radius,
-                             outside, settings.coupling, settings.symmetric, backend)
+        cells = convex_field(*descriptors.at(g), settings.search_radius,
+                             outside, settings.coupling, settings.symmetric, settings.ic_iterations,
+                             settings.cost_smoothing, backend=backend)
         convex_flow = resize_flow(cells, shape)  # control-grid voxels (cells) -> voxels of the full grid
 
         parameters = convex_flow
@@ -289,8 +317,7 @@ def optimize_field(fixed: torch.Tensor, moving: torch.Tensor, settings: FieldSet
         velocity_grid = settings.velocity_grid or grid
         box = coarse_box(loss_box, grid, level_shape, minimum=1)
         with torch.no_grad():
-            objective = _Objective(downsample(fixed_features, grid), downsample(moving_features, grid), box,
-                                   settings, backend)
+            objective = _Objective(*descriptors.at(grid), box, settings, backend)
         parameters = resize_flow(parameters.detach(), tuple(n // velocity_grid for n in shape)).requires_grad_(True)
         optimizer = torch.optim.Adam([parameters], lr=settings.lr)
         warm, total = max(settings.warmup, 1), max(steps, 1)

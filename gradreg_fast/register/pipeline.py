@@ -53,6 +53,7 @@ class Settings:
     affine_model: str = "affine"  # "affine", "rigid_scale", "translation" or "none"
     affine_levels: tuple = (4, 2)
     affine_iterations: tuple = (10, 10)
+    affine_objective: str = "descriptors"  # see optimize_affine: "descriptors" (warped once-per-level MIND) or "mind"
     method: str = "field"  # "field" or "network"
     field: FieldSettings = field(default_factory=FieldSettings)
     network: str = "gated"  # the model built when method="network" and no checkpoint is given
@@ -302,7 +303,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         with tqdm(total=steps, desc="affine", disable=not progress, leave=False) as bar:
             result = optimize_affine(to_device(pair["fixed"]), to_device(pair["moving"]), grid.spacing,
                                      settings.affine_levels, settings.affine_iterations, model=settings.affine_model,
-                                     loss_box=box, progress=bar, backend=backend)
+                                     loss_box=box, progress=bar, backend=backend, objective=settings.affine_objective)
         affine_world = initial @ result.world_transform(grid)
     timings["affine_s"] = time.perf_counter() - tick
 
