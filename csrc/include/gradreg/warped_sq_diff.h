@@ -124,6 +124,7 @@ GR_HD T warped_sq_diff_voxel_interleaved(const T* moving, const T* fixed_at_voxe
     const int64_t sx = C, sy = W * C, sz = H * W * C;
     int64_t c0 = 0;
     for (; c0 + kInterleavedLanes <= C; c0 += kInterleavedLanes)
+      GR_SIMD
       for (int l = 0; l < kInterleavedLanes; ++l)
         interleaved_channel(p + c0 + l, sx, sy, sz, ax.frac, ay.frac, az.frac, fixed_at_voxel[c0 + l], sum[l], gz[l],
                             gy[l], gx[l]);
