@@ -13,8 +13,13 @@
 #define GR_HD inline
 #define GR_UNROLL
 // For loops over the lanes of a CPU block: the compiler cannot prove that the block's output
-// does not alias its inputs, and without this it leaves such loops scalar.
+// does not alias its inputs, and without this it leaves such loops scalar. Only where OpenMP is on
+// (the emulated CUDA build of the tests compiles the shared headers without it).
+#if defined(_OPENMP)
 #define GR_SIMD _Pragma("omp simd")
+#else
+#define GR_SIMD
+#endif
 #endif
 
 namespace gradreg {
