@@ -127,7 +127,8 @@ class LabelSurfaces:
 
     The surfaces of every label come from one pass over the map (a voxel of a scored label is on its
     surface when a face neighbour holds another id, or lies beyond the map), so the cost does not grow
-    with the number of labels; preparing the fixed map once serves every stage it is scored against.
+    with the number of labels; preparing the fixed map once serves every stage it is scored against
+    (its search trees too).
 
     Args:
         labels_map: integer label map (leading singleton dims are dropped).
@@ -147,25 +148,31 @@ class LabelSurfaces:
         self.index = _label_index(array, self.labels)  # 0: not scored, k + 1: labels[k]
         count = len(self.labels) + 1
         self.counts = np.bincount(self.index.ravel(), minlength=count)
-        on_surface = _boundary(self.index) & (self.index > 0)
-        points = np.stack(np.nonzero(on_surface), axis=1)
-        owner = self.index[on_surface]
-        order = np.argsort(owner, kind="stable")
-        splits = np.cumsum(np.bincount(owner, minlength=count))[:-1]
-        self._points = np.split(points[order] + self.origin, splits)  # [k] -> (S, ndim) lattice voxels
+        self.on_surface = _boundary(self.index) & (self.index > 0)  # looked up for the voxels both maps share
+        flat = np.flatnonzero(self.on_surface)
+        owner = self.index.ravel()[flat]
+        # A stable sort is one permutation whatever the algorithm; 16-bit keys get numpy's radix sort.
+        order = np.argsort(owner.astype(np.uint16) if count <= 1 << 16 else owner, kind="stable")
+        self._flat, self._owner = flat[order], owner[order]  # surface voxels grouped by index, in C order within
+        self._starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=count))])
+        self._points = np.stack(np.unravel_index(self._flat, self.shape), axis=1) + self.origin
         self._trees = {}
 
     def points(self, k: int) -> np.ndarray:
         """Surface voxels (lattice coordinates) of label ``labels[k - 1]``."""
-        return self._points[k]
+        return self._points[self._starts[k]:self._starts[k + 1]]
 
     def tree(self, k: int, spacing: np.ndarray):
+        """KD-tree over the surface of label ``labels[k - 1]`` in mm, kept: the fixed map's serve every stage."""
         from scipy.spatial import cKDTree
 
         key = (k, spacing.tobytes())
-        if key not in self._trees:
-            self._trees[key] = cKDTree(self._points[k] * spacing)
-        return self._trees[key]
+        tree = self._trees.get(key)
+        if tree is None:
+            # Sliding-midpoint splits and leaves of 32 build and search faster on these lattice surfaces than
+            # the defaults (1.15-1.25x on a 108-label atlas); the distances found are the same.
+            tree = self._trees[key] = cKDTree(self.points(k) * spacing, leafsize=32, balanced_tree=False)
+        return tree
 
 
 def _label_index(array: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -212,12 +219,51 @@ def _overlap_counts(a: LabelSurfaces, b: LabelSurfaces) -> np.ndarray:
     return np.bincount(crop_a[crop_a == crop_b], minlength=count)
 
 
-def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None) -> dict:
+def _shared(a: LabelSurfaces, b: LabelSurfaces) -> np.ndarray:
+    """Per surface voxel of ``a``: whether ``b`` has a surface voxel of the same label there (distance 0)."""
+    if np.array_equal(a.origin, b.origin) and a.shape == b.shape:
+        flat = a._flat
+        return b.on_surface.ravel()[flat] & (b.index.ravel()[flat] == a._owner)
+    local = a._points - b.origin
+    inside = np.flatnonzero(np.all((local >= 0) & (local < np.asarray(b.shape)), axis=1))
+    where = tuple(local[inside].T)
+    shared = np.zeros(len(local), bool)
+    shared[inside] = b.on_surface[where] & (b.index[where] == a._owner[inside])
+    return shared
+
+
+def _searches(a: LabelSurfaces, b: LabelSurfaces, out: np.ndarray) -> list:
+    """(k, rows of a's surface voxels, a, b, out) per label with a search to do from ``a`` to ``b``.
+
+    Voxels on both surfaces are at distance 0 exactly, as the search would find, and are left out: after
+    a good alignment they are most of them (all of them when a stage leaves the labels where they were)."""
+    rows = np.flatnonzero((np.diff(b._starts) > 0)[a._owner] & ~_shared(a, b))
+    bounds = np.searchsorted(a._owner[rows], np.arange(len(a._starts)))  # owners are grouped in order
+    return [(k, rows[bounds[k]:bounds[k + 1]], a, b, out) for k in range(1, len(a._starts) - 1)
+            if bounds[k + 1] > bounds[k]]
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (method "linear"), the same arithmetic bit for bit, without its ~0.1 ms
+    per call (a registration scoring 108 labels makes 430 calls)."""
+    n = len(values)
+    virtual = (n - 1) * (q / 100)
+    low = math.floor(virtual)
+    if low >= n - 1:
+        return float(values.max())
+    part = np.partition(values, (low, low + 1))
+    below, above, gamma = float(part[low]), float(part[low + 1]), virtual - low
+    step = above - below
+    return above - step * (1 - gamma) if gamma >= 0.5 else below + step * gamma
+
+
+def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, workers=None) -> dict:
     """{label: {"dice", "asd", "hd95"}}: all overlap and surface metrics per label.
 
     Exact, and independent of the volume's size: Dice from voxel counts, and surface distances
     between the two labels' surface voxels by nearest-neighbour search (the same Euclidean distances
-    as a distance transform of the whole volume, computed only on the surfaces).
+    as a distance transform of the whole volume, computed only on the surfaces). Only voxels on one
+    surface and not the other are searched, label by label on ``workers`` threads.
 
     Args:
         a, b: label maps (arrays, tensors, or :class:`LabelSurfaces` prepared with the same labels).
@@ -226,6 +272,7 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None) 
             and the maps are compared where they lie (beyond a map: background). Default: ``a`` and
             ``b`` cover the same voxels and must have the same shape.
         progress: something with ``update(n)`` (a tqdm bar), advanced once per label.
+        workers: threads for the nearest-neighbour queries; default ``torch.get_num_threads()``.
     """
     prepared = isinstance(a, LabelSurfaces) and isinstance(b, LabelSurfaces)
     if not prepared:
@@ -242,17 +289,35 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None) 
     elif not np.array_equal(a.labels, b.labels):
         raise ValueError("`a` and `b` were prepared with different label lists")
     spacing = _check_spacing(spacing, len(a.shape))
+    workers = torch.get_num_threads() if workers is None else int(workers)
     overlap = _overlap_counts(a, b)
+    ab, ba = np.zeros(len(a._points)), np.zeros(len(b._points))  # each surface voxel's distance to the other
+    searches = _searches(a, b, ab) + _searches(b, a, ba)
+
+    def search(task):
+        k, rows, source, target, out = task
+        out[rows] = target.tree(k, spacing).query(source._points[rows] * spacing)[0]
+
+    # Largest first, so that the threads finish together; the trees build and search without the GIL.
+    searches.sort(key=lambda task: -len(task[1]))
+    if workers > 1 and len(searches) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(searches))) as pool:
+            list(pool.map(search, searches))
+    else:
+        for task in searches:
+            search(task)
+    starts_a, starts_b = a._starts.tolist(), b._starts.tolist()
+    counts_a, counts_b = a.counts.tolist(), b.counts.tolist()
+    overlap = overlap.tolist()
     out = {}
     for k, label in enumerate(a.labels.tolist(), start=1):
-        total = int(a.counts[k]) + int(b.counts[k])
-        entry = {"dice": 2.0 * int(overlap[k]) / total if total else math.nan, "asd": math.nan, "hd95": math.nan}
-        points_a, points_b = a.points(k), b.points(k)
-        if len(points_a) and len(points_b):
-            ab = b.tree(k, spacing).query(points_a * spacing)[0]
-            ba = a.tree(k, spacing).query(points_b * spacing)[0]
-            pooled = np.concatenate([ab, ba])
-            entry["asd"], entry["hd95"] = float(pooled.mean()), float(np.percentile(pooled, 95))
+        total = counts_a[k] + counts_b[k]
+        entry = {"dice": 2.0 * overlap[k] / total if total else math.nan, "asd": math.nan, "hd95": math.nan}
+        if starts_a[k + 1] > starts_a[k] and starts_b[k + 1] > starts_b[k]:
+            pooled = np.concatenate([ab[starts_a[k]:starts_a[k + 1]], ba[starts_b[k]:starts_b[k + 1]]])
+            entry["asd"], entry["hd95"] = float(pooled.mean()), _percentile(pooled, 95)
         out[int(label)] = entry
         if progress is not None:
             progress.update(1)
@@ -288,16 +353,31 @@ def jacobian_determinant(flow) -> np.ndarray:
 
 def folding_percent(flow, mask=None) -> float:
     """Percentage of voxels (inside ``mask`` if given) whose Jacobian determinant is <= 0."""
-    det = jacobian_determinant(flow)
-    values = det if mask is None else det[_mask(mask, det.shape)]
-    return 100.0 * float((values <= 0).mean()) if values.size else math.nan
+    return _folding(_determinants(flow, mask))
 
 
 def sd_log_jacobian(flow, mask=None) -> float:
     """Standard deviation of log(det J) over voxels (inside ``mask`` if given); determinants are clipped at
     1e-9 first so that folded voxels count as a large deviation instead of NaN (the usual convention)."""
+    return _sd_log(_determinants(flow, mask))
+
+
+def regularity(flow, mask=None) -> dict:
+    """{"folding_percent", "sd_log_jacobian"} from one computation of the Jacobian determinants."""
+    values = _determinants(flow, mask)
+    return {"folding_percent": _folding(values), "sd_log_jacobian": _sd_log(values)}
+
+
+def _determinants(flow, mask) -> np.ndarray:
     det = jacobian_determinant(flow)
-    values = det if mask is None else det[_mask(mask, det.shape)]
+    return det if mask is None else det[_mask(mask, det.shape)]
+
+
+def _folding(values: np.ndarray) -> float:
+    return 100.0 * float((values <= 0).mean()) if values.size else math.nan
+
+
+def _sd_log(values: np.ndarray) -> float:
     return float(np.log(np.clip(values, 1e-9, None)).std()) if values.size else math.nan
 
 

@@ -235,3 +235,131 @@ def test_label_metrics_prepared_maps_and_progress():
     assert ticks == [1, 1, 1]
     with pytest.raises(ValueError, match="different label lists"):
         metrics.label_metrics(fixed, metrics.LabelSurfaces(b, [1, 2]), 1.0)
+
+
+def voronoi_atlas(shape, count, rng):
+    """``count`` labels as the Voronoi cells of random seeds inside an ellipsoid (every label present)."""
+    from scipy.spatial import cKDTree
+
+    grid = np.indices(shape).reshape(3, -1).T
+    centre, radii = (np.asarray(shape) - 1) / 2, 0.5 * np.asarray(shape)
+    inside = (((grid - centre) / radii) ** 2).sum(axis=1) <= 1
+    seeds = grid[inside][rng.choice(int(inside.sum()), count, replace=False)]
+    owner = cKDTree(seeds).query(grid)[1] + 1
+    return np.where(inside, owner, 0).reshape(shape)
+
+
+def per_label_table(a, b, spacing, labels, b_origin=(0, 0, 0)):
+    """Dice, ASD and HD95 label by label: each map's surface by a binary erosion (beyond a map: background),
+    nearest surface voxels by a KD-tree per label, in the lattice coordinates of ``a``."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    low = np.minimum(0, b_origin)
+    high = np.maximum(a.shape, np.add(b_origin, b.shape))
+    big_a = np.zeros(tuple(high - low), np.int64)
+    big_b = np.zeros_like(big_a)
+    big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
+    big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(b_origin, low, b.shape))] = b
+    cross = ndimage.generate_binary_structure(3, 1)
+    spacing = np.asarray(spacing, dtype=np.float64)
+    table = {}
+    for label in labels:
+        in_a, in_b = big_a == label, big_b == label
+        total = int(in_a.sum() + in_b.sum())
+        entry = {"dice": 2 * int((in_a & in_b).sum()) / total if total else math.nan, "asd": math.nan,
+                 "hd95": math.nan}
+        # np.pad: the map's own border is outside it
+        surface_a = in_a & ~ndimage.binary_erosion(np.pad(in_a, 1), cross)[1:-1, 1:-1, 1:-1]
+        surface_b = in_b & ~ndimage.binary_erosion(np.pad(in_b, 1), cross)[1:-1, 1:-1, 1:-1]
+        if surface_a.any() and surface_b.any():
+            points_a = (np.argwhere(surface_a) + low) * spacing
+            points_b = (np.argwhere(surface_b) + low) * spacing
+            pooled = np.concatenate([cKDTree(points_b).query(points_a)[0], cKDTree(points_a).query(points_b)[0]])
+            entry["asd"], entry["hd95"] = float(pooled.mean()), float(np.percentile(pooled, 95))
+        table[label] = entry
+    return table
+
+
+def assert_identical_table(got, expected):
+    assert list(got) == list(expected)
+    for label, values in expected.items():
+        for key, value in values.items():
+            assert got[label][key] == value or (math.isnan(value) and math.isnan(got[label][key])), \
+                (label, key, got[label][key], value)
+
+
+def many_label_pair(shape, count, seed):
+    """A Voronoi atlas and a moved, speckled copy of it: one label missing from the copy, one id only in
+    the copy, and a single-voxel label in each."""
+    rng = np.random.default_rng(seed)
+    a = voronoi_atlas(shape, count, rng)
+    b = np.roll(a, (1, -2, 1), axis=(0, 1, 2))
+    speckle = rng.random(shape) < 0.03
+    b[speckle] = rng.integers(0, count + 1, int(speckle.sum()))
+    b[b == 7] = 0
+    b[shape[0] // 2, 2, shape[2] // 2] = count + 5  # only in b
+    a[1, 1, 1], b[-2, -2, -3] = count + 9, count + 9  # one voxel in each map, far apart
+    return a, b
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (1.3, 0.7, 2.1)])
+def test_label_metrics_with_many_labels_equal_a_per_label_search(spacing):
+    """Bit for bit the distances of one KD-tree per label over each whole surface (the shared-voxel
+    shortcut, the threads and the tree settings change nothing)."""
+    a, b = many_label_pair((26, 30, 22), 120, seed=1)
+    labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0}) + [4000]  # 4000: in neither map
+    expected = per_label_table(a, b, spacing, labels)
+    assert math.isnan(expected[7]["asd"]) and expected[7]["dice"] == 0.0 and math.isnan(expected[4000]["dice"])
+    assert expected[129]["dice"] == 0.0 and expected[129]["asd"] > 0  # the single voxels
+    assert expected[125]["dice"] == 0.0 and math.isnan(expected[125]["hd95"])  # only in b
+    for workers in (1, 2, 4):
+        assert_identical_table(metrics.label_metrics(a, b, spacing, labels=labels, workers=workers), expected)
+    # A prepared fixed map keeps its trees between calls, per spacing.
+    fixed = metrics.LabelSurfaces(a, labels)
+    for scale in (1.0, 1.7, 1.0):
+        scaled = tuple(scale * s for s in spacing)
+        for moving in (b, np.roll(b, 3, axis=1), a):
+            got = metrics.label_metrics(fixed, metrics.LabelSurfaces(moving, labels), scaled)
+            assert_identical_table(got, per_label_table(a, moving, scaled, labels))
+
+
+def test_label_metrics_with_many_labels_placed_apart_equal_a_per_label_search():
+    a, b = many_label_pair((20, 24, 18), 110, seed=2)
+    b = b[2:, :-3, 1:]  # another shape too
+    labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0})
+    spacing = (0.9, 1.6, 1.2)
+    for origin in [(0, 0, 0), (2, -3, 1), (-5, 4, 9), (30, 0, -2)]:
+        expected = per_label_table(a, b, spacing, labels, origin)
+        for workers in (1, 3):
+            got = metrics.label_metrics(a, b, spacing, labels=labels, b_origin=origin, workers=workers)
+            assert_identical_table(got, expected)
+    # And against the distance transform of the whole embedding, to rounding.
+    low = np.minimum(0, (-5, 4, 9))
+    high = np.maximum(a.shape, np.add((-5, 4, 9), b.shape))
+    big_a, big_b = np.zeros(tuple(high - low), np.int64), np.zeros(tuple(high - low), np.int64)
+    big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
+    big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip((-5, 4, 9), low, b.shape))] = b
+    assert_same_table(metrics.label_metrics(a, b, spacing, labels=labels, b_origin=(-5, 4, 9)),
+                      whole_volume_table(np.pad(big_a, 1), np.pad(big_b, 1), spacing, labels))
+
+
+def test_percentile_is_numpys_bit_for_bit():
+    rng = np.random.default_rng(4)
+    for n in list(range(1, 60)) + [97, 1000, 4099]:
+        values = rng.random(n) * rng.choice([1e-3, 1.0, 700.0])
+        if n > 3:
+            values[: n // 3] = 0.0  # ties, as the shared surface voxels give
+        for q in (95, 50, 5, 99.9, 100, 0):
+            assert metrics._percentile(values.copy(), q) == float(np.percentile(values, q)), (n, q)
+
+
+def test_regularity_equals_the_separate_metrics():
+    rng = np.random.default_rng(6)
+    flow = rng.normal(0, 0.6, (3, 9, 8, 7))
+    mask = rng.random((9, 8, 7)) < 0.5
+    for m in (None, mask):
+        both = metrics.regularity(torch.from_numpy(flow)[None], mask=m)
+        assert both == {"folding_percent": metrics.folding_percent(flow, mask=m),
+                        "sd_log_jacobian": metrics.sd_log_jacobian(flow, mask=m)}
+    assert 0 < both["folding_percent"] < 100
