@@ -125,12 +125,33 @@ def _world_points(grid: Grid, displacement_voxels: np.ndarray | None = None) -> 
     return np.einsum("ij,j...->i...", grid.affine[:3, :3], index) + grid.affine[:3, 3].reshape(3, 1, 1, 1)
 
 
-def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float):
-    """Values of a volume at world points (3, ...) (trilinear or nearest, ``cval`` outside)."""
+def _voxel_coords(scan_affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """(3, ...) voxel coordinates in a scan of world points (3, ...)."""
     inverse = np.linalg.inv(scan_affine)
-    coords = np.einsum("ij,j...->i...", inverse[:3, :3], world) + inverse[:3, 3].reshape(3, 1, 1, 1)
+    return np.einsum("ij,j...->i...", inverse[:3, :3], world) + inverse[:3, 3].reshape(3, 1, 1, 1)
+
+
+def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float,
+            coords: np.ndarray | None = None):
+    """Values of a volume at world points (3, ...) (trilinear or nearest, ``cval`` outside); ``coords``: their
+    :func:`_voxel_coords` in the scan, when already at hand."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    coords = _voxel_coords(scan_affine, world) if coords is None else coords
     data = scan_data if order == 0 else np.asarray(scan_data, dtype=np.float32)
-    return ndimage.map_coordinates(data, coords, order=order, mode="grid-constant", cval=cval, prefilter=False)
+    out = np.empty(coords.shape[1:], data.dtype)  # map_coordinates' own output type
+    # map_coordinates uses one core and releases the GIL: slabs on torch's threads. Each voxel is
+    # interpolated on its own, so the split changes no value.
+    threads = max(1, torch.get_num_threads())
+    bounds = np.linspace(0, len(out), min(len(out), 4 * threads) + 1).round().astype(int)
+
+    def slab(k):
+        ndimage.map_coordinates(data, coords[:, bounds[k]:bounds[k + 1]], output=out[bounds[k]:bounds[k + 1]],
+                                order=order, mode="grid-constant", cval=cval, prefilter=False)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(slab, range(len(bounds) - 1)))
+    return out
 
 
 def _apply_world(transform: np.ndarray, world: np.ndarray) -> np.ndarray:
@@ -339,20 +360,26 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     registered = _apply_world(affine_world, _world_points(out_grid, flow_out))
     displacement = np.moveaxis(registered - points, 0, -1).astype(np.float32)
     background = float(moving_raw.data.min())
-    volumes = {
-        "fixed": _sample(fixed.data, fixed.affine, points, 1, 0.0),
-        "moving_initial": _sample(moving.data, moving.affine, _apply_world(initial, points), 1, 0.0),
-        "moving_affine": _sample(moving.data, moving.affine, _apply_world(affine_world, points), 1, 0.0),
-        "warped": _sample(moving.data, moving.affine, registered, 1, 0.0),
-        "warped_original": _sample(moving_raw.data, moving_raw.affine, registered, 1, background),
-    }
-    warped_labels = None
+    stage_points = {"before": points, "initial": _apply_world(initial, points),
+                    "affine": _apply_world(affine_world, points), "after": registered}
+    # Per stage, the moving scan's voxel coordinates serve its image, its original intensities (the same
+    # affine) and its labels (when on exactly that affine): computed once, one stage at a time (24 bytes
+    # per output voxel).
+    same_affine = fixed_seg is not None and np.array_equal(moving_seg.affine, moving.affine)
+    volumes = {"fixed": _sample(fixed.data, fixed.affine, points, 1, 0.0)}
     label_maps = {}
+    for stage, where in stage_points.items():
+        coords = None if stage == "before" else _voxel_coords(moving.affine, where)
+        if stage != "before":
+            name = {"initial": "moving_initial", "affine": "moving_affine", "after": "warped"}[stage]
+            volumes[name] = _sample(moving.data, moving.affine, where, 1, 0.0, coords)
+        if stage == "after":
+            volumes["warped_original"] = _sample(moving_raw.data, moving_raw.affine, where, 1, background, coords)
+        if fixed_seg is not None:
+            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0, coords if same_affine else None)
+        del coords
+    warped_labels = None
     if fixed_seg is not None:
-        stage_points = {"before": points, "initial": _apply_world(initial, points),
-                        "affine": _apply_world(affine_world, points), "after": registered}
-        for stage, where in stage_points.items():
-            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0)
         warped_labels = label_maps["after"]
         metric_tick = time.perf_counter()
         # "before" was scored at the start, on the fixed lattice beyond the fixed grid where the moving
@@ -367,8 +394,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     else:
         fixed_labels = None
     flow_box = flow[(slice(None), slice(None)) + box]
-    regularity = {"folding_percent": metrics.folding_percent(flow_box),
-                  "sd_log_jacobian": metrics.sd_log_jacobian(flow_box)}
+    regularity = metrics.regularity(flow_box)
     timings["evaluation_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     summary = {
