@@ -66,8 +66,15 @@ print(json.dumps({"core_s": core}))
 """
 
 
-def prepare(files: dict) -> dict:
-    """Both images on gradreg's working grid after the centre-of-mass alignment, as every peer gets them."""
+PEER_GRIDS = {"working": 16, "native": 1}  # --peer-grid: the multiple the fixed grid is padded to
+
+
+def prepare(files: dict, multiple: int = 16) -> dict:
+    """Both images on gradreg's working grid after the centre-of-mass alignment, as every peer gets them.
+
+    ``multiple`` 16 is gradreg's working grid (the fixed grid padded to multiples of 16: up to 15 more voxels
+    per axis, which also hands every method the moving content just beyond the fixed field of view); 1 is
+    the fixed image's own grid."""
     from gradreg_fast.body import moments_init
     from gradreg_fast.io import Grid, Scan, normalize_intensity, pair_on_grid, read_nifti
 
@@ -77,7 +84,7 @@ def prepare(files: dict) -> dict:
     tick = time.perf_counter()
     initial = moments_init(fixed, moving)
     init_s = time.perf_counter() - tick
-    grid_fit = Grid.of_scan(fixed).fit(16, "pad")
+    grid_fit = Grid.of_scan(fixed).fit(multiple, "pad")
     pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=initial)
     return {"fixed": pair["fixed"][0].numpy(), "moving": pair["moving"][0].numpy(), "box": pair["fixed_fov"],
             "grid_fit": grid_fit, "initial": initial, "init_s": init_s,
@@ -182,6 +189,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--presets", default="default",
                         help=f"comma-separated gradreg presets to run, from {PRESETS} (default: default)")
+    parser.add_argument("--peer-grid", choices=sorted(PEER_GRIDS), default="working",
+                        help="the peers' input grid: gradreg's working grid (the fixed grid padded to multiples of "
+                             "16, the default) or the fixed image's own grid")
+    parser.add_argument("--skip-gradreg", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None, help="write the table here")
     args = parser.parse_args(argv)
@@ -193,7 +204,7 @@ def main(argv=None) -> int:
     rows = {}
     for name, files in cases.items():
         rows[name] = {}
-        for preset in args.presets.split(","):
+        for preset in ([] if args.skip_gradreg else args.presets.split(",")):
             method = "gradreg" if preset == "default" else f"gradreg --{preset}"
             rows[name][method] = run_gradreg(files, preset)
             print(name, method, rows[name][method], flush=True)
@@ -204,7 +215,7 @@ def main(argv=None) -> int:
             peers.append(("ANTs SyN", lambda prep: run_ants(prep, args.ants_python)))
         if peers:  # read, normalise and align once per case; every peer's wall time includes it
             tick = time.perf_counter()
-            prep = prepare(files)
+            prep = prepare(files, PEER_GRIDS[args.peer_grid])
             prepare_s = time.perf_counter() - tick
         for method, run in peers:
             tick = time.perf_counter()

@@ -2,6 +2,7 @@
 # The deformable-engine figures of benchmarks/RESULTS.md (issue 11), in one run on one machine:
 #   1. bench_peers.py: gradreg (defaults and --quick), ConvexAdam and ANTs SyN on the six same-subject validation cases and the
 #      bundled pair (ANTs from its own venv: ANTS_PYTHON, default /tmp/ants-env/bin/python; skipped if absent);
+#      then ConvexAdam again on the fixed image's own grid (--peer-grid native);
 #   2. the gradient-guidance ablation: alpha 0 against the default on 12 same-subject cases and the pair;
 #   3. bench_many_labels.py: wall time against core time of `gradreg register` with a 108-label atlas.
 # Outputs go to ${OUT:-out/engine}.
@@ -15,6 +16,8 @@ ants_args=()
 if [ -x "$ants" ]; then ants_args=(--ants-python "$ants"); else echo "no ANTs python at $ants: SyN skipped"; fi
 date -u; uptime
 python benchmarks/bench_peers.py --presets default,quick "${ants_args[@]}" --json "$out/peers.json" --markdown "$out/peers.md" | tee "$out/peers.log"
+# ConvexAdam once more with both images on the fixed image's own grid (no padding to gradreg's working grid)
+python benchmarks/bench_peers.py --skip-gradreg --peer-grid native --json "$out/peers_native.json" --markdown "$out/peers_native.md" | tee "$out/peers_native.log"
 python benchmarks/validation.py --extra 6 --compare '{"alpha": 0}' --json "$out/ablation_alpha.json" | tee "$out/ablation_alpha.log"
 python benchmarks/bench_many_labels.py --labels 108 | tee "$out/many_labels.log"
 date -u; uptime
