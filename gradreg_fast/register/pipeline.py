@@ -64,13 +64,13 @@ class Settings:
 
 
 def quick_settings() -> Settings:
-    """About 2.3 times faster than the defaults: no gradient-map terms, a one-way search of +-1 cell, 20 Adam
+    """About 1.8 times faster than the defaults: no gradient-map terms, a one-way search of +-1 cell, 20 Adam
     steps at twice the step size, the affine stage 5 + 5.
 
-    On the validation set it kept the defaults' Dice (0.942 on the same-subject cases, 0.623 on the bundled
-    pair) at 1/5 of ConvexAdam's runtime (benchmarks/RESULTS.md), but its capture range is +-2 voxels: where
-    the affine stage leaves larger differences (the two-organ phantom of tests/test_register.py) it falls well
-    short of the defaults (Dice 0.63 against 0.88).
+    On the validation set it keeps the defaults' Dice (0.938 on the same-subject cases, 0.678 on the bundled
+    pair) at about 0.1 of ConvexAdam's runtime (benchmarks/RESULTS.md), but its capture range is +-2 voxels:
+    where the affine stage leaves larger differences (the two-organ phantom of tests/test_register.py) it falls
+    well short of the defaults (Dice 0.67 against 0.86).
     """
     settings = Settings(affine_iterations=(5, 5), network_iterations=(10, 5))
     settings.field = FieldSettings(alpha=0.0, search_radius=1, symmetric=False, iterations=(20,), lr=1.0)
