@@ -33,19 +33,10 @@ import validation  # noqa: E402
 
 
 def phantom_files(folder: Path) -> dict:
-    """The two-organ phantom pair of tests/test_register.py (``synthetic_pair``), written to ``folder``."""
-    from test_register import phantom
+    """The two-organ phantom pair of tests/test_register.py, written to ``folder``."""
+    from test_register import phantom_pair
 
-    lps = np.diag([-3.0, -3.0, 3.0, 1.0])
-    lps[:3, 3] = (60.0, 50.0, -40.0)
-    ras = np.diag([3.0, 3.0, 3.0, 1.0])
-    ras[:3, 3] = (-70.0, -40.0, -10.0)
-    files = {k: folder / f"{k}.nii.gz" for k in ("fixed", "fixed_labels", "moving", "moving_labels")}
-    phantom(files["fixed"], files["fixed_labels"], (48, 40, 30), lps, (0.0, 0.0, 0.0),
-            {1: ((-25, 0, 0), 18), 2: ((25, 5, 0), 15)}, ct=False)
-    phantom(files["moving"], files["moving_labels"], (52, 44, 34), ras, (12.0, 20.0, 30.0),
-            {1: ((-19, 5, 3), 20), 2: ((30, 0, -3), 13)}, ct=True)
-    return files
+    return phantom_pair(folder)
 
 
 def row(overrides: dict, cases: dict, phantom: dict | None) -> dict:

@@ -18,6 +18,24 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
+def _cpu_isas():
+    import importlib
+
+    return importlib.import_module("gradreg_fast._C").available_isas()
+
+
+@pytest.fixture(params=_cpu_isas())
+def isa(request):
+    """Each CPU kernel copy this machine runs (baseline, AVX2), set for the test and restored after it."""
+    import importlib
+
+    core = importlib.import_module("gradreg_fast._C")
+    previous = core.cpu_isa()
+    core.set_cpu_isa(request.param)
+    yield request.param
+    core.set_cpu_isa(previous)
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A generator seeded from the test's id: every test draws its own, reproducible, random inputs."""

@@ -240,15 +240,6 @@ def test_bad_arguments(gen):
             call()
 
 
-@pytest.fixture(params=importlib.import_module("gradreg_fast._C").available_isas())
-def isa(request):
-    core = importlib.import_module("gradreg_fast._C")
-    previous = core.cpu_isa()
-    core.set_cpu_isa(request.param)
-    yield request.param
-    core.set_cpu_isa(previous)
-
-
 @pytest.mark.parametrize("shape, radius, spacing, grid", [((2, 5, 6, 7, 37), 2, 1, 1), ((1, 12, 7, 9, 21), 1, 2, 3)])
 def test_both_isa_copies(isa, shape, radius, spacing, grid, gen):
     _check_against_reference("cpu", shape, radius, spacing, grid, torch.float32, False, gen)

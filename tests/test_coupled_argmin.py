@@ -152,15 +152,6 @@ def test_bad_arguments(gen):
         gradreg_fast.coupled_argmin(cost, field, 0.1, backend="gpu")
 
 
-@pytest.fixture(params=importlib.import_module("gradreg_fast._C").available_isas())
-def isa(request):
-    core = importlib.import_module("gradreg_fast._C")
-    previous = core.cpu_isa()
-    core.set_cpu_isa(request.param)
-    yield request.param
-    core.set_cpu_isa(previous)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_both_isa_copies(isa, dtype, gen):
     test_matches_reference((2, 5, 6, 37), 2, dtype, True, False, gen)

@@ -183,10 +183,9 @@ def phantom(path_image, path_labels, shape, affine, centre, organs, ct: bool):
     nib.save(nib.Nifti1Image(labels, affine), str(path_labels))
 
 
-@pytest.fixture(scope="module")
-def synthetic_pair(tmp_path_factory):
-    """Fixed: MR-like, LPS. Moving: CT-like, RAS, another body position and slightly different organs."""
-    folder = tmp_path_factory.mktemp("pair")
+def phantom_pair(folder) -> dict:
+    """The two-organ phantom pair, written to ``folder``. Fixed: MR-like, LPS. Moving: CT-like, RAS, another
+    body position and slightly different organs (benchmarks/sweep.py uses it as a capture-range check)."""
     lps = np.diag([-3.0, -3.0, 3.0, 1.0])
     lps[:3, 3] = (60.0, 50.0, -40.0)
     ras = np.diag([3.0, 3.0, 3.0, 1.0])
@@ -197,6 +196,11 @@ def synthetic_pair(tmp_path_factory):
     phantom(files["moving"], files["moving_labels"], (52, 44, 34), ras, (12.0, 20.0, 30.0),
             {1: ((-19, 5, 3), 20), 2: ((30, 0, -3), 13)}, ct=True)
     return files
+
+
+@pytest.fixture(scope="module")
+def synthetic_pair(tmp_path_factory):
+    return phantom_pair(tmp_path_factory.mktemp("pair"))
 
 
 def test_pipeline_registers_and_writes_consistent_outputs(synthetic_pair, tmp_path):

@@ -189,14 +189,6 @@ def test_same_bits_for_every_thread_count(dtype, gen):
     assert torch.equal(v3, v4) and torch.equal(g3, g4)
 
 
-@pytest.fixture(params=core.available_isas())
-def isa(request):
-    previous = core.cpu_isa()
-    core.set_cpu_isa(request.param)
-    yield request.param
-    core.set_cpu_isa(previous)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_both_cpu_kernel_copies(isa, dtype, gen):
     _check_against_reference((2, 24, 5, 7, 9), dtype, "border", True, gen)
