@@ -158,7 +158,7 @@ def _add_registration(parser) -> None:
                        help="deformable stage: instance-optimised displacement field (default without a "
                             "checkpoint) or the dual-branch network fine-tuned on the pair")
     group.add_argument("--iterations", help="deformable Adam steps per level (field: one level after the convex "
-                                            "search, default 40; network: 2 pyramid levels, default 100,50; one "
+                                            "search, default 25; network: 2 pyramid levels, default 100,50; one "
                                             "number: every level)")
     group.add_argument("--affine-iterations", help="affine Adam steps per pyramid level, at 1/4 and 1/2 scale "
                                                    "(default 10,10; --thorough: 40,40)")
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "search of +-1 cell, 20 Adam steps (a capture range of +-2 voxels after the affine)")
     demo.add_argument("--thorough", action="store_true",
                       help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
-    demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 40)")
+    demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 25)")
     demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 10,10)")
     _add_common(demo)
 
