@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     cases = validation.all_cases(args.cases.split(",") if args.cases else None)
-    print("| overrides | same Dice | same EPE | same fold % | same SDlogJ | same core s | bundled Dice | bundled core s "
-          "| max core s | mean of 7 | phantom Dice |")
+    print("| overrides | same Dice | same EPE | same fold % | same SDlogJ | same core s | bundled Dice "
+          "| bundled core s | max core s | mean of 7 | phantom Dice |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         phantom = None if args.no_phantom else phantom_files(Path(tmp))

@@ -59,7 +59,7 @@ class FieldSettings:
     iterations: tuple = (25,)  # Adam steps of each level
     lr: float = 0.5
     warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
-    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity
+    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
     squarings: int = 4  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
     velocity_grid: int | None = 4  # the velocity's control grid (a multiple of each level's adam_grid; None: the
@@ -166,8 +166,8 @@ class _Objective:
     field of view; the fused :func:`gradreg_fast.warped_sq_diff`, which never stores the warped descriptors),
     plus ``smoothness`` times the squared spatial gradient of the (smoothed) velocity on its control grid, in
     its own voxels (summed over the three axes, as ConvexAdam's diffusion term; on the control grid rather
-    than upsampled to the Adam grid: the same energy up to the borders, at a fraction of the cost). The descriptors carry their term's weight (see
-    :func:`_weighted`)."""
+    than upsampled to the Adam grid: the same energy up to the borders, at a fraction of the cost). The
+    descriptors carry their term's weight (see :func:`_weighted`)."""
 
     def __init__(self, fixed_features, moving_features, box, settings: FieldSettings, backend):
         # Channels-last: the fused op's CPU kernel then samples all channels of a corner together.
