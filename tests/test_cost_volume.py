@@ -19,21 +19,17 @@ if __name__ == "__main__":  # the Triton check subprocess: the interpreter must 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import sysconfig  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_volume, requires_cuda, run_under_triton_interpreter, value_and_grads  # noqa: E402
+from conftest import (build_emulated_cuda, make_volume, requires_cuda, run_under_triton_interpreter,  # noqa: E402
+                      value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # (shape, radius, spacing, grid): odd sizes, size-1 axes, batch 2, C = 1 and 12, partial blocks, and
 # reaches s * r larger than an axis (every sample of some displacements outside the volume).
@@ -337,28 +333,8 @@ def _check_core_bad_arguments(module, device):
 
 @pytest.fixture(scope="module")
 def emulated_core(tmp_path_factory):
-    """csrc/cuda compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so every
-    grid-stride loop strides), as tests/test_cuda.py builds it."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        pytest.skip("no C++ compiler to build the emulated CUDA core")
-    pybind11 = pytest.importorskip("pybind11")
-    out = tmp_path_factory.mktemp("cost_volume_emulation")
-    common = ["-std=c++17", "-O1", "-fPIC", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-              "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90"]
-    objects = []
-    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        obj = out / (source.stem + ".o")
-        subprocess.run([compiler, "-x", "c++", *common, "-c", str(source), "-o", str(obj)], check=True)
-        objects.append(str(obj))
-    library = out / f"_cuda_cost_volume_emulated{sysconfig.get_config_var('EXT_SUFFIX')}"
-    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
-    subprocess.run([compiler, *common, "-shared", *includes, "-DGRADREG_CUDA_MODULE=_cuda_cost_volume_emulated",
-                    str(ROOT / "csrc" / "cuda" / "module.cpp"), *objects, "-o", str(library)], check=True)
-    spec = importlib.util.spec_from_file_location("_cuda_cost_volume_emulated", library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return build_emulated_cuda(tmp_path_factory, "cost_volume.cu", ("cost_volume_forward", "cost_volume_backward"),
+                               "_cost_volume_emulated")
 
 
 @pytest.mark.slow
