@@ -147,13 +147,15 @@ def _forward_kernel(image_ptr, flow_ptr, out_ptr, C, D, H, W, blocks_per_item, N
             value = tl.load(image_ptr + offset + source, mask=inside, other=0.0)
             tl.store(out_ptr + offset + p, value, mask=mask)
     else:
-        lz, fz, lz_in, hz_in, _ = _linear_axis(cz, D, BORDER)
-        ly, fy, ly_in, hy_in, _ = _linear_axis(cy, H, BORDER)
-        lx, fx, lx_in, hx_in, _ = _linear_axis(cx, W, BORDER)
+        # Distinct names for the unused results: Triton treats `_` as a variable, and one `_` holding a
+        # mask here and a value in the loop below is a type change it refuses to compile.
+        lz, fz, lz_in, hz_in, _moves_z = _linear_axis(cz, D, BORDER)
+        ly, fy, ly_in, hy_in, _moves_y = _linear_axis(cy, H, BORDER)
+        lx, fx, lx_in, hx_in, _moves_x = _linear_axis(cx, W, BORDER)
         zero = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
         for c in range(C):
             offset = (item * C + c) * DHW
-            acc, _, _, _ = _trilinear(image_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
+            acc, _dz, _dy, _dx = _trilinear(image_ptr + offset, lz, fz, lz_in, hz_in, ly, fy, ly_in, hy_in, lx, fx, lx_in,
                                       hx_in, H, W, mask, zero, False)
             tl.store(out_ptr + offset + p, acc, mask=mask)
 
