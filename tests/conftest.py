@@ -82,10 +82,30 @@ def value_and_grads(fn, inputs, grad_output=None):
     return out.detach(), torch.autograd.grad(out, leaves, grad_output, materialize_grads=True)
 
 
-def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
+def cpu_has_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " fma " in f.read().replace("\n", " ")
+    except OSError:
+        return False
+
+
+# Arithmetic of the emulated CUDA builds: each product rounded on its own (the host compilers' default), or
+# fused into FMAs as nvcc does (see build_emulated_cuda's ``contract``).
+CONTRACTIONS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_has_fma(), reason="the CPU has no FMA"))]
+CONTRACTION_IDS = ["rounded", "fma-contracted"]
+CONTRACT_FLAGS = ["-O2", "-mfma", "-ffp-contract=fast"]
+
+
+def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str, contract: bool = False):
     """csrc/cuda/<source> compiled for the CPU against emulation.cuh (grids capped at 3 blocks, so that every
     grid-stride loop strides; blocks of fibers with real barriers), with a binding of ``functions``: the
-    kernels' indexing, passes and workspace layout, as tests/test_cuda.py checks the other ops'."""
+    kernels' indexing, passes and workspace layout, as tests/test_cuda.py checks the other ops'.
+
+    ``contract``: fuse a * b + c into one FMA wherever the compiler can, as nvcc does by default
+    (--fmad=true) and the host build does not. Arithmetic that relies on a product being rounded before a
+    subtraction (exact cancellation) breaks only there: an H200 showed it before this existed. Needs a
+    CPU with FMA (the caller skips without one)."""
     import os
     import shutil
     import subprocess
@@ -100,7 +120,7 @@ def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str):
     out = tmp_path_factory.mktemp(name)
     common = ["-std=c++17", "-O1", "-fPIC", f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
               "-DGRADREG_CUDA_EMULATION", "-DGRADREG_EMULATION_MAX_BLOCKS=3", "-DGRADREG_PTX_ARCH=90", "-Wall",
-              "-Wextra", "-Werror"]
+              "-Wextra", "-Werror"] + (CONTRACT_FLAGS if contract else [])
     obj = out / "kernels.o"
     subprocess.run([compiler, "-x", "c++", *common, "-c", str(root / "csrc" / "cuda" / source), "-o", str(obj)],
                    check=True)

@@ -14,8 +14,8 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (build_emulated_cuda, make_volume, poisoned, requires_cuda,  # noqa: E402
-                      run_under_triton_interpreter, value_and_grads)
+from conftest import (CONTRACTION_IDS, CONTRACTIONS, build_emulated_cuda, make_volume, poisoned,  # noqa: E402
+                      requires_cuda, run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -320,10 +320,11 @@ def test_gpu_matches_reference(backend, convention, dtype, gen):
 # ---------------------------------------------------------------- CUDA source, emulated (core level)
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+@pytest.fixture(scope="module", params=CONTRACTIONS, ids=CONTRACTION_IDS)
+def emulated(request, tmp_path_factory):
+    # The window-1 case of CASES has an exact answer of 0 that fused products used to miss (H200, 2026-11-30).
     return build_emulated_cuda(tmp_path_factory, "lncc.cu", ("lncc_forward", "lncc_backward", "lncc_workspace_bytes"),
-                               "_lncc_emulated")
+                               f"_lncc_emulated_{int(request.param)}", contract=request.param)
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)

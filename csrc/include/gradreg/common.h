@@ -34,6 +34,28 @@ using std::nearbyint;
 using std::sqrt;
 #endif
 
+// a * b rounded to T before it is used: never fused into an FMA with the add or subtract it feeds.
+// nvcc fuses by default (--fmad=true), host compilers may (clang's -ffp-contract=on, GCC's gnu modes).
+// Fusing is more accurate in general, but breaks differences that must cancel exactly: the local
+// covariance S_IJ - (S_J / n) S_I of a one-voxel window is I J - J I, 0 only if both products are
+// rounded alike (an H200 gave 6e-9 instead of 0 there). The empty asm makes the host compiler treat the
+// rounded product as an unknown value it cannot fuse.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float product_rounded(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product_rounded(double a, double b) { return __dmul_rn(a, b); }
+#else
+template <typename T>
+inline T product_rounded(T a, T b) {
+  T p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#endif
+  return p;
+}
+#endif
+
 GR_HD int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
 
 // Distance to the previous / next voxel along an axis, 0 at the edge: replicate padding

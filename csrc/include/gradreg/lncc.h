@@ -46,17 +46,19 @@ GR_HD LnccTerms<T> lncc_terms(const T* s, const LnccParams<T>& p) {
   LnccTerms<T> t;
   t.floor_i = t.floor_j = T(1);
   if (!p.monai) {
+    // Products rounded on their own (common.h): a window of one voxel, or of equal values, cancels to 0.
     const T u_i = s[kSumI] / p.n, u_j = s[kSumJ] / p.n;
-    t.cross = s[kSumIJ] - u_j * s[kSumI] - u_i * s[kSumJ] + u_i * u_j * p.n;
-    t.var_i = s[kSumII] - T(2) * u_i * s[kSumI] + u_i * u_i * p.n;
-    t.var_j = s[kSumJJ] - T(2) * u_j * s[kSumJ] + u_j * u_j * p.n;
+    t.cross = s[kSumIJ] - product_rounded(u_j, s[kSumI]) - product_rounded(u_i, s[kSumJ]) +
+              product_rounded(product_rounded(u_i, u_j), p.n);
+    t.var_i = s[kSumII] - product_rounded(T(2) * u_i, s[kSumI]) + product_rounded(product_rounded(u_i, u_i), p.n);
+    t.var_j = s[kSumJJ] - product_rounded(T(2) * u_j, s[kSumJ]) + product_rounded(product_rounded(u_j, u_j), p.n);
     t.num = t.cross * t.cross;
     t.den = t.var_i * t.var_j + p.eps;
     return t;
   }
   const T avg_i = s[kSumI] / p.n, avg_j = s[kSumJ] / p.n;
-  t.cross = s[kSumIJ] - avg_j * s[kSumI];
-  const T raw_i = s[kSumII] - avg_i * s[kSumI], raw_j = s[kSumJJ] - avg_j * s[kSumJ];
+  t.cross = s[kSumIJ] - product_rounded(avg_j, s[kSumI]);
+  const T raw_i = s[kSumII] - product_rounded(avg_i, s[kSumI]), raw_j = s[kSumJJ] - product_rounded(avg_j, s[kSumJ]);
   // "raw < eps" keeps a NaN a NaN, as torch.max does.
   t.var_i = raw_i < p.eps ? p.eps : raw_i;
   t.var_j = raw_j < p.eps ? p.eps : raw_j;
