@@ -160,7 +160,11 @@ def forward(warped, fixed, window, eps, smooth_nr, monai, per_voxel, coefficient
     _products_kernel[grid](warped, fixed, _fixed_batch_stride(fixed), a, d, h, w, blocks, BLOCK=BLOCK,
                            **LAUNCH_OPTIONS)
     sums = _window_sums(a, b, 5 * n, (d, h, w), window // 2)
-    constants = torch.tensor([float(window) ** 3, eps, smooth_nr], dtype=warped.dtype, device=warped.device)
+    # Filled on the device, not copied from the host: a host-to-device copy cannot be captured in a CUDA
+    # graph (gpu_benchmark.py found this op the one Triton path that could not be). A tensor rather than
+    # scalar arguments: Triton passes Python floats as float32, and the float64 path needs them exact.
+    constants = warped.new_empty(3)
+    constants[0], constants[1], constants[2] = float(window) ** 3, eps, smooth_nr
     loss_map = warped.new_empty((n, 1, d, h, w))
     coefficients = warped.new_empty((n, coefficient_count, d, h, w)) if coefficient_count else warped.new_empty(0)
     _finish_kernel[grid](sums, constants, loss_map, coefficients if coefficient_count else loss_map, d, h, w, blocks,
