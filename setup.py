@@ -8,9 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -45,17 +46,34 @@ class BuildExt(build_ext):
             build_dir.mkdir(parents=True, exist_ok=True)
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
             gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")
+            commands = []
             for source in ext.cuda_sources:
                 obj = build_dir / (Path(source).stem + ".o")
-                cmd = [
+                commands.append([
                     str(cuda_home / "bin" / "nvcc"), "-c", source, "-o", str(obj), "-O3", "-std=c++17",
                     "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", f"-I{INCLUDE}", "-Icsrc/cuda",
                     f"-DGRADREG_PTX_ARCH={CUDA_ARCHS[-1]}", *gencode,
-                ]
-                print(" ".join(cmd), flush=True)
-                subprocess.check_call(cmd, cwd=ROOT)
+                ])
                 ext.extra_objects.append(str(obj))
+            # One nvcc per source at a time, several sources at once: each nvcc runs mostly on one core.
+            with ThreadPoolExecutor(max_workers=build_jobs()) as pool:
+                for _ in pool.map(run_nvcc, commands):
+                    pass
         super().build_extension(ext)
+
+
+def build_jobs() -> int:
+    """Compilers run at once: GRADREG_BUILD_JOBS, else one per core (the C++ sources through pybind11's
+    ParallelCompile, the CUDA sources here)."""
+    return max(1, int(os.environ.get("GRADREG_BUILD_JOBS") or os.cpu_count() or 1))
+
+
+def run_nvcc(cmd):
+    print(" ".join(cmd), flush=True)
+    subprocess.check_call(cmd, cwd=ROOT)
+
+
+ParallelCompile("GRADREG_BUILD_JOBS", default=0).install()
 
 
 extensions = [

@@ -261,6 +261,12 @@ def check_backends(shape) -> list[dict]:
     for op in OPS.values():
         inputs64 = op.make_inputs(shape, gen, "cuda", torch.float64)
         expected, expected_grads = _forward_and_grads(refs[op.name], inputs64, op.grad_inputs, seed=3)
+        # float32's own floor for this op: the reference run in float32. Scaling and squaring amplifies
+        # rounding (integrate_velocity's float32 reference lands near 4e-4 on an H200), so a fixed 1e-4
+        # would fail every backend, the reference included; a kernel may not be more than 2x worse than it.
+        out32, grads32 = _forward_and_grads(refs[op.name], [x.float() for x in inputs64], op.grad_inputs, seed=3)
+        float32_floor = max([relative_error(out32, expected)] +
+                            [relative_error(g, e) for g, e in zip(grads32, expected_grads)])
         for backend in BACKENDS:
             for dtype in (torch.float32, torch.float64):
                 row = {"op": op.name, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
@@ -274,8 +280,8 @@ def check_backends(shape) -> list[dict]:
                     out, grads = _forward_and_grads(op.backends(backend), inputs, op.grad_inputs, seed=3)
                     errors = [relative_error(out, expected)] + [relative_error(g, e) for g, e in
                                                                 zip(grads, expected_grads)]
-                    limit = 1e-4 if dtype == torch.float32 else 1e-9
-                    row.update(ok=max(errors) <= limit, max_rel_error=max(errors))
+                    limit = max(1e-4, 2 * float32_floor) if dtype == torch.float32 else 1e-9
+                    row.update(ok=max(errors) <= limit, max_rel_error=max(errors), limit=limit)
                 except Exception as exc:  # report and go on: the table shows it
                     row.update(ok=False, note=f"{type(exc).__name__}: {exc}")
                 rows.append(row)
@@ -388,8 +394,44 @@ def time_case(case: Case, sets, samples: int, min_sample_s: float = 0.05) -> dic
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / (rotations * len(prepared)))
-    return {"time_s": statistics.median(times), "spread": (max(times) - min(times)) / statistics.median(times),
-            "peak_bytes": peak}
+    result = {"time_s": statistics.median(times), "spread": (max(times) - min(times)) / statistics.median(times),
+              "peak_bytes": peak}
+    result.update(time_graph(prepared, one, samples, rotations))
+    return result
+
+
+def time_graph(prepared, one, samples: int, rotations: int) -> dict:
+    """The same rotation captured once in a CUDA graph and replayed: the GPU time of the kernels without
+    the host's per-call cost (Python, dispatch, launch), which at these sizes is larger than the kernels'
+    own time on an H100/H200 and would hide them. A case that cannot be captured (a host sync inside)
+    reports why instead."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for leaves in prepared:
+                one(leaves)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for leaves in prepared:
+                one(leaves)
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # reported in the table: capturability is itself a result
+        torch.cuda.synchronize()
+        return {"graph_note": f"not capturable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        for _ in range(rotations):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (rotations * len(prepared)))
+    del graph
+    return {"graph_time_s": statistics.median(times)}
 
 
 def cases_for(op: Op, shape, fast: bool = False) -> list[Case]:
@@ -430,6 +472,8 @@ def run_timings(sizes, samples, bandwidth, fast: bool = False) -> list[dict]:
                         row.update(time_case(case, sets, samples))
                         moved = op.minimal_bytes(shape, pass_, 4)
                         row["bandwidth_fraction"] = moved / row["time_s"] / bandwidth
+                        if "graph_time_s" in row:
+                            row["graph_bandwidth_fraction"] = moved / row["graph_time_s"] / bandwidth
                     except Exception as exc:
                         row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                         traceback.print_exc(limit=2)
@@ -446,16 +490,18 @@ def _row_line(row):
         return f"{row['op']:>18} {row['size']:>16} {row['pass']:>7} {row['impl']:>11}  {row.get('note', '')}"
     return (f"{row['op']:>18} {row['size']:>16} {row['pass']:>7} {row['impl']:>11} {row['time_s'] * 1e3:9.3f} ms "
             f"({row['spread'] * 100:4.1f}% spread) {row['bandwidth_fraction'] * 100:6.1f}% copy BW "
-            f"{row['peak_bytes'] / 2**20:8.1f} MiB")
+            f"{row['peak_bytes'] / 2**20:8.1f} MiB | graph: " +
+            (f"{row['graph_time_s'] * 1e3:.3f} ms {row['graph_bandwidth_fraction'] * 100:.1f}% copy BW"
+             if "graph_time_s" in row else row.get("graph_note", "")))
 
 
 # ---------------------------------------------------------------- report
 
 
-def _time(rows, op, size, pass_, impl):
+def _time(rows, op, size, pass_, impl, key="time_s"):
     for r in rows:
-        if (r["op"], r["size"], r["pass"], r["impl"]) == (op, size, pass_, impl) and "time_s" in r:
-            return r["time_s"]
+        if (r["op"], r["size"], r["pass"], r["impl"]) == (op, size, pass_, impl) and key in r:
+            return r[key]
     return None
 
 
@@ -467,18 +513,22 @@ def targets(rows, sizes) -> list[str]:
             r = next((r for r in rows if (r["op"], r["size"], r["pass"], r["impl"]) == (op, size, "fwd", "cuda")
                       and "time_s" in r), None)
             if r:
-                frac = r["bandwidth_fraction"]
-                lines.append(f"- {op} forward, cuda, {size}: {frac * 100:.1f}% of copy bandwidth "
-                             f"(target >= 70%): {'MET' if frac >= 0.7 else 'MISSED'}")
-        naive = _time(rows, "mind_ssc", size, "fwd_bwd", "naive")
-        fused = _time(rows, "mind_ssc", size, "fwd_bwd", "cuda")
-        if naive and fused:
-            lines.append(f"- MIND-SSC forward+backward, cuda vs naive, {size}: {naive / fused:.1f}x (target >= 20x): "
-                         f"{'MET' if naive / fused >= 20 else 'MISSED'}")
-        grid, fused = _time(rows, "warp", size, "fwd_bwd", "grid_sample"), _time(rows, "warp", size, "fwd_bwd", "cuda")
-        if grid and fused:
-            lines.append(f"- warp forward+backward, cuda vs grid_sample, {size}: {grid / fused:.2f}x (target >= 1.5x): "
-                         f"{'MET' if grid / fused >= 1.5 else 'MISSED'}")
+                for key, how in (("bandwidth_fraction", "eager calls"), ("graph_bandwidth_fraction", "graph replay")):
+                    if key in r:
+                        frac = r[key]
+                        lines.append(f"- {op} forward, cuda, {size}, {how}: {frac * 100:.1f}% of copy bandwidth "
+                                     f"(target >= 70%): {'MET' if frac >= 0.7 else 'MISSED'}")
+        for key, how in (("time_s", "eager calls"), ("graph_time_s", "graph replay")):
+            naive = _time(rows, "mind_ssc", size, "fwd_bwd", "naive", key)
+            fused = _time(rows, "mind_ssc", size, "fwd_bwd", "cuda", key)
+            if naive and fused:
+                lines.append(f"- MIND-SSC forward+backward, cuda vs naive, {size}, {how}: {naive / fused:.1f}x "
+                             f"(target >= 20x): {'MET' if naive / fused >= 20 else 'MISSED'}")
+            grid = _time(rows, "warp", size, "fwd_bwd", "grid_sample", key)
+            fused = _time(rows, "warp", size, "fwd_bwd", "cuda", key)
+            if grid and fused:
+                lines.append(f"- warp forward+backward, cuda vs grid_sample, {size}, {how}: {grid / fused:.2f}x "
+                             f"(target >= 1.5x): {'MET' if grid / fused >= 1.5 else 'MISSED'}")
     return lines
 
 
@@ -496,16 +546,25 @@ def markdown(rows, checks, bandwidth, device, sizes) -> str:
             result = f"FAIL: {c['note']}"
         out.append(f"| {c['op']} | {c['backend']} | {c['dtype']} | {result} |")
     out += ["", "### Timings (float32, median; speedup vs naive PyTorch)", "",
-            "| op | size | pass | impl | time (ms) | vs naive | % copy BW | peak extra (MiB) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "Eager: one Python call after another (what a training loop pays, host cost included). Graph: the same "
+            "calls captured in a CUDA graph and replayed (the kernels' own GPU time).", "",
+            "| op | size | pass | impl | eager (ms) | vs naive | % copy BW | graph (ms) | vs naive | % copy BW "
+            "| peak extra (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "time_s" not in r:
-            out.append(f"| {r['op']} | {r['size']} | {r['pass']} | {r['impl']} | {r.get('note', '')} | | | |")
+            out.append(f"| {r['op']} | {r['size']} | {r['pass']} | {r['impl']} | {r.get('note', '')} | | | | | | |")
             continue
         naive = _time(rows, r["op"], r["size"], r["pass"], "naive")
         speedup = f"{naive / r['time_s']:.1f}x" if naive else ""
+        if "graph_time_s" in r:
+            graph_naive = _time(rows, r["op"], r["size"], r["pass"], "naive", "graph_time_s")
+            graph_speedup = f"{graph_naive / r['graph_time_s']:.1f}x" if graph_naive else ""
+            graph = f"{r['graph_time_s'] * 1e3:.4f} | {graph_speedup} | {r['graph_bandwidth_fraction'] * 100:.0f}%"
+        else:
+            graph = f"{r.get('graph_note', '')} | | "
         out.append(f"| {r['op']} | {r['size']} | {r['pass']} | {r['impl']} | {r['time_s'] * 1e3:.3f} | {speedup} | "
-                   f"{r['bandwidth_fraction'] * 100:.0f}% | {r['peak_bytes'] / 2**20:.0f} |")
+                   f"{r['bandwidth_fraction'] * 100:.0f}% | {graph} | {r['peak_bytes'] / 2**20:.0f} |")
     out += ["", "### Targets", ""] + targets(rows, sizes)
     return "\n".join(out)
 
