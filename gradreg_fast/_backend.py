@@ -3,14 +3,15 @@
 Rule of ``backend="auto"`` (documented in the README):
 
 * CPU tensors: the CPU core (``gradreg_fast._C``); the reference if it is missing.
-* CUDA tensors: the CUDA core if it was built and supports the device's compute capability,
-  else Triton if it imports, else the reference.
+* CUDA tensors: per op, the faster of the CUDA core and Triton on an H200 first (``CUDA_ORDER``),
+  then the other, then the reference. The CUDA core only if it was built and supports the device's
+  compute capability; Triton only if it imports.
 
 On the CPU the compiled core is the measured fastest (benchmarks/RESULTS.md; Triton runs on CPU
-tensors only in its interpreter). On CUDA the rule prefers the CUDA core, which shares its per-voxel
-math with the CPU core; benchmarks/gpu_benchmark.py times both, and this rule is to be revisited
-with its figures. A missing core gives one warning that says why; a backend asked for explicitly
-that cannot run raises.
+tensors only in its interpreter). On CUDA, ``CUDA_ORDER`` follows benchmarks/gpu_benchmark.py on an
+H200 (benchmarks/RESULTS.md, 2026-11-30): forward + backward of one 1x1x144x144x128 float32 volume,
+eager calls as a training loop makes them. A missing core gives one warning that says why; a backend
+asked for explicitly that cannot run raises.
 
 The choice can be set per call (``backend=``), globally (:func:`set_backend`), or with the
 environment variable ``GRADREG_BACKEND``.
@@ -58,6 +59,14 @@ def _import(module: str):
     except ImportError as exc:  # absent or built for another ABI
         return None, f"{type(exc).__name__}: {exc}"
 
+
+# Which GPU backend "auto" tries first, per op (the name the backends know the kernels by). Triton
+# where it was faster on the H200 (ms, forward + backward, Triton vs CUDA core): MIND-SSC 1.76 vs 6.07,
+# the fused MIND loss 2.57 vs 7.99, warp 0.69 vs 0.74 (0.11 vs 0.16 in a CUDA graph), integration 2.16 vs
+# 2.50, cost volume 0.70 vs 1.82. The CUDA core where it was: gradient magnitude 0.31 vs 0.69, LNCC
+# 0.95 vs 1.31. Not timed on a GPU yet, so the CUDA core first: coupled_argmin, warped_sq_diff.
+TRITON_FIRST = ("triton", "cuda")
+CUDA_ORDER = {"mind": TRITON_FIRST, "warp": TRITON_FIRST, "integrate": TRITON_FIRST, "cost_volume": TRITON_FIRST}
 
 # The CUDA core's forward entry point of an op, where it is not f"{op}_forward".
 _CUDA_ENTRY_POINTS = {"mind": "descriptor_forward"}
@@ -135,7 +144,8 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
         if why:
             raise RuntimeError(f"gradreg_fast.{op}: backend {name!r} is not available: {why}")
         return name
-    candidates = ("cpu",) if device.type == "cpu" else ("cuda", "triton") if device.type == "cuda" else ()
+    candidates = ("cpu",) if device.type == "cpu" else CUDA_ORDER.get(op, ("cuda", "triton")) \
+        if device.type == "cuda" else ()
     reasons = []
     for candidate in candidates:
         why = problem(candidate, device, op)

@@ -242,3 +242,19 @@ def test_cpu_core_is_an_attribute_after_a_plain_import():
                             env=_clean_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in ("baseline", "avx2"), result.stdout
+
+
+@pytest.mark.parametrize("op, first", [("mind", "triton"), ("warp", "triton"), ("integrate", "triton"),
+                                       ("cost_volume", "triton"), ("gradient_magnitude", "cuda"), ("lncc", "cuda"),
+                                       ("coupled_argmin", "cuda"), ("warped_sq_diff", "cuda")])
+def test_auto_on_cuda_follows_the_measured_order(monkeypatch, op, first):
+    """On CUDA tensors "auto" takes the backend that was faster on the H200 (_backend.CUDA_ORDER), and the
+    other one when the first cannot run. No GPU needed: which backends can run is stood in for."""
+    from gradreg_fast import _backend
+
+    device = torch.device("cuda", 0)
+    available = {"cuda", "triton"}
+    monkeypatch.setattr(_backend, "problem", lambda name, dev, o: None if name in available else "absent")
+    assert _backend.resolve("auto", device, op) == first
+    available.discard(first)
+    assert _backend.resolve("auto", device, op) == ({"cuda", "triton"} - {first}).pop()
