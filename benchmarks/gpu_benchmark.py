@@ -5,7 +5,8 @@
 2. Checks every backend (cuda, triton, reference) of every op against the float64 reference, forward
    and gradients, on an odd-sized volume (float32 and float64).
 3. Times, on CUDA, for gradient magnitude, warp, MIND-SSC and the MIND-SSC loss, at 1x1x144x144x128 and
-   1x1x192x160x192 (the MIND cost volume on 12-channel descriptors at 1/4 of those sizes, radius 2),
+   1x1x192x160x192 (the MIND cost volume on 12-channel descriptors at 1/4 of those sizes, radius 2; the
+   engine's warped_sq_diff on 24 channels at 1/2 and coupled_argmin on 125 costs at 1/4),
    forward and forward+backward:
    the backends ``cuda``, ``triton``, ``reference`` (the custom op routed to the naive code), against
    ``naive`` PyTorch (gradreg_fast.reference; for MIND the ConvexAdam-style mind_ssc_convexadam that
@@ -198,6 +199,39 @@ def _integrate_bytes(shape, pass_, itemsize, steps=7):
     forward = field * (1 + 2 * steps)
     return forward if pass_ == "fwd" else forward + 2 * field + field * (2 * 6 + 3 * steps)
 
+# warped_sq_diff and coupled_argmin as the registration engine calls them: 24 descriptor channels (image and
+# gradient-map MIND-SSC) at 1/2 of each axis for the Adam stage's objective; a cost volume of radius 2 (125
+# displacements) at 1/4 for the convex search.
+ENGINE_CHANNELS = 24
+
+
+def _warped_sq_diff_inputs(shape, generator, device, dtype):
+    half = (shape[0], ENGINE_CHANNELS, *(max(1, s // 2) for s in shape[2:]))
+    moving, fixed = (torch.rand(half, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+                     for _ in range(2))
+    return [moving, fixed, smooth_flow((shape[0], 1, *half[2:]), generator, device, dtype)]
+
+
+def _warped_sq_diff_bytes(shape, pass_, itemsize):
+    """Moving, fixed and flow read; with the flow's gradient, that gradient written (by the forward, which
+    forms it) and read back and scaled by the backward."""
+    half = math.prod(max(1, s // 2) for s in shape[2:]) * shape[0]
+    forward = itemsize * half * (2 * ENGINE_CHANNELS + 3)
+    return forward if pass_ == "fwd" else forward + 3 * itemsize * half * 3
+
+
+def _coupled_argmin_inputs(shape, generator, device, dtype):
+    quarter = tuple(max(1, s // 4) for s in shape[2:])
+    cost = torch.rand((shape[0], (2 * COST_VOLUME_RADIUS + 1) ** 3, *quarter), generator=generator,
+                      dtype=torch.float64).to(device=device, dtype=dtype)
+    return [cost, smooth_flow((shape[0], 1, *quarter), generator, device, dtype) / 4]
+
+
+def _coupled_argmin_bytes(shape, pass_, itemsize):
+    quarter = math.prod(max(1, s // 4) for s in shape[2:]) * shape[0]
+    return itemsize * quarter * ((2 * COST_VOLUME_RADIUS + 1) ** 3 + 3) + 8 * quarter  # cost, field; int64 index
+
+
 def _grid_sample_prepare(inputs):
     image, flow = inputs
     return [image, grid_from_flow(flow.detach()).requires_grad_(flow.requires_grad)]
@@ -235,6 +269,14 @@ OPS = {
         "mind_cost_volume", _descriptor_pair_inputs, (0, 1),
         lambda b: (lambda f, m: gradreg_fast.mind_cost_volume(f, m, COST_VOLUME_RADIUS, backend=b)),
         lambda f, m: reference.mind_cost_volume(f, m, COST_VOLUME_RADIUS), _cost_volume_bytes),
+    "warped_sq_diff": Op(
+        "warped_sq_diff", _warped_sq_diff_inputs, (2,),  # the flow's gradient, as the engine needs
+        lambda b: (lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, backend=b)),
+        lambda m, f, u: reference.warped_sq_diff(m, f, u), _warped_sq_diff_bytes),
+    "coupled_argmin": Op(  # not differentiable: forward only
+        "coupled_argmin", _coupled_argmin_inputs, (),
+        lambda b: (lambda c, u: gradreg_fast.coupled_argmin(c, u, 0.3, backend=b)),
+        lambda c, u: reference.coupled_argmin(c, u, 0.3), _coupled_argmin_bytes),
 }
 BACKENDS = ("cuda", "triton", "reference")
 PASSES = ("fwd", "fwd_bwd")
@@ -257,7 +299,8 @@ def check_backends(shape) -> list[dict]:
             "mind_ssc": reference.mind_ssc, "mind_loss": reference.mind_loss,
             "mind_cost_volume": lambda f, m: reference.mind_cost_volume(f, m, COST_VOLUME_RADIUS)}
     refs.update(lncc_loss=lambda w, f: reference.lncc_loss(w, f, 9),
-                integrate_velocity=lambda v: reference.integrate_velocity(v, 7))
+                integrate_velocity=lambda v: reference.integrate_velocity(v, 7),
+                warped_sq_diff=reference.warped_sq_diff, coupled_argmin=lambda c, u: reference.coupled_argmin(c, u, 0.3))
     for op in OPS.values():
         inputs64 = op.make_inputs(shape, gen, "cuda", torch.float64)
         expected, expected_grads = _forward_and_grads(refs[op.name], inputs64, op.grad_inputs, seed=3)
@@ -297,6 +340,8 @@ def _backend_op_name(op_name):
 def _forward_and_grads(fn, inputs, grad_indices, seed):
     leaves = [x.detach().clone().requires_grad_(i in grad_indices) for i, x in enumerate(inputs)]
     out = fn(*leaves)
+    if not grad_indices:  # coupled_argmin: an index, no gradient
+        return out.detach(), []
     gen = torch.Generator(device=out.device).manual_seed(seed)
     grad_out = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float64).to(out.dtype)
     grads = torch.autograd.grad(out, [leaves[i] for i in grad_indices], grad_out)
@@ -460,6 +505,8 @@ def run_timings(sizes, samples, bandwidth, fast: bool = False) -> list[dict]:
             sets = [one_set] + [op.make_inputs(shape, gen, "cuda", torch.float32) for _ in range(count - 1)]
             for template in cases_for(op, shape, fast):
                 for pass_ in PASSES:
+                    if pass_ == "fwd_bwd" and not op.grad_inputs:
+                        continue
                     case = Case(op, template.impl, pass_, shape, template.fn, template.prepare)
                     row = {"op": op.name, "size": "x".join(map(str, shape)), "pass": pass_, "impl": case.impl}
                     if case.impl in BACKENDS:

@@ -551,3 +551,72 @@ def test_compute_sanitizer():
     result = subprocess.run(["bash", str(ROOT / "scripts" / "cuda_sanitizer.sh")], capture_output=True, text=True,
                             cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_sanitizer_workload_runs_on_the_cpu_core():
+    """scripts/kernel_workout.py (what cuda_sanitizer.sh runs on a GPU) with the CPU core: every call it makes
+    is valid, so the sanitizer run on a lent GPU does not fail on the workload itself."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_workout.py"), "--device", "cpu",
+                             "--backend", "cpu"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "every cpu kernel ran" in result.stdout
+
+
+def _graph_cases(backend):
+    """name -> (function of the leaves, [leaf shapes]); every op of the package, forward and backward."""
+    spatial = (6, 7, 9)
+    one, three, four = (2, 1, *spatial), (2, 3, *spatial), (1, 4, *spatial)
+    b = backend
+    return {
+        "gradient_magnitude": (lambda v: gradreg_fast.gradient_magnitude(v, backend=b), [one]),
+        "warp": (lambda v, f: gradreg_fast.warp(v, f, "bilinear", "border", backend=b), [one, three]),
+        "mind_ssc": (lambda v: gradreg_fast.mind_ssc(v, backend=b), [one]),
+        "mind_loss": (lambda v, f: gradreg_fast.mind_loss(v, f, backend=b), [one, one]),
+        "lncc_loss": (lambda v, f: gradreg_fast.lncc_loss(v, f, 3, backend=b), [one, one]),
+        "integrate_velocity": (lambda v: gradreg_fast.integrate_velocity(v, 3, "border", backend=b), [three]),
+        "mind_cost_volume": (lambda f, m: gradreg_fast.mind_cost_volume(f, m, 1, backend=b), [four, four]),
+        "warped_sq_diff": (lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, backend=b), [one, one, three]),
+    }
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_every_op_captures_in_a_cuda_graph(backend):
+    """Forward and backward of every op captured once in a CUDA graph and replayed on new inputs give what
+    eager calls give: no host synchronisation or host-to-device copy inside (an H200 found one in Triton's
+    LNCC), and no buffer that outlives its launch."""
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for name, (fn, shapes) in _graph_cases(backend).items():
+        leaves = [torch.rand(s, device="cuda", generator=gen).requires_grad_() for s in shapes]
+
+        def step():
+            out = fn(*leaves)
+            return [out.detach()] + list(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up (Triton compiles, workspaces) off the capturing stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        with torch.no_grad():
+            for leaf in leaves:
+                leaf.copy_(torch.rand(leaf.shape, device="cuda", generator=gen))
+        graph.replay()
+        expected = step()
+        for got, want in zip(captured, expected):
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name} ({backend}): {m}")
+    field = torch.rand((1, 27, 4, 5, 6), device="cuda", generator=gen), torch.rand((1, 3, 4, 5, 6), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    gradreg_fast.coupled_argmin(*field, 0.3, backend=backend)  # warm-up
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        index = gradreg_fast.coupled_argmin(*field, 0.3, backend=backend)
+    graph.replay()
+    assert torch.equal(index, gradreg_fast.coupled_argmin(*field, 0.3, backend=backend))
