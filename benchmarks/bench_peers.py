@@ -66,17 +66,18 @@ print(json.dumps({"core_s": core}))
 """
 
 
-PEER_GRIDS = {"working": 16, "native": 1}  # --peer-grid: the multiple the fixed grid is padded to
+PEER_GRIDS = ("working", "native")  # --peer-grid
 
 
-def prepare(files: dict, multiple: int = 16) -> dict:
-    """Both images on gradreg's working grid after the centre-of-mass alignment, as every peer gets them.
+def prepare(files: dict, peer_grid: str = "working") -> dict:
+    """Both images on one grid after the centre-of-mass alignment, as every peer gets them.
 
-    ``multiple`` 16 is gradreg's working grid (the fixed grid padded to multiples of 16: up to 15 more voxels
-    per axis, which also hands every method the moving content just beyond the fixed field of view); 1 is
-    the fixed image's own grid."""
+    ``peer_grid`` "working" is gradreg's working grid (``register.pipeline.working_multiples``: the fixed grid
+    padded to a multiple of 16 along its thinnest axis and of 4 along the others, which hands every method
+    the moving content just beyond a thin slab); "native" is the fixed image's own grid."""
     from gradreg_fast.body import moments_init
     from gradreg_fast.io import Grid, Scan, normalize_intensity, pair_on_grid, read_nifti
+    from gradreg_fast.register.pipeline import Settings, working_multiples
 
     fixed_raw, moving_raw = read_nifti(files["fixed"], "fixed"), read_nifti(files["moving"], "moving")
     fixed = Scan(normalize_intensity(fixed_raw.data, "auto"), fixed_raw.affine, fixed_raw.path)
@@ -84,7 +85,9 @@ def prepare(files: dict, multiple: int = 16) -> dict:
     tick = time.perf_counter()
     initial = moments_init(fixed, moving)
     init_s = time.perf_counter() - tick
-    grid_fit = Grid.of_scan(fixed).fit(multiple, "pad")
+    fixed_grid = Grid.of_scan(fixed)
+    multiples = working_multiples(fixed_grid.shape, Settings()) if peer_grid == "working" else 1
+    grid_fit = fixed_grid.fit(multiples, "pad")
     pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=initial)
     return {"fixed": pair["fixed"][0].numpy(), "moving": pair["moving"][0].numpy(), "box": pair["fixed_fov"],
             "grid_fit": grid_fit, "initial": initial, "init_s": init_s,
@@ -190,9 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", default="default",
                         help=f"comma-separated gradreg presets to run, from {PRESETS} (default: default)")
     parser.add_argument("--peer-grid", choices=sorted(PEER_GRIDS), default="working",
-                        help="the peers' input grid: gradreg's working grid (the fixed grid padded to multiples of "
-                             "16, the default) or the fixed image's own grid")
+                        help="the peers' input grid: gradreg's working grid (the default; see prepare) or the fixed "
+                             "image's own grid")
     parser.add_argument("--skip-gradreg", action="store_true")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="time the first case cold (by default each in-process method registers the first case "
+                             "once, untimed, before anything is timed)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None, help="write the table here")
     args = parser.parse_args(argv)
@@ -201,6 +207,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     cases = validation.all_cases(args.cases.split(",") if args.cases else None)
+    if not args.no_warmup:
+        # The first registration in a process pays once for lazy imports, the allocator's first blocks and the
+        # thread pool's start (about 0.05 s for gradreg, more for ConvexAdam): warm every in-process method up on
+        # the first case, untimed, so that no case's figure carries it. ANTs runs in its own process per case.
+        first = next(iter(cases.values()))
+        for preset in ([] if args.skip_gradreg else args.presets.split(",")):
+            run_gradreg(first, preset)
+        if not args.skip_convexadam:
+            run_convexadam(prepare(first, args.peer_grid))
+        print("warm-up done (first case registered once by each in-process method, untimed)", flush=True)
     rows = {}
     for name, files in cases.items():
         rows[name] = {}
@@ -215,7 +231,7 @@ def main(argv=None) -> int:
             peers.append(("ANTs SyN", lambda prep: run_ants(prep, args.ants_python)))
         if peers:  # read, normalise and align once per case; every peer's wall time includes it
             tick = time.perf_counter()
-            prep = prepare(files, PEER_GRIDS[args.peer_grid])
+            prep = prepare(files, args.peer_grid)
             prepare_s = time.perf_counter() - tick
         for method, run in peers:
             tick = time.perf_counter()

@@ -179,12 +179,16 @@ class Grid:
         affine[:3, 3] = center - linear @ ((shape - 1) / 2.0)
         return cls(tuple(shape), affine)
 
-    def fit(self, multiple: int = 16, how: str = "pad") -> "Fit":
-        """A grid whose sizes are multiples of ``multiple``, by padding (or cropping) each axis evenly."""
+    def fit(self, multiple=16, how: str = "pad") -> "Fit":
+        """A grid whose sizes are multiples of ``multiple`` (one int, or one per axis), by padding (or
+        cropping) each axis evenly."""
         if how not in ("pad", "crop"):
             raise ValueError(f"`how` must be 'pad' or 'crop', got {how!r}")
-        if not isinstance(multiple, int) or multiple < 1:
-            raise ValueError(f"`multiple` must be a positive int, got {multiple!r}")
+        multiples = tuple(multiple) if isinstance(multiple, (tuple, list)) else (multiple,) * 3
+        if len(multiples) != 3 or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
+                                      for m in multiples):
+            raise ValueError(f"`multiple` must be a positive int or three of them, got {multiple!r}")
+        multiple = np.asarray(multiples, dtype=int)
         old = np.asarray(self.shape)
         if how == "pad":
             new = np.ceil(old / multiple).astype(int) * multiple

@@ -140,6 +140,16 @@ def test_fit_to_multiple_and_inverse(how):
         grid.fit(16, "squash")
 
 
+def test_fit_to_a_multiple_per_axis():
+    grid = io.Grid((37, 18, 20), ras_affine())
+    fit = grid.fit((4, 4, 16), "pad")
+    assert fit.grid.shape == (40, 20, 32) and fit.offset == (-1, -1, -6)
+    assert fit.grid.shape == tuple(grid.fit(m, "pad").grid.shape[axis] for axis, m in enumerate((4, 4, 16)))
+    for bad in ((4, 16), (4, 0, 16), (4, 4.0, 16), (True, 4, 4), 0):
+        with pytest.raises(ValueError, match="multiple"):
+            grid.fit(bad, "pad")
+
+
 def test_resample_nearest_keeps_border_voxels():
     """Round-off must never drop the last voxel of a label map (nearest sampling of voxel extents)."""
     labels = np.ones((5, 4, 3), np.int64)

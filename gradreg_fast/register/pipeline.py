@@ -3,7 +3,7 @@
 Stages (each timed):
 
 1. read both scans, normalise intensities per modality, choose the working grid (the fixed image's,
-   padded to multiples of 16);
+   padded as :func:`working_multiples` says);
 2. initial alignment: centres of mass of the body masks (:func:`gradreg_fast.body.moments_init`);
 3. affine: optimised on MIND-SSC, coarse to fine (:func:`affine.optimize_affine`); the moving scan is
    then resampled once from its own voxels through initial alignment and affine together;
@@ -46,13 +46,13 @@ class Settings:
 
     spacing: float | None = None  # mm; None: the fixed image's own
     size: tuple | None = None  # working grid voxels; None: the fixed image's field of view
-    fit: str = "pad"  # "pad" or "crop" to multiples of 16
+    fit: str = "pad"  # "pad" or "crop" to the multiples of working_multiples
     fixed_modality: str = "auto"
     moving_modality: str = "auto"
     init: str = "com"  # "com" (centres of mass of the body masks), "com_scale" (plus in-plane spread), "none"
     affine_model: str = "affine"  # "affine", "rigid_scale", "translation" or "none"
     affine_levels: tuple = (4, 2)
-    affine_iterations: tuple = (10, 10)
+    affine_iterations: tuple = (5, 5)
     affine_objective: str = "descriptors"  # see optimize_affine: "descriptors" (warped once-per-level MIND) or "mind"
     method: str = "field"  # "field" or "network"
     field: FieldSettings = field(default_factory=FieldSettings)
@@ -63,14 +63,29 @@ class Settings:
     checkpoint: str | None = None
 
 
-def quick_settings() -> Settings:
-    """About 1.8 times faster than the defaults: no gradient-map terms, a one-way search of +-1 cell, 20 Adam
-    steps at twice the step size, the affine stage 5 + 5.
+def working_multiples(shape, settings: Settings) -> tuple:
+    """What each axis of the working grid is padded (or cropped) to a multiple of.
 
-    On the validation set it keeps the defaults' Dice (0.938 on the same-subject cases, 0.678 on the bundled
-    pair) at about 0.1 of ConvexAdam's runtime (benchmarks/RESULTS.md), but its capture range is +-2 voxels:
-    where the affine stage leaves larger differences (the two-organ phantom of tests/test_register.py) it falls
-    well short of the defaults (Dice 0.67 against 0.86).
+    16 everywhere for the network (four stride-2 levels). The field engine needs 4 (its velocity grid),
+    but along the thinnest axis it gets 16: a slab of a few thick slices (the MR cases' 20 slices of 3 mm)
+    needs the moving content just beyond the fixed field of view, where organs move in and out of the slab
+    (benchmarks/results/engine_sweeps.md, sweep 8g: padding that axis to 16 and the others to 4 keeps the
+    Dice of padding all to 16, padding all to 4 or 8 loses up to 0.06 on the bundled pair); margins along
+    the other axes changed nothing there and cost voxels."""
+    if settings.method != "field":
+        return (16, 16, 16)
+    thinnest = min(range(3), key=lambda axis: (shape[axis], axis))
+    return tuple(16 if axis == thinnest else 4 for axis in range(3))
+
+
+def quick_settings() -> Settings:
+    """About 1.3 times faster than the defaults: no gradient-map terms, a one-way search of +-1 cell, 20 Adam
+    steps at lr 1.0.
+
+    On the validation set it keeps the defaults' Dice on the same-subject cases (0.941 against 0.939) and loses
+    on the bundled pair (0.620 against 0.636; benchmarks/RESULTS.md, 2026-11-30 19:22), and its capture range is
+    +-2 voxels: where the affine stage leaves larger differences (the two-organ phantom of tests/test_register.py)
+    it falls well short of the defaults (Dice 0.68 against 0.86).
     """
     settings = Settings(affine_iterations=(5, 5), network_iterations=(10, 5))
     settings.field = FieldSettings(alpha=0.0, search_radius=1, symmetric=False, iterations=(20,), lr=1.0)
@@ -88,7 +103,7 @@ def thorough_settings() -> Settings:
 class Result:
     """What :func:`register` returns: transforms, fields, resampled volumes and metrics."""
 
-    grid: Grid  # the working grid (multiple of 16)
+    grid: Grid  # the working grid (see working_multiples)
     fit: Fit  # working grid <-> output grid (the fixed image's at the chosen spacing)
     initial: np.ndarray  # world transform fixed -> moving of the initial alignment
     affine: np.ndarray  # world transform fixed -> moving after the affine stage
@@ -281,7 +296,8 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         moving_ids = _compact(keep_labels(moving_seg, label_ids, "moving labels"))
     fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality), fixed_raw.affine, fixed_raw.path)
     moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality), moving_raw.affine, moving_raw.path)
-    grid_fit = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size).fit(16, settings.fit)
+    fixed_grid = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size)
+    grid_fit = fixed_grid.fit(working_multiples(fixed_grid.shape, settings), settings.fit)
     out_grid = grid_fit.original
     check_memory(grid_fit)
     timings["load_s"] = time.perf_counter() - start
