@@ -158,10 +158,10 @@ def _add_registration(parser) -> None:
                        help="deformable stage: instance-optimised displacement field (default without a "
                             "checkpoint) or the dual-branch network fine-tuned on the pair")
     group.add_argument("--iterations", help="deformable Adam steps per level (field: one level after the convex "
-                                            "search, default 25; network: 2 pyramid levels, default 100,50; one "
+                                            "search, default 15; network: 2 pyramid levels, default 100,50; one "
                                             "number: every level)")
     group.add_argument("--affine-iterations", help="affine Adam steps per pyramid level, at 1/4 and 1/2 scale "
-                                                   "(default 10,10; --thorough: 40,40)")
+                                                   "(default 5,5; --thorough: 40,40)")
     group.add_argument("--affine", default="affine", choices=("affine", "rigid_scale", "translation", "none"),
                        help="affine stage model (default: affine)")
     group.add_argument("--init", default="com", choices=("com", "com_scale", "none"),
@@ -171,7 +171,7 @@ def _add_registration(parser) -> None:
     group.add_argument("--fixed-modality", default="auto", choices=("auto", "ct", "mr"),
                        help="intensity normalisation of the fixed image (auto: CT if it reaches -500 HU)")
     group.add_argument("--moving-modality", default="auto", choices=("auto", "ct", "mr"))
-    group.add_argument("--quick", action="store_true", help="about 2.3x faster: no gradient-map terms, a "
+    group.add_argument("--quick", action="store_true", help="about 1.3x faster: no gradient-map terms, a "
                        "search of +-1 cell, 20 Adam steps (a capture range of +-2 voxels after the affine)")
     group.add_argument("--thorough", action="store_true",
                        help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
@@ -458,12 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Register the bundled CT (moving) onto the MR (fixed) of another person and "
                                       "report organ Dice/ASD before and after, the runtime and the figure.")
     demo.add_argument("--out", help=f"output directory (default: a fresh ./{DEMO_OUT}[-N])")
-    demo.add_argument("--quick", action="store_true", help="about 2.3x faster: no gradient-map terms, a "
+    demo.add_argument("--quick", action="store_true", help="about 1.3x faster: no gradient-map terms, a "
                       "search of +-1 cell, 20 Adam steps (a capture range of +-2 voxels after the affine)")
     demo.add_argument("--thorough", action="store_true",
                       help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
-    demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 25)")
-    demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 10,10)")
+    demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 15)")
+    demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 5,5)")
     _add_common(demo)
 
     sub.add_parser("train", help="train the dual-branch network (arguments go to gradreg_fast.train)",

@@ -56,11 +56,11 @@ class FieldSettings:
     ic_iterations: int = 5  # inverse-consistency iterations of the symmetric search
     # stage 2: Adam on a finer control grid, stationary velocity integrated by scaling and squaring
     adam_grid: int | tuple = 2  # one for every level, or one per level (coarse to fine)
-    iterations: tuple = (25,)  # Adam steps of each level
-    lr: float = 0.5
+    iterations: tuple = (15,)  # Adam steps of each level
+    lr: float = 1.0
     warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
-    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
-    squarings: int = 4  # scaling-and-squaring steps (0: the velocity is used as a displacement)
+    smoothness: float = 2.0  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
+    squarings: int = 3  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
     velocity_grid: int | None = 4  # the velocity's control grid (a multiple of each level's adam_grid; None: the
     # Adam grid): integrated there, its displacement upsampled to the Adam grid for the warp
