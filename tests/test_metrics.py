@@ -196,6 +196,17 @@ def test_label_metrics_equal_the_whole_volume_computation(shape, spacing):
     assert_same_table(default, whole_volume_table(a, b, spacing, present))
 
 
+def embed_pair(a, b, b_origin):
+    """``a`` and ``b`` (placed at ``b_origin`` in ``a``'s lattice) embedded in one volume covering both."""
+    low = np.minimum(0, b_origin)
+    high = np.maximum(a.shape, np.add(b_origin, b.shape))
+    big_a = np.zeros(tuple(high - low), np.int64)
+    big_b = np.zeros_like(big_a)
+    big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
+    big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(b_origin, low, b.shape))] = b
+    return big_a, big_b
+
+
 def test_label_metrics_of_maps_placed_apart_equal_the_embedding():
     """Maps of different shapes placed on one lattice (b_origin) score as both embedded in a volume
     covering them, including far apart (no common voxel) and touching their own borders."""
@@ -205,12 +216,7 @@ def test_label_metrics_of_maps_placed_apart_equal_the_embedding():
     a[0, :3, :3] = 2  # on a's border: the border is outside
     b = random_atlas((10, 15, 7), [1, 2, 4], rng)
     for origin in [(3, -4, 2), (-6, 5, -3), (40, -3, 0)]:
-        low = np.minimum(0, origin)
-        high = np.maximum(a.shape, np.add(origin, b.shape))
-        big_a = np.zeros(tuple(high - low), np.int64)
-        big_b = np.zeros_like(big_a)
-        big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
-        big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(origin, low, b.shape))] = b
+        big_a, big_b = embed_pair(a, b, origin)
         # In the big volume a map's border voxels are no longer on the volume's border: pad so that
         # the surfaces stay those of the maps themselves.
         big_a, big_b = np.pad(big_a, 1), np.pad(big_b, 1)
@@ -255,12 +261,8 @@ def per_label_table(a, b, spacing, labels, b_origin=(0, 0, 0)):
     from scipy import ndimage
     from scipy.spatial import cKDTree
 
-    low = np.minimum(0, b_origin)
-    high = np.maximum(a.shape, np.add(b_origin, b.shape))
-    big_a = np.zeros(tuple(high - low), np.int64)
-    big_b = np.zeros_like(big_a)
-    big_a[tuple(slice(-lo, -lo + n) for lo, n in zip(low, a.shape))] = a
-    big_b[tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(b_origin, low, b.shape))] = b
+    big_a, big_b = embed_pair(a, b, b_origin)
+    low = np.minimum(0, b_origin)  # the embedding's voxel 0 in a's lattice
     cross = ndimage.generate_binary_structure(3, 1)
     spacing = np.asarray(spacing, dtype=np.float64)
     table = {}
