@@ -25,7 +25,9 @@ def grads(out, inputs):
     return torch.autograd.grad(out, inputs, torch.randn_like(out))
 
 
-def workout(device: str, backend: str) -> None:
+def workout(device: str, backend: str, check_values: bool = True) -> None:
+    """Every call once; ``check_values`` False skips the one comparison of results (for runs whose kernels
+    are compiled but not launched: tests/test_triton_compiles.py)."""
     torch.manual_seed(0)
     on = dict(dtype=None, device=device)
     for dtype in (torch.float32, torch.float64):
@@ -54,8 +56,9 @@ def workout(device: str, backend: str) -> None:
                 for penalty in ("l1", "l2"):
                     loss = gradreg_fast.mind_loss(single, fixed, descriptor, penalty, backend=backend)
                     torch.autograd.grad(loss, single)
-                    expected = reference.mind_loss(single.detach(), fixed, descriptor, penalty)
-                    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+                    if check_values:
+                        expected = reference.mind_loss(single.detach(), fixed, descriptor, penalty)
+                        torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
 
             other = fixed.clone().requires_grad_()
             for convention in ("voxelmorph", "monai"):

@@ -4,8 +4,9 @@ machine without a GPU.
 The interpreter tests (TRITON_INTERPRET=1) check the kernels' arithmetic but never compile them, and
 Triton's compiler refuses code that its interpreter runs (a loop-carried variable changing type, for
 one: the warp kernel's reused ``_`` did exactly that, and only a GPU machine showed it). Here a stand-in
-driver reports a CUDA target and every launch is turned into a compile-only warm-up, so the public ops
-run their Triton paths, forward and backward, on CPU tensors with every specialisation they use, and each
+driver reports a CUDA target and every launch is turned into a compile-only warm-up, so the calls of
+scripts/kernel_workout.py (the sanitizer's workload: every op, forward and backward, every mode, both dtypes,
+odd sizes and sizes of 1) run the Triton paths on CPU tensors with the specialisations they use, and each
 kernel goes through the whole pipeline down to ptxas. Nothing runs: the outputs are not looked at.
 
 The check runs in a subprocess (``python tests/test_triton_compiles.py ARCH``): the triton module must be
@@ -29,8 +30,8 @@ import torch
 ARCHS = (80, 90)
 
 
-def _compile_everything(arch: int) -> tuple[set[str], list[tuple[str, str]]]:
-    """(names of the kernels compiled, [(case, error)])."""
+def _compile_everything(arch: int) -> set[str]:
+    """The names of the kernels compiled; the first compile error propagates."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver, jit
 
@@ -63,72 +64,19 @@ def _compile_everything(arch: int) -> tuple[set[str], list[tuple[str, str]]]:
 
     jit.JITFunction.run = compile_only
 
-    import gradreg_fast as gr
     from gradreg_fast import _backend
 
     _backend._triton_problem = lambda device: None  # CPU tensors stand for CUDA ones; nothing is launched
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from kernel_workout import workout
 
-    gen = torch.Generator().manual_seed(0)
-    errors = []
-
-    def case(name, fn):
-        try:
-            fn()
-        except Exception as exc:  # every failure is reported, not only the first
-            errors.append((name, f"{type(exc).__name__}: {exc}"))
-
-    def leaf(*shape, dtype):
-        return torch.rand(*shape, dtype=dtype, generator=gen).requires_grad_()
-
-    def backward(out):
-        out.sum().backward()
-
-    shape = (2, 1, 5, 6, 7)
-    for dtype in (torch.float32, torch.float64):
-        vol, other, flow = leaf(*shape, dtype=dtype), leaf(*shape, dtype=dtype), leaf(2, 3, *shape[2:], dtype=dtype)
-        case(f"gradient_magnitude {dtype}", lambda: backward(gr.gradient_magnitude(vol, backend="triton")))
-        for mode in ("bilinear", "nearest"):
-            for padding in ("zeros", "border"):
-                for deterministic in (False, True):
-                    case(f"warp {mode} {padding} deterministic={deterministic} {dtype}",
-                         lambda: backward(gr.warp(vol, flow, mode, padding, deterministic, backend="triton")))
-        for per_item in (False, True):
-            case(f"mind_ssc per_item={per_item} {dtype}",
-                 lambda: backward(gr.mind_ssc(vol, per_item=per_item, backend="triton")))
-            case(f"mind per_item={per_item} {dtype}", lambda: backward(gr.mind(vol, per_item=per_item, backend="triton")))
-        for descriptor in ("ssc", "mind"):
-            for penalty in ("l1", "l2"):
-                case(f"mind_loss {descriptor} {penalty} {dtype}", lambda: backward(
-                    gr.mind_loss(vol, other, descriptor=descriptor, penalty=penalty, backend="triton")))
-        for convention in ("voxelmorph", "monai"):
-            for reduction in ("mean", "none"):
-                case(f"lncc_loss {convention} {reduction} {dtype}", lambda: backward(
-                    gr.lncc_loss(vol, other, window=3, convention=convention, reduction=reduction, backend="triton")))
-        for padding in ("zeros", "border"):
-            case(f"integrate_velocity {padding} {dtype}",
-                 lambda: backward(gr.integrate_velocity(flow, 3, padding, backend="triton")))
-            for weighted in (False, True):
-                weight = torch.rand(2, 1, *shape[2:], dtype=dtype, generator=gen) if weighted else None
-                case(f"warped_sq_diff {padding} weight={weighted} {dtype}", lambda: backward(
-                    gr.warped_sq_diff(vol, other, flow, weight, padding, backend="triton")))
-        descriptors = leaf(1, 4, 6, 7, 8, dtype=dtype), leaf(1, 4, 6, 7, 8, dtype=dtype)
-        for grid in (1, 2):
-            case(f"mind_cost_volume grid={grid} {dtype}", lambda: backward(
-                gr.mind_cost_volume(*descriptors, radius=1, spacing=1, grid=grid, backend="triton")))
-        cost = torch.rand(1, 27, 3, 4, 5, dtype=dtype, generator=gen)
-        field = torch.rand(1, 3, 3, 4, 5, dtype=dtype, generator=gen)
-        for mirrored in (False, True):
-            case(f"coupled_argmin mirrored={mirrored} {dtype}",
-                 lambda: gr.coupled_argmin(cost, field, 0.5, mirrored=mirrored, backend="triton"))
-    return compiled, errors
+    workout("cpu", "triton", check_values=False)
+    return compiled
 
 
 if __name__ == "__main__":
-    names, failures = _compile_everything(int(sys.argv[1]))
+    names = _compile_everything(int(sys.argv[1]))
     print(f"compiled for sm_{sys.argv[1]}: {', '.join(sorted(names))}")
-    for name, error in failures:
-        print(f"FAILED {name}\n{error}\n")
-    sys.exit(1 if failures else 0)
 
 
 # A case that silently fell back to another backend would compile nothing and pass: every kernel module
