@@ -1,7 +1,7 @@
 """gradreg against ConvexAdam and ANTs SyN on every validation case, in one run, on one machine.
 
-Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error) and
-the bundled inter-subject CT/MR pair. Every method starts from the same place, the centre-of-mass
+Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error), its
+three inter-subject cases and the bundled inter-subject CT/MR pair. Every method starts from the same place, the centre-of-mass
 alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
 
 * gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable), and with
@@ -15,7 +15,7 @@ alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg'
 Scoring is the same for all: each method's map from the fixed image's grid to the moving world is
 composed with the centre-of-mass transform, the moving labels are sampled there (nearest) and scored with
 :mod:`gradreg_fast.metrics` against the fixed labels (organs 1 spleen, 2 right kidney, 3 left kidney,
-5 liver); the endpoint error against the known answer over the fixed body mask; folding (% of voxels
+5 liver; on the inter-subject cases those both label maps hold: spleen and liver); the endpoint error against the known answer over the fixed body mask; folding (% of voxels
 with det J <= 0) and SDlogJ of the deformable field inside the fixed field of view. Runtimes: *core* is
 the registration alone (images in memory), *wall* the whole case (reading, registration, scoring).
 
@@ -109,7 +109,7 @@ def score(prep: dict, flow: np.ndarray, files: dict) -> dict:
     flow_out = grid_fit.to_original(flow, fill="edge").astype(np.float64)
     points = _world_points(out_grid)
     registered = _apply_world(prep["initial"], _world_points(out_grid, flow_out))
-    ids = sorted(validation.ORGANS)
+    ids = sorted(files.get("organs", validation.ORGANS))
     fixed_seg, moving_seg = prep["fixed_labels"], prep["moving_labels"]
     fixed_labels = _sample(keep_labels(fixed_seg.data, ids), fixed_seg.affine, points, 0, 0)
     warped = _sample(keep_labels(moving_seg.data, ids), moving_seg.affine, registered, 0, 0)
@@ -173,20 +173,21 @@ def table(rows: dict) -> str:
         for method, row in methods.items():
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) and math.isfinite(row[k]) else "-" for k in KEYS]
             lines.append(f"| {case} | {method} | " + " | ".join(cells) + " |")
-    same = [c for c in rows if c != "bundled"]
-    methods = list(dict.fromkeys(m for c in same for m in rows[c]))
-    for method in methods:
-        values = [rows[c][method] for c in same if method in rows[c]]
-        if values:
+    groups = (("same-subject", {spec.name for spec in validation.SAME_SUBJECT}),
+              ("inter-subject", {spec.name for spec in validation.INTER_SUBJECT}))
+    for group, names in groups:
+        cases = [c for c in rows if c in names]
+        for method in dict.fromkeys(m for c in cases for m in rows[c]):
+            values = [rows[c][method] for c in cases if method in rows[c]]
             cells = [f"{np.mean([v[k] for v in values if k in v]):.3f}" if any(k in v for v in values) else "-"
                      for k in KEYS]
-            lines.append(f"| mean of {len(values)} same-subject | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| mean of {len(values)} {group} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=None, help="comma-separated (default: all same-subject cases + bundled)")
+    parser.add_argument("--cases", default=None, help="comma-separated (default: every case of validation.py)")
     parser.add_argument("--ants-python", default=None, help="the python of a venv with antspyx (skipped without)")
     parser.add_argument("--skip-convexadam", action="store_true")
     parser.add_argument("--threads", type=int, default=2)

@@ -1,15 +1,20 @@
 """Settings sweep on the validation set: one table row per FieldSettings override.
 
-Each row registers the six same-subject cases and the bundled pair of benchmarks/validation.py with
-``register()`` (overrides on top of the defaults, as validation.settings_with reads them) and, as a
-capture-range check, the two-organ phantom pair of tests/test_register.py (its organs differ by more than
-the validation cases' residuals after the affine stage). Columns: same-subject means (Dice, endpoint error
-mm, folding %, SDlogJ, core s), the bundled pair (Dice, core s), the mean Dice of the seven cases, the
-phantom's Dice. Rows of benchmarks/results/engine_sweeps.md come from here.
+Each row registers every case of benchmarks/validation.py (six same-subject cases with a known deformation,
+three inter-subject cases, the bundled pair) with ``register()`` (overrides on top of the defaults, as
+validation.settings_with reads them) and, as a capture-range check, the two-organ phantom pair of
+tests/test_register.py (its organs differ by more than the validation cases' residuals after the affine stage).
+
+Columns: same-subject means (Dice, endpoint error mm, SDlogJ), the inter-subject cases' mean Dice, the mean Dice
+of the cases that choose the defaults (validation.CHOOSING: every case but the bundled pair), the bundled pair's
+Dice (reported, never used to choose), the phantom's Dice, the largest folding % of any case, and, against
+ConvexAdam on the fixed image's own grid in a reference run of bench_peers.py (``--reference``; the seven cases
+it holds), the largest ratios of core time and of SDlogJ. Rows of benchmarks/results/engine_sweeps.md come from
+here.
 
 Usage::
 
-    python benchmarks/sweep.py '{}' '{"alpha": 0}' ... [--threads 2] [--no-phantom]
+    python benchmarks/sweep.py '{}' '{"alpha": 0}' ... [--threads 2] [--no-phantom] [--reference FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import validation  # noqa: E402
 
+# ConvexAdam on the fixed image's own grid, from the last run of benchmarks/run_engine.sh.
+REFERENCE = HERE / "results" / "engine_peers_native_2026-11-30_1922.json"
+
 
 def phantom_files(folder: Path) -> dict:
     """The two-organ phantom pair of tests/test_register.py, written to ``folder``."""
@@ -39,18 +47,28 @@ def phantom_files(folder: Path) -> dict:
     return phantom_pair(folder)
 
 
-def row(overrides: dict, cases: dict, phantom: dict | None) -> dict:
+def row(overrides: dict, cases: dict, phantom: dict | None, reference: dict) -> dict:
     from gradreg_fast.register import register
 
     settings = validation.settings_with(overrides)
     rows = {name: validation.run_gradreg(files, settings) for name, files in cases.items()}
-    same = [rows[n] for n in rows if n != "bundled"]
-    out = {key: float(np.mean([r[key] for r in same])) for key in
-           ("dice", "epe_body_mm", "folding_percent", "sd_log_jacobian", "core_s")}
-    out["max_core_s"] = float(max(r["core_s"] for r in rows.values()))
+    same = [rows[n] for n in rows if n in {spec.name for spec in validation.SAME_SUBJECT}]
+    out = {key: float(np.mean([r[key] for r in same])) for key in ("dice", "epe_body_mm", "sd_log_jacobian")} \
+        if same else {}
+    inter = [rows[n]["dice"] for n in rows if n in {spec.name for spec in validation.INTER_SUBJECT}]
+    if inter:
+        out["inter_dice"] = float(np.mean(inter))
+    choosing = [rows[n]["dice"] for n in rows if n in validation.CHOOSING]
+    if choosing:
+        out["choosing_dice"] = float(np.mean(choosing))
     if "bundled" in rows:
-        out["bundled_dice"], out["bundled_core_s"] = rows["bundled"]["dice"], rows["bundled"]["core_s"]
-    out["mean7"] = float(np.mean([r["dice"] for r in rows.values()]))
+        out["bundled_dice"] = rows["bundled"]["dice"]
+    out["max_folding_percent"] = float(max(r["folding_percent"] for r in rows.values()))
+    compared = [n for n in rows if "ConvexAdam" in reference.get(n, {})]
+    if compared:
+        out["max_core_ratio"] = float(max(rows[n]["core_s"] / reference[n]["ConvexAdam"]["core_s"] for n in compared))
+        out["max_sdlogj_ratio"] = float(max(rows[n]["sd_log_jacobian"] / reference[n]["ConvexAdam"]["sd_log_jacobian"]
+                                            for n in compared))
     if phantom is not None:
         result = register(phantom["fixed"], phantom["moving"], phantom["fixed_labels"], phantom["moving_labels"],
                           settings, label_names={1: "a", 2: "b"}, device="cpu", progress=False)
@@ -59,8 +77,10 @@ def row(overrides: dict, cases: dict, phantom: dict | None) -> dict:
     return out
 
 
-COLUMNS = ("dice", "epe_body_mm", "folding_percent", "sd_log_jacobian", "core_s", "bundled_dice", "bundled_core_s",
-           "max_core_s", "mean7", "phantom_dice")
+COLUMNS = ("dice", "epe_body_mm", "sd_log_jacobian", "inter_dice", "choosing_dice", "bundled_dice", "phantom_dice",
+           "max_folding_percent", "max_core_ratio", "max_sdlogj_ratio")
+HEADERS = ("same Dice", "same EPE", "same SDlogJ", "inter Dice", "mean of choosing", "bundled Dice (reported)",
+           "phantom Dice", "max fold %", "max core / ConvexAdam", "max SDlogJ / ConvexAdam")
 
 
 def main(argv=None) -> int:
@@ -70,18 +90,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-phantom", action="store_true")
     parser.add_argument("--json", default=None, help="append each row as one JSON line here")
+    parser.add_argument("--reference", default=str(REFERENCE),
+                        help="bench_peers.py JSON with ConvexAdam's rows (core time and SDlogJ ratios)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     cases = validation.all_cases(args.cases.split(",") if args.cases else None)
-    print("| overrides | same Dice | same EPE | same fold % | same SDlogJ | same core s | bundled Dice "
-          "| bundled core s | max core s | mean of 7 | phantom Dice |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    reference = json.loads(Path(args.reference).read_text())
+    print("| overrides | " + " | ".join(HEADERS) + " |")
+    print("|---" * (len(HEADERS) + 1) + "|")
     with tempfile.TemporaryDirectory() as tmp:
         phantom = None if args.no_phantom else phantom_files(Path(tmp))
         for text in args.overrides:
-            result = row(json.loads(text), cases, phantom)
+            result = row(json.loads(text), cases, phantom, reference)
             cells = [f"{result[k]:.4f}" if k in result else "-" for k in COLUMNS]
             print(f"| `{text}` | " + " | ".join(cells) + " |", flush=True)
             if args.json:

@@ -14,7 +14,14 @@ map from a fixed world point x to the moving world is ``O(x + u(x))``. The label
 (nearest neighbour). Measures: endpoint error (mm) of the registration's world displacement against
 the truth, over the fixed body mask and over the organs, and organ Dice of the warped labels.
 
-The bundled inter-subject CT/MR pair is the last case (``bundled``): Dice only, no known answer.
+Inter-subject cases (:data:`INTER_SUBJECT`; Dice only, no known answer): three real people, A (the bundled
+CT), B (the bundled MR) and C (a third CT, TotalSegmentator's DICOM example, benchmarks/data/ts_dicom_ct). Each
+registers one person's CT to another person's MR (B), or to another person's CT given an MR-like contrast by the
+same kind of non-monotonic remap. Only the organs both label maps hold are scored (C's 40 mm slab holds the
+spleen and the liver). None of them is the bundled pair (A's CT to B's MR), which the package reports.
+
+The bundled inter-subject CT/MR pair is the last case (``bundled``): Dice only, no known answer. It is reported,
+never used to choose defaults (:data:`CHOOSING` names the cases that choose them).
 
 Usage (also imported by bench_peers.py and the tests):
 
@@ -63,6 +70,25 @@ SAME_SUBJECT = (
 )
 
 
+@dataclass(frozen=True)
+class InterSpec:
+    name: str
+    moving: str  # a CT: "ct-a" (the bundled CT) or "ct-c" (the third subject's CT)
+    fixed: str  # "mr-b" (the bundled MR) or a CT ("ct-a", "ct-c") given an MR-like contrast
+    seed: int  # of the contrast remap and its noise
+
+
+INTER_SUBJECT = (
+    InterSpec("inter-cb", "ct-c", "mr-b", 21),
+    InterSpec("inter-ca", "ct-c", "ct-a", 22),
+    InterSpec("inter-ac", "ct-a", "ct-c", 23),
+)
+
+# The cases whose mean Dice chooses the defaults (benchmarks/sweep.py, column "mean of choosing"): every
+# validation case but the bundled pair.
+CHOOSING = tuple(spec.name for spec in SAME_SUBJECT + INTER_SUBJECT)
+
+
 def extra_cases(count: int) -> tuple:
     """More same-subject cases of the same recipe with other seeds: for ablations that need more pairs
     than the six that chose the defaults (never used to choose them)."""
@@ -81,7 +107,18 @@ def bundled_files() -> dict:
     folder = data_dir()
     return {"fixed": folder / "mr.nii.gz", "moving": folder / "ct.nii.gz",
             "fixed_labels": folder / "mr_labels.nii.gz", "moving_labels": folder / "ct_labels.nii.gz",
-            "truth": None}
+            "truth": None, "organs": ORGANS}
+
+
+THIRD_SUBJECT = ROOT / "benchmarks" / "data" / "ts_dicom_ct"
+
+
+def subject_scan(key: str) -> tuple:
+    """(scan, labels) paths of a subject's scan: "ct-a", "mr-b" (the bundled pair) or "ct-c" (the third subject)."""
+    if key == "ct-c":
+        return THIRD_SUBJECT / "ct.nii.gz", THIRD_SUBJECT / "ct_labels.nii.gz"
+    name = {"ct-a": "ct", "mr-b": "mr"}[key]
+    return data_dir() / f"{name}.nii.gz", data_dir() / f"{name}_labels.nii.gz"
 
 
 def _remap(t: np.ndarray, rng, low: float, high: float, keep_air: float) -> np.ndarray:
@@ -190,17 +227,53 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     return files
 
 
+def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
+    """The files of an inter-subject case: the moving CT and its labels as they are; the fixed scan as it is (an
+    MR) or, for a CT, given an MR-like contrast (written once to ``out_dir``). Scored organs: those of
+    :data:`ORGANS` present in both label maps."""
+    import nibabel as nib
+
+    from gradreg_fast.io import normalize_intensity, read_nifti
+
+    moving, moving_labels = subject_scan(spec.moving)
+    fixed, fixed_labels = subject_scan(spec.fixed)
+    present = [set(np.unique(np.asarray(nib.load(str(path)).dataobj))) for path in (moving_labels, fixed_labels)]
+    files = {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels,
+             "truth": None, "organs": {k: v for k, v in ORGANS.items() if k in present[0] and k in present[1]}}
+    if spec.fixed.startswith("mr"):
+        return files
+    folder = Path(out_dir) / spec.name
+    files["fixed"] = folder / "fixed.nii.gz"
+    if files["fixed"].exists():
+        return files
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    scan = read_nifti(fixed, "base scan")
+    data = np.asarray(scan.data, dtype=np.float64)
+    mr_like = _remap(normalize_intensity(data, "ct").astype(np.float64), rng, 0.0, 900.0, keep_air=0.0)
+    mr_like[data <= -500] = 0.0
+    mr_like = np.clip(mr_like + rng.normal(0, 6.0, data.shape), 0, None)
+    image = nib.Nifti1Image(mr_like.astype(np.float32), scan.affine)
+    image.set_qform(scan.affine, code=1)
+    image.set_sform(scan.affine, code=1)
+    partial = folder / "fixed.partial.nii.gz"  # renamed when complete: a killed run leaves no half file
+    nib.save(image, str(partial))
+    partial.replace(files["fixed"])
+    return files
+
+
 def all_cases(names=None, extra: int = 0) -> dict:
-    """{name: files} for the same-subject cases and ``bundled`` (all when ``names`` is None), plus ``extra``
-    cases of :func:`extra_cases` when asked for by name or when ``names`` is None."""
-    cases = {spec.name: spec for spec in SAME_SUBJECT + extra_cases(extra)}
+    """{name: files} for the same-subject cases, the inter-subject cases and ``bundled`` (all when ``names`` is
+    None), plus ``extra`` cases of :func:`extra_cases` when asked for by name or when ``names`` is None."""
+    cases = {spec.name: spec for spec in SAME_SUBJECT + INTER_SUBJECT + extra_cases(extra)}
     chosen = list(cases) + ["bundled"] if names is None else list(names)
     out = {}
     for name in chosen:
         if name == "bundled":
             out[name] = bundled_files()
         elif name in cases:
-            out[name] = make_case(cases[name])
+            spec = cases[name]
+            out[name] = make_inter_case(spec) if isinstance(spec, InterSpec) else make_case(spec)
         else:
             raise ValueError(f"unknown case {name!r}; choose from {list(cases) + ['bundled']}")
     return out
@@ -234,7 +307,7 @@ def run_gradreg(files: dict, settings=None, progress: bool = False) -> dict:
     from gradreg_fast.register import register
 
     result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], settings,
-                      label_names=ORGANS, device="cpu", progress=progress)
+                      label_names=files.get("organs", ORGANS), device="cpu", progress=progress)
     stages = result.metrics["stages"]
     return {
         "dice_initial": stages["initial"]["mean_dice"], "dice_affine": stages["affine"]["mean_dice"],
@@ -258,8 +331,7 @@ def summarize(rows: dict) -> str:
 
 def settings_with(overrides: dict):
     """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``,
-    ``affine_objective``)
-    overridden."""
+    ``affine_objective``, ``affine_rigidity``) overridden."""
     from gradreg_fast.register import Settings
 
     settings = Settings()
@@ -269,7 +341,7 @@ def settings_with(overrides: dict):
         elif key == "affine_iterations":
             settings.affine_iterations = tuple(value)
         elif key == "affine_objective":
-            settings.affine_objective = value
+            setattr(settings, key, value)
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)
     return settings
@@ -314,10 +386,16 @@ def main(argv=None) -> int:
         print(summarize(rows))
     if args.compare:
         base, other = results["defaults"], results[args.compare]
-        same = [n for n in base if n != "bundled"]
+        inter_names = {spec.name for spec in INTER_SUBJECT}
+        same = [n for n in base if n != "bundled" and n not in inter_names]
+        inter = [n for n in base if n in inter_names]
         for key in ("dice", "epe_body_mm", "sd_log_jacobian"):
             print(f"{args.compare} minus defaults, same-subject cases: "
                   + paired({n: base[n] for n in same}, {n: other[n] for n in same}, key))
+        if inter:
+            for key in ("dice", "sd_log_jacobian"):
+                print(f"{args.compare} minus defaults, inter-subject cases: "
+                      + paired({n: base[n] for n in inter}, {n: other[n] for n in inter}, key))
         if "bundled" in base:
             print(f"{args.compare} minus defaults, bundled pair: dice {other['bundled']['dice'] - base['bundled']['dice']:+.4f}")
     if args.json:

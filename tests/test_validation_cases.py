@@ -61,3 +61,56 @@ def test_the_second_contrast_is_not_a_monotonic_remap(validation, tmp_path):
     smoothed = ndimage.uniform_filter1d(moving[tissue][order], 501)
     steps = np.diff(smoothed[::500])
     assert (steps > 5).any() and (steps < -5).any()  # rises and falls along the base intensity
+
+
+def test_the_third_subjects_ct_and_labels_share_one_grid_and_hold_spleen_and_liver(validation):
+    """benchmarks/data/ts_dicom_ct: the converted DICOM CT must sit where its labels are (the conversion flips
+    an axis; a wrong flip would leave organs outside the body) and hold the two organs the cases score."""
+    from gradreg_fast.io import read_nifti
+
+    scan_path, labels_path = validation.subject_scan("ct-c")
+    scan, labels = read_nifti(scan_path, "third CT"), read_nifti(labels_path, "third CT labels")
+    assert scan.data.shape == labels.data.shape == (170, 170, 20)
+    np.testing.assert_allclose(scan.affine, labels.affine)
+    hu, ids = np.asarray(scan.data, dtype=float), np.asarray(labels.data)
+    for organ in (1, 5):  # spleen, liver: soft tissue (contrast-enhanced), inside the body
+        assert (ids == organ).sum() > 1000, organ
+        assert 20 < np.median(hu[ids == organ]) < 200, organ
+    assert (hu[ids > 0] > -300).mean() > 0.95
+    assert (hu[ids == 0] > -300).mean() < 0.5  # the air around the body is unlabelled
+
+
+def test_inter_subject_cases_pair_different_people_and_score_shared_organs(validation, tmp_path):
+    from gradreg_fast.io import read_nifti
+
+    names = [spec.name for spec in validation.INTER_SUBJECT]
+    assert len(set(names)) == len(names) >= 3
+    assert "bundled" not in validation.CHOOSING
+    assert set(names) <= set(validation.CHOOSING)
+    for spec in validation.INTER_SUBJECT:
+        assert spec.moving.startswith("ct") and spec.moving != spec.fixed
+        assert {spec.moving, spec.fixed} != {"ct-a", "mr-b"}  # never the reported bundled pair
+        files = validation.make_inter_case(spec, tmp_path)
+        assert files["organs"] == {1: "spleen", 5: "liver"}  # the third subject's slab holds only these two
+        moving = read_nifti(files["moving"], "moving")
+        fixed = read_nifti(files["fixed"], "fixed")
+        fixed_labels = read_nifti(files["fixed_labels"], "fixed labels")
+        assert fixed.data.shape == fixed_labels.data.shape
+        np.testing.assert_allclose(fixed.affine, fixed_labels.affine)
+        assert np.asarray(moving.data).min() < -500  # the moving scan is a CT in HU
+        if spec.fixed.startswith("ct"):
+            # MR-like: air at 0, non-negative, and no monotonic map from the CT's values
+            base = np.asarray(read_nifti(validation.subject_scan(spec.fixed)[0], "base").data, dtype=float)
+            remapped = np.asarray(fixed.data, dtype=float)
+            assert remapped.min() >= 0 and np.median(remapped[base <= -500]) < 20
+            # the median remapped value per 40 HU bin of the body's CT values rises somewhere and falls elsewhere
+            edges = np.arange(-480, 1000, 40)
+            which = np.digitize(base, edges)
+            medians = [np.median(remapped[which == b]) for b in range(1, len(edges)) if (which == b).sum() >= 50]
+            steps = np.diff(medians)
+            assert (steps > 10).any() and (steps < -10).any()
+        # written once: a second call returns the same files without rewriting them
+        stamp = Path(files["fixed"]).stat().st_mtime_ns
+        assert validation.make_inter_case(spec, tmp_path)["fixed"] == files["fixed"]
+        assert Path(files["fixed"]).stat().st_mtime_ns == stamp
+
