@@ -340,7 +340,7 @@ def settings_with(overrides: dict):
             settings.affine_model = value
         elif key == "affine_iterations":
             settings.affine_iterations = tuple(value)
-        elif key == "affine_objective":
+        elif key in ("affine_objective", "affine_rigidity"):
             setattr(settings, key, value)
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)

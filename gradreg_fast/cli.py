@@ -109,6 +109,10 @@ def settings_from_args(args):
             raise UsageError(f"--size must be positive voxel counts, got {args.size!r}")
     settings.init = flag("init", settings.init)
     settings.affine_model = flag("affine", settings.affine_model)
+    if flag("affine_rigidity") is not None:
+        if not (args.affine_rigidity >= 0 and math.isfinite(args.affine_rigidity)):
+            raise UsageError(f"--affine-rigidity must be a finite number >= 0, got {args.affine_rigidity}")
+        settings.affine_rigidity = args.affine_rigidity
     settings.fixed_modality = flag("fixed_modality", settings.fixed_modality)
     settings.moving_modality = flag("moving_modality", settings.moving_modality)
     checkpoint = flag("checkpoint")
@@ -164,6 +168,9 @@ def _add_registration(parser) -> None:
                                                    "(default 5,5; --thorough: 40,40)")
     group.add_argument("--affine", default="affine", choices=("affine", "rigid_scale", "translation", "none"),
                        help="affine stage model (default: affine)")
+    group.add_argument("--affine-rigidity", type=float, default=None,
+                       help="weight pulling the affine's linear part toward a rotation (default 10: scale and shear "
+                            "all but locked; 0: a free affine)")
     group.add_argument("--init", default="com", choices=("com", "com_scale", "none"),
                        help="initial alignment: body-mask centres of mass (default), plus in-plane spread, or none")
     group.add_argument("--spacing", type=float, help="working grid spacing in mm (default: the fixed image's)")

@@ -126,13 +126,13 @@ def test_register_without_labels(case, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "4d", "one_label", "labels_flag", "iterations",
-                                     "input_as_output", "bad_checkpoint"])
+                                     "input_as_output", "bad_checkpoint", "rigidity"])
 def test_register_clear_errors(case, tmp_path, capsys, problem):
     args = register_args(case, tmp_path / "out")
     expect = {
         "missing": "file not found", "corrupt": "not a readable NIfTI", "4d": "4D", "one_label": "both",
         "labels_flag": "id=name", "iterations": "integers", "input_as_output": "one of the inputs",
-        "bad_checkpoint": "file not found",
+        "bad_checkpoint": "file not found", "rigidity": "--affine-rigidity must be a finite number >= 0",
     }[problem]
     if problem == "missing":
         args[args.index("--fixed") + 1] = str(tmp_path / "nope.nii.gz")
@@ -161,6 +161,8 @@ def test_register_clear_errors(case, tmp_path, capsys, problem):
         args.append("--force")
     elif problem == "bad_checkpoint":
         args += ["--checkpoint", str(tmp_path / "missing.pt")]
+    elif problem == "rigidity":
+        args += ["--affine-rigidity", "-1"]
     assert cli.main(args) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("gradreg register: error:") and expect in err, err

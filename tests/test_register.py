@@ -106,6 +106,54 @@ def test_affine_refuses_an_unknown_objective():
         optimize_affine(fixed, fixed.clone(), np.ones(3), levels=(1,), iterations=(1,), objective="ssd")
 
 
+def test_rigidity_penalty_is_zero_for_rotations_and_grows_with_scale_and_shear(gen):
+    from gradreg_fast.register.affine import rigidity_penalty
+
+    for _ in range(5):
+        skew = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+        rotation = torch.linalg.matrix_exp(skew - skew.T)
+        assert float(rigidity_penalty(rotation)) < 1e-20
+        # scale s along one axis: (s^2 - 1)^2, whatever the rotation
+        scaled = rotation @ torch.diag(torch.tensor([1.1, 1.0, 1.0], dtype=torch.float64))
+        assert abs(float(rigidity_penalty(scaled)) - (1.1 ** 2 - 1) ** 2) < 1e-12
+    shear = torch.eye(3, dtype=torch.float64)
+    shear[0, 1] = 0.1
+    assert float(rigidity_penalty(shear)) > 1e-4
+    matrix = (torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    assert torch.autograd.gradcheck(rigidity_penalty, (matrix.requires_grad_(True),))
+
+
+def test_affine_rigidity_keeps_a_rotation_and_frees_nothing_else():
+    """With a large rigidity the known affine's scales are refused (the linear part stays a rotation) while a
+    rigid motion is still recovered; rigidity 0 is the free affine (test above)."""
+    shape, spacing = (32, 32, 32), np.array([2.0, 2.0, 3.0])
+    fixed = torch.from_numpy(smooth_texture(shape, 3.0, seed=4)).float()[None, None]
+    inner = (slice(4, 28),) * 3
+    scaled = torch.tensor([[1.08, 0.0, 0.0], [0.0, 0.93, 0.0], [0.0, 0.0, 1.0]])
+    moving = g.warp(fixed, affine_flow(scaled, torch.zeros(3), shape, spacing), padding_mode="border")
+    free = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(40, 20), loss_box=inner)
+    held = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(40, 20), loss_box=inner, rigidity=100.0)
+    assert np.abs(np.linalg.svd(free.matrix, compute_uv=False) - 1).max() > 0.04  # the free affine scales
+    assert np.abs(np.linalg.svd(held.matrix, compute_uv=False) - 1).max() < 0.01  # the held one does not
+    angle = np.deg2rad(4.0)
+    rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]],
+                            dtype=torch.float32)
+    shift = torch.tensor([3.0, -2.0, 4.0])
+    moving = g.warp(fixed, affine_flow(rotation, shift, shape, spacing), padding_mode="border")
+    result = optimize_affine(fixed, moving, spacing, levels=(2, 1), iterations=(80, 40), lr_shift=1.0, loss_box=inner,
+                             rigidity=10.0)
+    inverse = torch.linalg.inv(rotation)
+    assert np.allclose(result.matrix, inverse.numpy(), atol=0.02)
+    assert np.allclose(result.shift, (-inverse @ shift).numpy(), atol=0.3)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), True, "1"])
+def test_affine_refuses_a_bad_rigidity(value):
+    fixed = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="rigidity"):
+        optimize_affine(fixed, fixed.clone(), np.ones(3), levels=(1,), iterations=(1,), rigidity=value)
+
+
 def test_affine_world_transform_matches_the_voxel_flow():
     grid = Grid((16, 12, 8), np.array([[0, -2.0, 0, 10], [3.0, 0, 0, -5], [0, 0, 1.5, 2], [0, 0, 0, 1]]))
     from gradreg_fast.register.affine import AffineResult

@@ -114,3 +114,19 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
         assert validation.make_inter_case(spec, tmp_path)["fixed"] == files["fixed"]
         assert Path(files["fixed"]).stat().st_mtime_ns == stamp
 
+
+def test_a_long_affine_run_between_two_people_keeps_its_volume_with_the_default_rigidity(validation, tmp_path):
+    """inter-ca (a 40 mm CT slab to a 90 mm MR-like scan of another person): a free affine run for 40 + 40
+    steps stretches the slab to fill the other field of view (det of about 0.3); the default rigidity holds it."""
+    from gradreg_fast.register import Settings, register
+
+    spec = next(s for s in validation.INTER_SUBJECT if s.name == "inter-ca")
+    files = validation.make_inter_case(spec, tmp_path)
+    dets = {}
+    for rigidity in (0.0, Settings().affine_rigidity):
+        settings = Settings(affine_iterations=(40, 40), affine_rigidity=rigidity)
+        settings.field.iterations = (0,)
+        result = register(files["fixed"], files["moving"], settings=settings, device="cpu", progress=False)
+        dets[rigidity] = float(np.linalg.det(result.affine[:3, :3]))
+    assert abs(dets[0.0] - 1) > 0.3, dets
+    assert abs(dets[Settings().affine_rigidity] - 1) < 0.05, dets

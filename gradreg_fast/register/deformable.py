@@ -37,8 +37,9 @@ class FieldSettings:
     """How :func:`optimize_field` runs: a discrete coupled convex search, then an Adam refinement.
 
     The defaults were chosen on the validation set of benchmarks/validation.py (six same-subject CT/MR-like
-    cases with known deformations, built from the bundled scans) and checked on the bundled inter-subject
-    pair; benchmarks/RESULTS.md gives the figures. Units: ``convex_grid`` and ``adam_grid`` in voxels of
+    cases with known deformations, built from the bundled scans, and three inter-subject cases with a third
+    person's CT; sweep 10 of benchmarks/results/engine_sweeps.md), never on the bundled pair, which
+    benchmarks/RESULTS.md reports. Units: ``convex_grid`` and ``adam_grid`` in voxels of
     the working grid; ``search_radius`` in convex control cells; ``lr`` in Adam-grid voxels per step.
     """
 
@@ -59,7 +60,7 @@ class FieldSettings:
     iterations: tuple = (15,)  # Adam steps of each level
     lr: float = 1.0
     warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
-    smoothness: float = 2.0  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
+    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
     squarings: int = 3  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
     velocity_grid: int | None = 4  # the velocity's control grid (a multiple of each level's adam_grid; None: the

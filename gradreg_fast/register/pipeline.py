@@ -54,6 +54,9 @@ class Settings:
     affine_levels: tuple = (4, 2)
     affine_iterations: tuple = (5, 5)
     affine_objective: str = "descriptors"  # see optimize_affine: "descriptors" (warped once-per-level MIND) or "mind"
+    # Weight of optimize_affine's pull of the linear part toward a rotation: 10 all but locks scale and shear,
+    # which the inter-subject validation cases' thin slabs cannot pin down (sweep 10, engine_sweeps.md).
+    affine_rigidity: float = 10.0
     method: str = "field"  # "field" or "network"
     field: FieldSettings = field(default_factory=FieldSettings)
     network: str = "gated"  # the model built when method="network" and no checkpoint is given
@@ -340,7 +343,8 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         with tqdm(total=steps, desc="affine", disable=not progress, leave=False) as bar:
             result = optimize_affine(to_device(pair["fixed"]), to_device(pair["moving"]), grid.spacing,
                                      settings.affine_levels, settings.affine_iterations, model=settings.affine_model,
-                                     loss_box=box, progress=bar, backend=backend, objective=settings.affine_objective)
+                                     loss_box=box, progress=bar, backend=backend, objective=settings.affine_objective,
+                                     rigidity=settings.affine_rigidity)
         affine_world = initial @ result.world_transform(grid)
     timings["affine_s"] = time.perf_counter() - tick
 
