@@ -25,41 +25,59 @@ from .. import coupled_argmin, mind_cost_volume, mind_cost_volume_displacements,
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling weights (cost units per cell^2)
 
 
-def _box3_axis(volume: torch.Tensor, axis: int) -> torch.Tensor:
-    """Mean of each voxel and its two neighbours along ``axis`` that lie inside the volume."""
+def _sum3_axis(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum of each voxel and its neighbours along ``axis`` that lie inside the volume (a symmetric operator).
+
+    pairs[i] = v[i] + v[i+1] once, then interior i adds v[i+1] to pairs[i-1] straight into the output: two
+    passes over memory, which matters for the cost volume's hundreds of channels."""
     n = volume.shape[axis]
     if n == 1:
-        return volume
-    counts = torch.full((n,), 3.0, dtype=volume.dtype, device=volume.device)
-    counts[0] = counts[-1] = 2.0
+        return volume.clone()
+    pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
+    total = torch.empty_like(volume)
+    if n > 2:
+        torch.add(pairs.narrow(axis, 0, n - 2), volume.narrow(axis, 2, n - 2), out=total.narrow(axis, 1, n - 2))
+    total.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
+    total.narrow(axis, n - 1, 1).copy_(pairs.narrow(axis, n - 2, 1))
+    return total
+
+
+def _counts(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """How many voxels :func:`_sum3_axis` adds at each position along ``axis`` (broadcastable to ``volume``)."""
+    n = volume.shape[axis]
+    counts = torch.full((n,), 3.0 if n > 2 else float(n), dtype=volume.dtype, device=volume.device)
+    counts[0] = counts[-1] = min(n, 2)
     shape = [1] * volume.dim()
     shape[axis] = n
-    if not (torch.is_grad_enabled() and volume.requires_grad) and n > 2:
-        # Without autograd, the same sums in fewer passes over memory (the cost volume's hundreds of
-        # channels): pairs[i] = v[i] + v[i+1] once, then interior i adds v[i+1] to pairs[i-1] straight
-        # into the output. Each sum is formed in the same order as below, so the bits are the same.
-        pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
-        total = torch.empty_like(volume)
-        torch.add(pairs.narrow(axis, 0, n - 2), volume.narrow(axis, 2, n - 2), out=total.narrow(axis, 1, n - 2))
-        total.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
-        total.narrow(axis, n - 1, 1).copy_(pairs.narrow(axis, n - 2, 1))
-        return total.div_(counts.view(shape))
-    total = volume.clone()
-    total.narrow(axis, 1, n - 1).add_(volume.narrow(axis, 0, n - 1))
-    total.narrow(axis, 0, n - 1).add_(volume.narrow(axis, 1, n - 1))
-    return total / counts.view(shape)
+    return counts.view(shape)
+
+
+class _Box3Axis(torch.autograd.Function):
+    """The mean over the in-volume neighbours along one axis, B = S / c (S: :func:`_sum3_axis`, c: the
+    counts). Its adjoint is S (g / c), since S is symmetric: the backward costs what the forward does, instead
+    of autograd's slice-by-slice record (which dominated the Adam stage's time on the velocity's small grids)."""
+
+    @staticmethod
+    def forward(ctx, volume, axis):
+        ctx.axis = axis
+        return _sum3_axis(volume, axis).div_(_counts(volume, axis))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sum3_axis(grad / _counts(grad, ctx.axis), ctx.axis), None
 
 
 def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
     """3x3x3 mean over the voxels inside the volume (N, C, D, H, W), ``passes`` times.
 
     Separable, and borders average fewer voxels, so a constant stays constant and a field is not pulled
-    towards zero at the edges. Differentiable (plain tensor arithmetic); much faster on the CPU than
-    ``avg_pool3d`` for the hundreds of channels of a cost volume.
+    towards zero at the edges. Differentiable (its exact adjoint, :class:`_Box3Axis`); much faster on the
+    CPU than ``avg_pool3d`` for the hundreds of channels of a cost volume.
     """
     for _ in range(passes):
         for axis in (2, 3, 4):
-            volume = _box3_axis(volume, axis)
+            if volume.shape[axis] > 1:
+                volume = _Box3Axis.apply(volume, axis)
     return volume
 
 
