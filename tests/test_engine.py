@@ -49,6 +49,10 @@ def test_box3_is_the_mean_over_the_voxels_inside(shape, gen):
     (expected,) = torch.autograd.grad((naive_box3(naive_box3(naive_leaf)) * weights).sum(), naive_leaf)
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda v: box3(v, 2), (volume.clone().requires_grad_(True),))
+    # the cost volume's buffer-reusing form: the same bits, and only on a volume it may overwrite
+    from gradreg_fast.register.convex import _box3_reusing
+
+    assert torch.equal(_box3_reusing(volume.clone(), 2), box3(volume, 2))
     # a non-contiguous input (a channels-last view) gives the same values
     strided = volume.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(box3(strided, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)

@@ -18,6 +18,8 @@ came from), channel k along spatial axis k, as :func:`gradreg_fast.warp` reads f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import coupled_argmin, mind_cost_volume, mind_cost_volume_displacements, warp
@@ -25,16 +27,25 @@ from .. import coupled_argmin, mind_cost_volume, mind_cost_volume_displacements,
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling weights (cost units per cell^2)
 
 
-def _sum3_axis(volume: torch.Tensor, axis: int) -> torch.Tensor:
+def _sum3_axis(volume: torch.Tensor, axis: int, out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of each voxel and its neighbours along ``axis`` that lie inside the volume (a symmetric operator).
 
     pairs[i] = v[i] + v[i+1] once, then interior i adds v[i+1] to pairs[i-1] straight into the output: two
-    passes over memory, which matters for the cost volume's hundreds of channels."""
+    passes over memory, which matters for the cost volume's hundreds of channels. ``out`` (the volume's shape,
+    contiguous) and ``scratch`` (a flat buffer of at least the volume's size) let a caller reuse memory across
+    calls instead of touching fresh pages each time."""
     n = volume.shape[axis]
     if n == 1:
-        return volume.clone()
-    pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
-    total = torch.empty_like(volume)
+        return volume.clone() if out is None else out.copy_(volume)
+    shape = list(volume.shape)
+    shape[axis] = n - 1
+    if scratch is None:
+        pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
+    else:
+        pairs = torch.add(volume.narrow(axis, 0, n - 1), volume.narrow(axis, 1, n - 1),
+                          out=scratch[:math.prod(shape)].view(shape))
+    total = torch.empty_like(volume) if out is None else out
     if n > 2:
         torch.add(pairs.narrow(axis, 0, n - 2), volume.narrow(axis, 2, n - 2), out=total.narrow(axis, 1, n - 2))
     total.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
@@ -81,6 +92,20 @@ def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return volume
 
 
+def _box3_reusing(volume: torch.Tensor, passes: int) -> torch.Tensor:
+    """:func:`box3` without autograd, for a contiguous volume the caller gives up (it is overwritten): the same
+    values, with two buffers allocated once for all passes instead of two fresh ones per axis (the cost volume's
+    hundreds of channels make page faults a large part of the time)."""
+    spare = torch.empty_like(volume)
+    scratch = torch.empty(volume.numel(), dtype=volume.dtype, device=volume.device)
+    for _ in range(passes):
+        for axis in (2, 3, 4):
+            if volume.shape[axis] > 1:
+                _sum3_axis(volume, axis, out=spare, scratch=scratch).div_(_counts(volume, axis))
+                volume, spare = spare, volume
+    return volume
+
+
 def cost_volume(fixed_features, moving_features, radius: int, smoothing: int = 2,
                 backend: str | None = None) -> torch.Tensor:
     """(K, d, h, w) matching cost of every control point (the feature voxels) for each of the K = (2r+1)^3
@@ -88,7 +113,7 @@ def cost_volume(fixed_features, moving_features, radius: int, smoothing: int = 2
     box passes over the control grid (a point's cost then reflects its neighbourhood, as in ConvexAdam)."""
     cost = mind_cost_volume(fixed_features, moving_features, radius, backend=backend)[0]
     if smoothing:
-        cost = box3(cost.unsqueeze(0), smoothing)[0]
+        cost = _box3_reusing(cost.unsqueeze(0).contiguous(), smoothing)[0]
     return cost
 
 
