@@ -173,8 +173,7 @@ def table(rows: dict) -> str:
         for method, row in methods.items():
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) and math.isfinite(row[k]) else "-" for k in KEYS]
             lines.append(f"| {case} | {method} | " + " | ".join(cells) + " |")
-    groups = (("same-subject", {spec.name for spec in validation.SAME_SUBJECT}),
-              ("inter-subject", {spec.name for spec in validation.INTER_SUBJECT}))
+    groups = (("same-subject", validation.SAME_NAMES), ("inter-subject", validation.INTER_NAMES))
     for group, names in groups:
         cases = [c for c in rows if c in names]
         for method in dict.fromkeys(m for c in cases for m in rows[c]):

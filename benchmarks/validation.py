@@ -73,8 +73,8 @@ SAME_SUBJECT = (
 @dataclass(frozen=True)
 class InterSpec:
     name: str
-    moving: str  # a CT: "ct-a" (the bundled CT) or "ct-c" (the third subject's CT)
-    fixed: str  # "mr-b" (the bundled MR) or a CT ("ct-a", "ct-c") given an MR-like contrast
+    moving_subject: str  # a CT (subject_scan key): "ct-a" (the bundled CT) or "ct-c" (the third subject's CT)
+    fixed_subject: str  # "mr-b" (the bundled MR) or a CT ("ct-a", "ct-c") given an MR-like contrast
     seed: int  # of the contrast remap and its noise
 
 
@@ -87,6 +87,8 @@ INTER_SUBJECT = (
 # The cases whose mean Dice chooses the defaults (benchmarks/sweep.py, column "mean of choosing"): every
 # validation case but the bundled pair.
 CHOOSING = tuple(spec.name for spec in SAME_SUBJECT + INTER_SUBJECT)
+SAME_NAMES = frozenset(spec.name for spec in SAME_SUBJECT)
+INTER_NAMES = frozenset(spec.name for spec in INTER_SUBJECT)
 
 
 def extra_cases(count: int) -> tuple:
@@ -136,6 +138,29 @@ def _remap(t: np.ndarray, rng, low: float, high: float, keep_air: float) -> np.n
     return np.interp(t, knots, values)
 
 
+def _mr_like_from_ct(hounsfield: np.ndarray, rng) -> np.ndarray:
+    """An MR-like contrast for a CT (HU): a random non-monotonic remap of its normalised values onto 0..900,
+    air (HU <= -500) at 0, plus a little noise, clipped at 0."""
+    from gradreg_fast.io import normalize_intensity
+
+    mr_like = _remap(normalize_intensity(hounsfield, "ct").astype(np.float64), rng, 0.0, 900.0, keep_air=0.0)
+    mr_like[hounsfield <= -500] = 0.0
+    return np.clip(mr_like + rng.normal(0, 6.0, hounsfield.shape), 0, None)
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype) -> None:
+    """Written under a name of this process, then renamed: a killed or concurrent run never leaves or reads a
+    half-written file."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    partial = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.partial.nii.gz")
+    nib.save(image, str(partial))
+    partial.replace(path)
+
+
 def _smooth_field(shape, spacing, spec: CaseSpec, rng) -> np.ndarray:
     """(3, *shape) smooth random displacement in world mm along the grid axes, max norm = the amplitude,
     scaled down until x -> x + u(x) keeps det J >= 0.5 (invertible, no folding)."""
@@ -165,7 +190,6 @@ def _rigid(rng, centre: np.ndarray, degrees: float = 4.0, shift_mm: float = 8.0)
 
 def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     """Write the case's NIfTI files and its truth (once; later calls reuse them) and return their paths."""
-    import nibabel as nib
     from scipy import ndimage
 
     from gradreg_fast.io import normalize_intensity, read_nifti
@@ -196,12 +220,7 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
         t = normalize_intensity(data, "mr").astype(np.float64)
         moving_data = _remap(t, rng, -180.0, 280.0, keep_air=-1000.0) + rng.normal(0, 8.0, shape)
     else:
-        t = normalize_intensity(data, "ct").astype(np.float64)
-        air = data <= -500
-        mr_like = _remap(t, rng, 0.0, 900.0, keep_air=0.0)
-        mr_like[air] = 0.0
-        mr_like = np.clip(mr_like + rng.normal(0, 6.0, shape), 0, None)
-        fixed_data = ndimage.map_coordinates(mr_like, coords, order=1, mode="nearest")
+        fixed_data = ndimage.map_coordinates(_mr_like_from_ct(data, rng), coords, order=1, mode="nearest")
         moving_data = data
     fixed_labels = ndimage.map_coordinates(np.asarray(labels.data), coords, order=0, mode="nearest")
 
@@ -212,16 +231,10 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     deformed = points + u_world
     truth = np.einsum("ij,j...->i...", offset[:3, :3], deformed) + offset[:3, 3].reshape(3, 1, 1, 1) - points
 
-    def save(path, array, aff, dtype):
-        image = nib.Nifti1Image(np.asarray(array).astype(dtype), aff)
-        image.set_qform(aff, code=1)
-        image.set_sform(aff, code=1)
-        nib.save(image, str(path))
-
-    save(files["fixed"], fixed_data, affine, np.float32)
-    save(files["fixed_labels"], fixed_labels, affine, np.uint8)
-    save(files["moving"], moving_data, offset @ affine, np.float32)
-    save(files["moving_labels"], labels.data, offset @ affine, np.uint8)
+    _save_nifti(files["fixed"], fixed_data, affine, np.float32)
+    _save_nifti(files["fixed_labels"], fixed_labels, affine, np.uint8)
+    _save_nifti(files["moving"], moving_data, offset @ affine, np.float32)
+    _save_nifti(files["moving_labels"], labels.data, offset @ affine, np.uint8)
     np.savez_compressed(files["truth"], displacement_mm=np.moveaxis(truth, 0, -1).astype(np.float32),
                         max_mm=float(np.sqrt((u_world ** 2).sum(0)).max()))
     return files
@@ -233,32 +246,26 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
     :data:`ORGANS` present in both label maps."""
     import nibabel as nib
 
-    from gradreg_fast.io import normalize_intensity, read_nifti
+    from gradreg_fast.io import read_nifti
 
-    moving, moving_labels = subject_scan(spec.moving)
-    fixed, fixed_labels = subject_scan(spec.fixed)
+    moving, moving_labels = subject_scan(spec.moving_subject)
+    fixed, fixed_labels = subject_scan(spec.fixed_subject)
     present = [set(np.unique(np.asarray(nib.load(str(path)).dataobj))) for path in (moving_labels, fixed_labels)]
+    organs = {k: v for k, v in ORGANS.items() if k in present[0] and k in present[1]}
+    if not organs:
+        raise ValueError(f"case {spec.name}: no organ of {sorted(ORGANS)} is in both label maps")
     files = {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels,
-             "truth": None, "organs": {k: v for k, v in ORGANS.items() if k in present[0] and k in present[1]}}
-    if spec.fixed.startswith("mr"):
+             "truth": None, "organs": organs}
+    if spec.fixed_subject.startswith("mr"):
         return files
     folder = Path(out_dir) / spec.name
     files["fixed"] = folder / "fixed.nii.gz"
     if files["fixed"].exists():
         return files
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
     scan = read_nifti(fixed, "base scan")
-    data = np.asarray(scan.data, dtype=np.float64)
-    mr_like = _remap(normalize_intensity(data, "ct").astype(np.float64), rng, 0.0, 900.0, keep_air=0.0)
-    mr_like[data <= -500] = 0.0
-    mr_like = np.clip(mr_like + rng.normal(0, 6.0, data.shape), 0, None)
-    image = nib.Nifti1Image(mr_like.astype(np.float32), scan.affine)
-    image.set_qform(scan.affine, code=1)
-    image.set_sform(scan.affine, code=1)
-    partial = folder / "fixed.partial.nii.gz"  # renamed when complete: a killed run leaves no half file
-    nib.save(image, str(partial))
-    partial.replace(files["fixed"])
+    _save_nifti(files["fixed"], _mr_like_from_ct(np.asarray(scan.data, dtype=np.float64),
+                                                 np.random.default_rng(spec.seed)), scan.affine, np.float32)
     return files
 
 
@@ -386,9 +393,8 @@ def main(argv=None) -> int:
         print(summarize(rows))
     if args.compare:
         base, other = results["defaults"], results[args.compare]
-        inter_names = {spec.name for spec in INTER_SUBJECT}
-        same = [n for n in base if n != "bundled" and n not in inter_names]
-        inter = [n for n in base if n in inter_names]
+        same = [n for n in base if n != "bundled" and n not in INTER_NAMES]
+        inter = [n for n in base if n in INTER_NAMES]
         for key in ("dice", "epe_body_mm", "sd_log_jacobian"):
             print(f"{args.compare} minus defaults, same-subject cases: "
                   + paired({n: base[n] for n in same}, {n: other[n] for n in same}, key))

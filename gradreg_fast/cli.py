@@ -170,7 +170,7 @@ def _add_registration(parser) -> None:
                        help="affine stage model (default: affine)")
     group.add_argument("--affine-rigidity", type=float, default=None,
                        help="weight pulling the affine's linear part toward a rotation (default 10: scale and shear "
-                            "all but locked; 0: a free affine)")
+                            "all but locked, also rigid_scale's scales; 0: a free affine)")
     group.add_argument("--init", default="com", choices=("com", "com_scale", "none"),
                        help="initial alignment: body-mask centres of mass (default), plus in-plane spread, or none")
     group.add_argument("--spacing", type=float, help="working grid spacing in mm (default: the fixed image's)")

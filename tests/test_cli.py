@@ -126,13 +126,14 @@ def test_register_without_labels(case, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "4d", "one_label", "labels_flag", "iterations",
-                                     "input_as_output", "bad_checkpoint", "rigidity"])
+                                     "input_as_output", "bad_checkpoint", "rigidity", "rigidity_nan"])
 def test_register_clear_errors(case, tmp_path, capsys, problem):
     args = register_args(case, tmp_path / "out")
     expect = {
         "missing": "file not found", "corrupt": "not a readable NIfTI", "4d": "4D", "one_label": "both",
         "labels_flag": "id=name", "iterations": "integers", "input_as_output": "one of the inputs",
         "bad_checkpoint": "file not found", "rigidity": "--affine-rigidity must be a finite number >= 0",
+        "rigidity_nan": "--affine-rigidity must be a finite number >= 0",
     }[problem]
     if problem == "missing":
         args[args.index("--fixed") + 1] = str(tmp_path / "nope.nii.gz")
@@ -163,6 +164,8 @@ def test_register_clear_errors(case, tmp_path, capsys, problem):
         args += ["--checkpoint", str(tmp_path / "missing.pt")]
     elif problem == "rigidity":
         args += ["--affine-rigidity", "-1"]
+    elif problem == "rigidity_nan":
+        args += ["--affine-rigidity", "nan"]
     assert cli.main(args) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("gradreg register: error:") and expect in err, err
@@ -211,6 +214,18 @@ def test_every_subcommand_has_device_and_backend():
 def test_cuda_requested_without_cuda(case, tmp_path, capsys):
     assert cli.main(register_args(case, tmp_path / "o", "--device", "cuda")) == cli.EXIT_ERROR
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_affine_rigidity_flag_reaches_the_settings():
+    parser = cli.build_parser()
+    base = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]
+    from gradreg_fast.register import Settings
+
+    assert cli.settings_from_args(parser.parse_args(base)).affine_rigidity == Settings().affine_rigidity
+    assert cli.settings_from_args(parser.parse_args(base + ["--affine-rigidity", "0"])).affine_rigidity == 0.0
+    assert cli.settings_from_args(parser.parse_args(base + ["--affine-rigidity", "2.5", "--thorough"])).affine_rigidity == 2.5
+    with pytest.raises(cli.UsageError, match="affine-rigidity"):
+        cli.settings_from_args(parser.parse_args(base + ["--affine-rigidity", "inf"]))
 
 
 def test_parse_labels():

@@ -40,22 +40,44 @@ def test_box3_is_the_mean_over_the_voxels_inside(shape, gen):
     volume = torch.randn(shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(box3(volume), naive_box3(volume), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(box3(volume, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)
-    # With autograd: the same values, and the backward is the exact adjoint (naive_box3's, through autograd)
+    # With autograd: the input is left as it was, and the backward is the exact adjoint (naive_box3's, through
+    # autograd), also for a channels-last input
     leaf = volume.clone().requires_grad_()
-    assert torch.equal(box3(volume, 2), box3(leaf, 2).detach())
+    box3(leaf, 2)
+    assert torch.equal(leaf.detach(), volume)
+    for layout in (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last_3d)):
+        leaf = layout(volume.clone()).requires_grad_()
+        weights = torch.randn(shape, generator=gen, dtype=torch.float64)
+        (grad,) = torch.autograd.grad((box3(leaf, 2) * weights).sum(), leaf)
+        naive_leaf = volume.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((naive_box3(naive_box3(naive_leaf)) * weights).sum(), naive_leaf)
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     weights = torch.randn(shape, generator=gen, dtype=torch.float64)
     (grad,) = torch.autograd.grad((box3(leaf, 2) * weights).sum(), leaf)
     naive_leaf = volume.clone().requires_grad_()
     (expected,) = torch.autograd.grad((naive_box3(naive_box3(naive_leaf)) * weights).sum(), naive_leaf)
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda v: box3(v, 2), (volume.clone().requires_grad_(True),))
-    # the cost volume's buffer-reusing form: the same bits, and only on a volume it may overwrite
-    from gradreg_fast.register.convex import _box3_reusing
+    # the cost volume's buffer-reusing form: the same bits (it overwrites its input, so it gets a copy)
+    from gradreg_fast.register.convex import _box3_consuming
 
-    assert torch.equal(_box3_reusing(volume.clone(), 2), box3(volume, 2))
+    assert torch.equal(_box3_consuming(volume.clone(), 2), box3(volume, 2))
     # a non-contiguous input (a channels-last view) gives the same values
     strided = volume.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(box3(strided, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)
+
+
+def test_cost_volume_smoothing_with_and_without_autograd(gen):
+    from gradreg_fast.register.convex import cost_volume
+
+    fixed = torch.randn(1, 4, 6, 5, 7, generator=gen, dtype=torch.float64)
+    moving = torch.randn(1, 4, 6, 5, 7, generator=gen, dtype=torch.float64)
+    plain = cost_volume(fixed, moving, 1)
+    leaf = moving.clone().requires_grad_()
+    tracked = cost_volume(fixed, leaf, 1)  # autograd recorded: the smoothing must not write through out=
+    torch.testing.assert_close(tracked.detach(), plain, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(tracked.sum(), leaf)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_coupled_convex_follows_the_cost_minima_and_smooths_outliers(gen):

@@ -88,8 +88,8 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
     assert "bundled" not in validation.CHOOSING
     assert set(names) <= set(validation.CHOOSING)
     for spec in validation.INTER_SUBJECT:
-        assert spec.moving.startswith("ct") and spec.moving != spec.fixed
-        assert {spec.moving, spec.fixed} != {"ct-a", "mr-b"}  # never the reported bundled pair
+        assert spec.moving_subject.startswith("ct") and spec.moving_subject != spec.fixed_subject
+        assert {spec.moving_subject, spec.fixed_subject} != {"ct-a", "mr-b"}  # never the reported bundled pair
         files = validation.make_inter_case(spec, tmp_path)
         assert files["organs"] == {1: "spleen", 5: "liver"}  # the third subject's slab holds only these two
         moving = read_nifti(files["moving"], "moving")
@@ -98,9 +98,9 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
         assert fixed.data.shape == fixed_labels.data.shape
         np.testing.assert_allclose(fixed.affine, fixed_labels.affine)
         assert np.asarray(moving.data).min() < -500  # the moving scan is a CT in HU
-        if spec.fixed.startswith("ct"):
+        if spec.fixed_subject.startswith("ct"):
             # MR-like: air at 0, non-negative, and no monotonic map from the CT's values
-            base = np.asarray(read_nifti(validation.subject_scan(spec.fixed)[0], "base").data, dtype=float)
+            base = np.asarray(read_nifti(validation.subject_scan(spec.fixed_subject)[0], "base").data, dtype=float)
             remapped = np.asarray(fixed.data, dtype=float)
             assert remapped.min() >= 0 and np.median(remapped[base <= -500]) < 20
             # the median remapped value per 40 HU bin of the body's CT values rises somewhere and falls elsewhere
@@ -109,10 +109,20 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
             medians = [np.median(remapped[which == b]) for b in range(1, len(edges)) if (which == b).sum() >= 50]
             steps = np.diff(medians)
             assert (steps > 10).any() and (steps < -10).any()
-        # written once: a second call returns the same files without rewriting them
-        stamp = Path(files["fixed"]).stat().st_mtime_ns
-        assert validation.make_inter_case(spec, tmp_path)["fixed"] == files["fixed"]
-        assert Path(files["fixed"]).stat().st_mtime_ns == stamp
+            # written once: a second call returns the same file without rewriting it, and no partial file is left
+            stamp = Path(files["fixed"]).stat().st_mtime_ns
+            assert validation.make_inter_case(spec, tmp_path)["fixed"] == files["fixed"]
+            assert Path(files["fixed"]).stat().st_mtime_ns == stamp
+            assert [p.name for p in Path(files["fixed"]).parent.iterdir()] == ["fixed.nii.gz"]
+        else:
+            assert files["fixed"] == validation.subject_scan(spec.fixed_subject)[0]  # an MR is used as it is
+
+
+def test_an_inter_subject_case_without_a_shared_organ_is_refused(validation, tmp_path, monkeypatch):
+    monkeypatch.setattr(validation, "ORGANS", {2: "right kidney"})  # not in the third subject's slab
+    spec = next(s for s in validation.INTER_SUBJECT if s.name == "inter-cb")
+    with pytest.raises(ValueError, match="no organ"):
+        validation.make_inter_case(spec, tmp_path)
 
 
 def test_a_long_affine_run_between_two_people_keeps_its_volume_with_the_default_rigidity(validation, tmp_path):

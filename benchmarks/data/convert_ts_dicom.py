@@ -57,6 +57,8 @@ def main(source: Path, out: Path) -> None:
     inside = hu[labels > 0] > -300
     if inside.mean() < 0.95:
         raise ValueError(f"only {inside.mean():.1%} of the labelled voxels lie in the CT's body: misaligned")
+    if hu.shape[0] != hu.shape[1]:
+        raise ValueError(f"expected square slices, got {hu.shape[:2]}")
     size = (hu.shape[0] - 2 * CROP) // FACTOR
     cut = slice(CROP, CROP + FACTOR * size)
     hu, labels = hu[cut, cut], labels[cut, cut]

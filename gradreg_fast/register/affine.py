@@ -15,6 +15,8 @@ in millimetres about the grid centre, which keeps translations and linear terms 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,10 +167,13 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
             ``"mind"``: :func:`gradreg_fast.mind_loss` (L1) of the warped image's descriptors, recomputed
             at every step (several times slower; the descriptors then follow the image's rotation and
             scale exactly).
-        rigidity: weight of :func:`rigidity_penalty` of the linear part, added to the loss. Without it, long
-            runs on two people's scans of different extents drift to degenerate maps (a slab stretched to
-            fill the other's field of view: det A of 0.3 or 1.5 after 40 + 40 steps on the inter-subject
-            validation cases), since the similarity is only measured inside the fixed field of view.
+        rigidity: weight of :func:`rigidity_penalty` of the linear part, added to the loss (and so to the
+            recorded losses). Without it, long runs on two people's scans of different extents drift to
+            degenerate maps (a slab stretched to fill the other's field of view: det A of 0.3 or 1.5 after
+            40 + 40 steps on the inter-subject validation cases), since the similarity is only measured inside
+            the fixed field of view. It holds the scales of "rigid_scale" too (to make that model rigid in
+            effect); "translation" has nothing to hold. The pipeline's default (10) was chosen with the
+            "descriptors" objective; "mind" has another loss scale.
     """
     if model not in MODELS:
         raise ValueError(f"`model` must be one of {MODELS}, got {model!r}")
@@ -176,8 +181,9 @@ def optimize_affine(fixed: torch.Tensor, moving: torch.Tensor, spacing, levels=(
         raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
     if len(levels) != len(iterations):
         raise ValueError("`levels` and `iterations` must have the same length")
-    if isinstance(rigidity, bool) or not isinstance(rigidity, (int, float)) or not 0 <= rigidity < float("inf"):
+    if isinstance(rigidity, bool) or not isinstance(rigidity, numbers.Real) or not 0 <= float(rigidity) < math.inf:
         raise ValueError(f"`rigidity` must be a finite number >= 0, got {rigidity!r}")
+    rigidity = float(rigidity)
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
         raise ValueError(f"`fixed` and `moving` must both be (1, 1, D, H, W), got {tuple(fixed.shape)} and "
                          f"{tuple(moving.shape)}")

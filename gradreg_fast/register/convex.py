@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import coupled_argmin, mind_cost_volume, mind_cost_volume_displacements, warp
 
@@ -74,6 +75,7 @@ class _Box3Axis(torch.autograd.Function):
         return _sum3_axis(volume, axis).div_(_counts(volume, axis))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return _sum3_axis(grad / _counts(grad, ctx.axis), ctx.axis), None
 
@@ -92,7 +94,7 @@ def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return volume
 
 
-def _box3_reusing(volume: torch.Tensor, passes: int) -> torch.Tensor:
+def _box3_consuming(volume: torch.Tensor, passes: int) -> torch.Tensor:
     """:func:`box3` without autograd, for a contiguous volume the caller gives up (it is overwritten): the same
     values, with two buffers allocated once for all passes instead of two fresh ones per axis (the cost volume's
     hundreds of channels make page faults a large part of the time)."""
@@ -113,7 +115,9 @@ def cost_volume(fixed_features, moving_features, radius: int, smoothing: int = 2
     box passes over the control grid (a point's cost then reflects its neighbourhood, as in ConvexAdam)."""
     cost = mind_cost_volume(fixed_features, moving_features, radius, backend=backend)[0]
     if smoothing:
-        cost = _box3_reusing(cost.unsqueeze(0).contiguous(), smoothing)[0]
+        volume = cost.unsqueeze(0)
+        # The consuming form writes into buffers with out=, which autograd cannot record.
+        cost = (box3(volume, smoothing) if volume.requires_grad else _box3_consuming(volume.contiguous(), smoothing))[0]
     return cost
 
 

@@ -100,9 +100,10 @@ def thorough_settings() -> Settings:
     """More iterations than the defaults: the affine stage 40 + 40, the Adam refinement 100 steps.
 
     Not more accurate on the validation set (benchmarks/results/engine_sweeps.md, after sweep 10): the same-subject
-    Dice rises a little (0.943 against 0.938) but the inter-subject Dice falls (0.465 against 0.614: the long affine
-    drifts between two people's thin slabs, and longer Adam runs follow noise), and so does the phantom's (0.67
-    against 0.87). Kept for studying convergence, not as a better default."""
+    Dice rises a little (0.943 against 0.938) but the inter-subject Dice falls (0.465 against 0.614: between two
+    people's thin slabs the long affine run rotates and shifts away, the rigidity holding only its scale, and
+    longer Adam runs follow noise), and so does the phantom's (0.67 against 0.87). Kept for studying convergence,
+    not as a better default."""
     settings = Settings(affine_iterations=(40, 40))
     settings.field.iterations = (100,)
     return settings
