@@ -140,3 +140,22 @@ def test_a_long_affine_run_between_two_people_keeps_its_volume_with_the_default_
         dets[rigidity] = float(np.linalg.det(result.affine[:3, :3]))
     assert abs(dets[0.0] - 1) > 0.3, dets
     assert abs(dets[Settings().affine_rigidity] - 1) < 0.05, dets
+
+
+@pytest.mark.parametrize("name", ["mr-b", "inter-cb"])
+def test_the_engine_lowers_its_objective_and_raises_dice_on_validation_cases(validation, tmp_path, name):
+    """Issue 11's convergence requirement on the project's own cases (a same-subject and an inter-subject one),
+    with the defaults: every Adam level ends below where it started, and the deformable stage adds Dice."""
+    from gradreg_fast.register import Settings, register
+
+    specs = {spec.name: spec for spec in validation.SAME_SUBJECT + validation.INTER_SUBJECT}
+    spec = specs[name]
+    files = (validation.make_inter_case(spec, tmp_path) if isinstance(spec, validation.InterSpec)
+             else validation.make_case(spec, tmp_path))
+    result = register(files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], Settings(),
+                      label_names=files.get("organs", validation.ORGANS), device="cpu", progress=False)
+    objectives = result.metrics["deformable_objectives"]
+    assert objectives and all(end < start for start, end in objectives), objectives
+    stages = result.metrics["stages"]
+    assert stages["after"]["mean_dice"] > stages["affine"]["mean_dice"] + 0.02, stages
+    assert result.metrics["folding_percent"] < 0.1
