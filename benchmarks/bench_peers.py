@@ -1,8 +1,8 @@
 """gradreg against ConvexAdam and ANTs SyN on every validation case, in one run, on one machine.
 
 Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error), its
-three inter-subject cases and the bundled inter-subject CT/MR pair. Every method starts from the same place, the centre-of-mass
-alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
+three inter-subject cases and the bundled inter-subject CT/MR pair. Every method starts from the same place,
+the centre-of-mass alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
 
 * gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable), and with
   ``--presets default,quick`` also its ``--quick`` preset;
@@ -15,8 +15,8 @@ alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg'
 Scoring is the same for all: each method's map from the fixed image's grid to the moving world is
 composed with the centre-of-mass transform, the moving labels are sampled there (nearest) and scored with
 :mod:`gradreg_fast.metrics` against the fixed labels (organs 1 spleen, 2 right kidney, 3 left kidney,
-5 liver; on the inter-subject cases those both label maps hold: spleen and liver); the endpoint error against the known answer over the fixed body mask; folding (% of voxels
-with det J <= 0) and SDlogJ of the deformable field inside the fixed field of view. Runtimes: *core* is
+5 liver; on the inter-subject cases those both label maps hold: spleen and liver); the endpoint error
+against the known answer over the fixed body mask; folding (% of voxels with det J <= 0) and SDlogJ of the deformable field inside the fixed field of view. Runtimes: *core* is
 the registration alone (images in memory), *wall* the whole case (reading, registration, scoring).
 
 Usage::

@@ -8,8 +8,8 @@ tests/test_register.py (its organs differ by more than the validation cases' res
 Columns: same-subject means (Dice, endpoint error mm, SDlogJ), the inter-subject cases' mean Dice, the mean Dice
 of the cases that choose the defaults (validation.CHOOSING: every case but the bundled pair), the bundled pair's
 Dice (reported, never used to choose), the phantom's Dice, the largest folding % of any case, and, against
-ConvexAdam on the fixed image's own grid in a reference run of bench_peers.py (``--reference``; the seven cases
-it holds), the largest ratios of core time and of SDlogJ. Rows of benchmarks/results/engine_sweeps.md come from
+ConvexAdam on the fixed image's own grid in a reference run of bench_peers.py (``--reference``; a case it lacks
+is left out, with a note), the largest ratios of core time and of SDlogJ. Rows of benchmarks/results/engine_sweeps.md come from
 here.
 
 Usage::

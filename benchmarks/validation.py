@@ -148,19 +148,6 @@ def _mr_like_from_ct(hounsfield: np.ndarray, rng) -> np.ndarray:
     return np.clip(mr_like + rng.normal(0, 6.0, hounsfield.shape), 0, None)
 
 
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype) -> None:
-    """Written under a name of this process, then renamed: a killed or concurrent run never leaves or reads a
-    half-written file."""
-    import nibabel as nib
-
-    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    partial = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.partial.nii.gz")
-    nib.save(image, str(partial))
-    partial.replace(path)
-
-
 def _smooth_field(shape, spacing, spec: CaseSpec, rng) -> np.ndarray:
     """(3, *shape) smooth random displacement in world mm along the grid axes, max norm = the amplitude,
     scaled down until x -> x + u(x) keeps det J >= 0.5 (invertible, no folding)."""
@@ -192,7 +179,7 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     """Write the case's NIfTI files and its truth (once; later calls reuse them) and return their paths."""
     from scipy import ndimage
 
-    from gradreg_fast.io import normalize_intensity, read_nifti
+    from gradreg_fast.io import normalize_intensity, read_nifti, write_nifti
 
     folder = Path(out_dir) / spec.name
     files = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz",
@@ -231,10 +218,11 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     deformed = points + u_world
     truth = np.einsum("ij,j...->i...", offset[:3, :3], deformed) + offset[:3, 3].reshape(3, 1, 1, 1) - points
 
-    _save_nifti(files["fixed"], fixed_data, affine, np.float32)
-    _save_nifti(files["fixed_labels"], fixed_labels, affine, np.uint8)
-    _save_nifti(files["moving"], moving_data, offset @ affine, np.float32)
-    _save_nifti(files["moving_labels"], labels.data, offset @ affine, np.uint8)
+    # Atomic writes (gradreg_fast.io.write_nifti): a killed or concurrent run never leaves or reads a half file.
+    write_nifti(files["fixed"], fixed_data, affine, np.float32, force=True)
+    write_nifti(files["fixed_labels"], fixed_labels, affine, np.uint8, force=True)
+    write_nifti(files["moving"], moving_data, offset @ affine, np.float32, force=True)
+    write_nifti(files["moving_labels"], labels.data, offset @ affine, np.uint8, force=True)
     np.savez_compressed(files["truth"], displacement_mm=np.moveaxis(truth, 0, -1).astype(np.float32),
                         max_mm=float(np.sqrt((u_world ** 2).sum(0)).max()))
     return files
@@ -246,7 +234,7 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
     :data:`ORGANS` present in both label maps."""
     import nibabel as nib
 
-    from gradreg_fast.io import read_nifti
+    from gradreg_fast.io import read_nifti, write_nifti
 
     moving, moving_labels = subject_scan(spec.moving_subject)
     fixed, fixed_labels = subject_scan(spec.fixed_subject)
@@ -264,7 +252,7 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
         return files
     folder.mkdir(parents=True, exist_ok=True)
     scan = read_nifti(fixed, "base scan")
-    _save_nifti(files["fixed"], _mr_like_from_ct(np.asarray(scan.data, dtype=np.float64),
+    write_nifti(files["fixed"], _mr_like_from_ct(np.asarray(scan.data, dtype=np.float64),
                                                  np.random.default_rng(spec.seed)), scan.affine, np.float32)
     return files
 

@@ -153,6 +153,12 @@ def _add_common(parser) -> None:
                              "mid-swap and may mix two runs; --force repairs it")
 
 
+QUICK_HELP = ("about 1.45x faster: no gradient-map terms, a search of +-1 cell, 20 Adam steps (a capture range "
+              "of +-2 voxels after the affine)")
+THOROUGH_HELP = ("more iterations: affine 40,40 and 100 Adam steps; not more accurate on the validation set (see "
+                 "benchmarks/RESULTS.md)")
+
+
 def _add_registration(parser) -> None:
     group = parser.add_argument_group("registration")
     group.add_argument("--labels", help="label ids to score and their names, e.g. '1=spleen,2=right kidney'; "
@@ -178,10 +184,8 @@ def _add_registration(parser) -> None:
     group.add_argument("--fixed-modality", default="auto", choices=("auto", "ct", "mr"),
                        help="intensity normalisation of the fixed image (auto: CT if it reaches -500 HU)")
     group.add_argument("--moving-modality", default="auto", choices=("auto", "ct", "mr"))
-    group.add_argument("--quick", action="store_true", help="about 1.3x faster: no gradient-map terms, a "
-                       "search of +-1 cell, 20 Adam steps (a capture range of +-2 voxels after the affine)")
-    group.add_argument("--thorough", action="store_true",
-                       help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
+    group.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    group.add_argument("--thorough", action="store_true", help=THOROUGH_HELP)
     group.add_argument("--no-figure", action="store_true", help="skip overview.png")
 
 
@@ -465,10 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Register the bundled CT (moving) onto the MR (fixed) of another person and "
                                       "report organ Dice/ASD before and after, the runtime and the figure.")
     demo.add_argument("--out", help=f"output directory (default: a fresh ./{DEMO_OUT}[-N])")
-    demo.add_argument("--quick", action="store_true", help="about 1.3x faster: no gradient-map terms, a "
-                      "search of +-1 cell, 20 Adam steps (a capture range of +-2 voxels after the affine)")
-    demo.add_argument("--thorough", action="store_true",
-                      help="more iterations: affine 40,40 and 100 Adam steps (see benchmarks/RESULTS.md)")
+    demo.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    demo.add_argument("--thorough", action="store_true", help=THOROUGH_HELP)
     demo.add_argument("--iterations", help="deformable Adam steps after the convex search (default 15)")
     demo.add_argument("--affine-iterations", help="affine Adam steps per pyramid level (default 5,5)")
     _add_common(demo)

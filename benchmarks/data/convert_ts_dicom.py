@@ -25,6 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from gradreg_fast.io import write_nifti
+
 FACTOR, CROP = 3, 1
 
 
@@ -68,11 +70,8 @@ def main(source: Path, out: Path) -> None:
     scale[:2, 3] = CROP + FACTOR // 2  # a block's centre voxel
     affine = seg.affine @ scale
     out.mkdir(parents=True, exist_ok=True)
-    for name, array, dtype in (("ct.nii.gz", np.round(hu_small), np.int16), ("ct_labels.nii.gz", labels_small, np.uint8)):
-        image = nib.Nifti1Image(array.astype(dtype), affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        nib.save(image, str(out / name))
+    write_nifti(out / "ct.nii.gz", np.round(hu_small), affine, np.int16, force=True)
+    write_nifti(out / "ct_labels.nii.gz", labels_small, affine, np.uint8, force=True)
     print(f"wrote {out}: {hu_small.shape}, spacing {np.sqrt((affine[:3, :3] ** 2).sum(0))}")
 
 

@@ -30,15 +30,14 @@ COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # ConvexAdam's rising coupling we
 
 def _sum3_axis(volume: torch.Tensor, axis: int, out: torch.Tensor | None = None,
                scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of each voxel and its neighbours along ``axis`` that lie inside the volume (a symmetric operator).
+    """Sum of each voxel and its neighbours along ``axis`` (at least 2 long: the callers skip axes of one
+    voxel) that lie inside the volume (a symmetric operator).
 
     pairs[i] = v[i] + v[i+1] once, then interior i adds v[i+1] to pairs[i-1] straight into the output: two
     passes over memory, which matters for the cost volume's hundreds of channels. ``out`` (the volume's shape,
     contiguous) and ``scratch`` (a flat buffer of at least the volume's size) let a caller reuse memory across
     calls instead of touching fresh pages each time."""
     n = volume.shape[axis]
-    if n == 1:
-        return volume.clone() if out is None else out.copy_(volume)
     shape = list(volume.shape)
     shape[axis] = n - 1
     if scratch is None:
@@ -57,8 +56,8 @@ def _sum3_axis(volume: torch.Tensor, axis: int, out: torch.Tensor | None = None,
 def _counts(volume: torch.Tensor, axis: int) -> torch.Tensor:
     """How many voxels :func:`_sum3_axis` adds at each position along ``axis`` (broadcastable to ``volume``)."""
     n = volume.shape[axis]
-    counts = torch.full((n,), 3.0 if n > 2 else float(n), dtype=volume.dtype, device=volume.device)
-    counts[0] = counts[-1] = min(n, 2)
+    counts = torch.full((n,), 3.0, dtype=volume.dtype, device=volume.device)
+    counts[0] = counts[-1] = 2.0
     shape = [1] * volume.dim()
     shape[axis] = n
     return counts.view(shape)
