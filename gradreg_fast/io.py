@@ -268,6 +268,9 @@ def resample(scan: Scan | np.ndarray, grid: Grid, affine: np.ndarray | None = No
         data = np.asarray(scan)
         if affine is None:
             raise ValueError("`affine` is required when `scan` is an array")
+    if world_transform is None and tuple(data.shape) == tuple(grid.shape) and np.array_equal(affine, grid.affine):
+        # The grid is the volume's own: every voxel lands on itself (the CLI's fixed image and labels).
+        return np.array(data, dtype=data.dtype if order == 0 else np.float32)
     voxel_map = _voxel_map(affine, grid, world_transform)
     if order == 0:
         # Nearest neighbour without a float round trip: labels stay exact.

@@ -3,6 +3,8 @@ refinement's convergence, and the whole engine on a known deformation and on the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,25 @@ def naive_box3(volume):
     return total / count
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4, 8, 2), (2, 3, 8, 4, 12), (1, 12, 16, 8, 4)])
+def test_downsample_is_the_block_mean(shape, gen):
+    from gradreg_fast.register.affine import downsample
+
+    volume = torch.randn(shape, generator=gen, dtype=torch.float64)
+    factors = [f for f in (2, 4) if all(n % f == 0 for n in shape[2:])]
+    for factor in factors:
+        expected = F.avg_pool3d(volume, factor, factor)
+        torch.testing.assert_close(downsample(volume, factor), expected, rtol=1e-12, atol=1e-12)
+        # a non-contiguous input, and the gradient (the adjoint spreads each block's weight / factor^3)
+        strided = volume.contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(downsample(strided, factor), expected, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda v: downsample(v, factor), (volume[:1, :1].clone().requires_grad_(),))
+    assert downsample(volume, 1) is volume
+    # an axis not divisible by the factor: its trailing voxels are dropped, as avg_pool3d drops them
+    odd = volume[:, :, :3]
+    torch.testing.assert_close(downsample(odd, 2), F.avg_pool3d(odd, 2, 2), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 5, 7, 6), (2, 3, 1, 4, 9), (1, 1, 3, 1, 1), (1, 2, 2, 3, 5), (1, 3, 2, 2, 2)])
 def test_box3_is_the_mean_over_the_voxels_inside(shape, gen):
     volume = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -62,6 +83,10 @@ def test_box3_is_the_mean_over_the_voxels_inside(shape, gen):
     from gradreg_fast.register.convex import _box3_consuming
 
     assert torch.equal(_box3_consuming(volume.clone(), 2), box3(volume, 2))
+    # in groups of channels (here one or two channels a group, the last group short), the same bits
+    plane_bytes = math.prod(shape[2:]) * volume.element_size()
+    for group in (1, 2):
+        assert torch.equal(_box3_consuming(volume.clone(), 2, chunk_bytes=group * plane_bytes), box3(volume, 2))
     # a non-contiguous input (a channels-last view) gives the same values
     strided = volume.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(box3(strided, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)

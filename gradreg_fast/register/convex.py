@@ -93,18 +93,27 @@ def box3(volume: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return volume
 
 
-def _box3_consuming(volume: torch.Tensor, passes: int) -> torch.Tensor:
+def _box3_consuming(volume: torch.Tensor, passes: int, chunk_bytes: int = 8 << 20) -> torch.Tensor:
     """:func:`box3` without autograd, for a contiguous volume the caller gives up (it is overwritten): the same
     values, with two buffers allocated once for all passes instead of two fresh ones per axis (the cost volume's
-    hundreds of channels make page faults a large part of the time)."""
+    hundreds of channels make page faults a large part of the time), and all passes run on a group of channels
+    of about ``chunk_bytes`` before the next group, so each group stays in the cache while it is smoothed (about
+    1.5x faster on the engine's cost volumes than whole-volume passes; smaller groups pay more in calls)."""
+    plane = math.prod(volume.shape[2:])
+    chunk = max(1, chunk_bytes // (plane * volume.element_size()))
     spare = torch.empty_like(volume)
-    scratch = torch.empty(volume.numel(), dtype=volume.dtype, device=volume.device)
-    for _ in range(passes):
-        for axis in (2, 3, 4):
-            if volume.shape[axis] > 1:
-                _sum3_axis(volume, axis, out=spare, scratch=scratch).div_(_counts(volume, axis))
-                volume, spare = spare, volume
-    return volume
+    scratch = torch.empty(volume.shape[0] * min(chunk, volume.shape[1]) * plane, dtype=volume.dtype,
+                          device=volume.device)
+    swapped = False
+    for start in range(0, volume.shape[1], chunk):
+        group, other, swapped = volume[:, start:start + chunk], spare[:, start:start + chunk], False
+        for _ in range(passes):
+            for axis in (2, 3, 4):
+                if volume.shape[axis] > 1:
+                    _sum3_axis(group, axis, out=other, scratch=scratch).div_(_counts(group, axis))
+                    group, other, swapped = other, group, not swapped
+    # Every group took the same number of passes, so all their results lie in the same buffer.
+    return spare if swapped else volume
 
 
 def cost_volume(fixed_features, moving_features, radius: int, smoothing: int = 2,
@@ -132,7 +141,7 @@ def coupled_convex(cost: torch.Tensor, radius: int, coupling=COUPLING, mirrored:
 
     def search(field, weight):
         index = coupled_argmin(volume, field, weight, mirrored, backend=backend)  # (1, d, h, w)
-        return box3(table[index].permute(0, 4, 1, 2, 3))
+        return box3(table[index].permute(0, 4, 1, 2, 3).contiguous())  # box3 runs ~2x faster on a contiguous field
 
     field = search(cost.new_zeros((1, 3, *cost.shape[1:])), 0.0)
     for weight in coupling:

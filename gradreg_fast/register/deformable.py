@@ -97,7 +97,7 @@ def resize_flow(flow: torch.Tensor, shape) -> torch.Tensor:
     scale = torch.tensor([n / o for n, o in zip(shape, old)], dtype=flow.dtype, device=flow.device).view(1, 3, 1, 1, 1)
     factor = old[0] // shape[0]
     if factor > 1 and all(o == n * factor for o, n in zip(old, shape)):
-        return F.avg_pool3d(flow, factor, factor) * scale
+        return downsample(flow, factor) * scale
     return F.interpolate(flow, size=shape, mode="trilinear", align_corners=False) * scale
 
 
