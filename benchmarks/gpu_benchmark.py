@@ -232,6 +232,23 @@ def _coupled_argmin_bytes(shape, pass_, itemsize):
     return itemsize * quarter * ((2 * COST_VOLUME_RADIUS + 1) ** 3 + 3) + 8 * quarter  # cost, field; int64 index
 
 
+# box_mean as the engine smooths its cost volume: 125 channels at 1/4, two passes.
+BOX_PASSES = 2
+
+
+def _box_mean_inputs(shape, generator, device, dtype):
+    quarter = tuple(max(1, s // 4) for s in shape[2:])
+    return [torch.rand((shape[0], (2 * COST_VOLUME_RADIUS + 1) ** 3, *quarter), generator=generator,
+                       dtype=torch.float64).to(device=device, dtype=dtype)]
+
+
+def _box_mean_bytes(shape, pass_, itemsize):
+    """Each 1D stage (three per pass) reads and writes the volume; the backward's stages as many again."""
+    volume = itemsize * (2 * COST_VOLUME_RADIUS + 1) ** 3 * math.prod(max(1, s // 4) for s in shape[2:]) * shape[0]
+    stages = 3 * BOX_PASSES
+    return 2 * stages * volume * (1 if pass_ == "fwd" else 2)
+
+
 def _grid_sample_prepare(inputs):
     image, flow = inputs
     return [image, grid_from_flow(flow.detach()).requires_grad_(flow.requires_grad)]
@@ -273,6 +290,10 @@ OPS = {
         "warped_sq_diff", _warped_sq_diff_inputs, (2,),  # the flow's gradient, as the engine needs
         lambda b: (lambda m, f, u: gradreg_fast.warped_sq_diff(m, f, u, backend=b)),
         lambda m, f, u: reference.warped_sq_diff(m, f, u), _warped_sq_diff_bytes),
+    "box_mean": Op(
+        "box_mean", _box_mean_inputs, (0,),
+        lambda b: (lambda v: gradreg_fast.box_mean(v, BOX_PASSES, backend=b)),
+        lambda v: reference.box_mean(v, BOX_PASSES), _box_mean_bytes),
     "coupled_argmin": Op(  # not differentiable: forward only
         "coupled_argmin", _coupled_argmin_inputs, (),
         lambda b: (lambda c, u: gradreg_fast.coupled_argmin(c, u, 0.3, backend=b)),
@@ -300,7 +321,8 @@ def check_backends(shape) -> list[dict]:
             "mind_cost_volume": lambda f, m: reference.mind_cost_volume(f, m, COST_VOLUME_RADIUS)}
     refs.update(lncc_loss=lambda w, f: reference.lncc_loss(w, f, 9),
                 integrate_velocity=lambda v: reference.integrate_velocity(v, 7),
-                warped_sq_diff=reference.warped_sq_diff, coupled_argmin=lambda c, u: reference.coupled_argmin(c, u, 0.3))
+                warped_sq_diff=reference.warped_sq_diff, coupled_argmin=lambda c, u: reference.coupled_argmin(c, u, 0.3),
+                box_mean=lambda v: reference.box_mean(v, BOX_PASSES))
     for op in OPS.values():
         inputs64 = op.make_inputs(shape, gen, "cuda", torch.float64)
         expected, expected_grads = _forward_and_grads(refs[op.name], inputs64, op.grad_inputs, seed=3)

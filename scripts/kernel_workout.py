@@ -36,6 +36,8 @@ def workout(device: str, backend: str, check_values: bool = True) -> None:
             n, c, d, h, w = shape
             vol = torch.randn(shape, **on, requires_grad=True)
             grads(gradreg_fast.gradient_magnitude(vol, backend=backend), [vol])
+            for passes in (0, 1, 2):
+                grads(gradreg_fast.box_mean(vol, passes, backend=backend), [vol])  # the backward: the adjoint
 
             flow = (2.5 * torch.randn((n, 3, d, h, w), **on)).requires_grad_()
             for mode in ("bilinear", "nearest"):

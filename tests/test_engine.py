@@ -3,8 +3,6 @@ refinement's convergence, and the whole engine on a known deformation and on the
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -14,27 +12,13 @@ from scipy import ndimage
 import gradreg_fast as g
 from gradreg_fast import metrics
 from gradreg_fast.register import FieldSettings, Settings, optimize_field, register
-from gradreg_fast.register.convex import box3, convex_field, coupled_convex, inverse_consistent
+from gradreg_fast.register.convex import convex_field, coupled_convex, inverse_consistent
 
 
 def smooth(shape, sigma, seed, amplitude=1.0):
     rng = np.random.default_rng(seed)
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return torch.from_numpy(field / np.abs(field).max() * amplitude).float()
-
-
-def naive_box3(volume):
-    """The mean over the in-volume voxels of each 3x3x3 neighbourhood, by 27 shifted copies."""
-    padded = F.pad(volume, (1,) * 6)
-    inside = F.pad(torch.ones_like(volume), (1,) * 6)
-    total, count = torch.zeros_like(volume), torch.zeros_like(volume)
-    d, h, w = volume.shape[2:]
-    for i in range(3):
-        for j in range(3):
-            for k in range(3):
-                total += padded[..., i:i + d, j:j + h, k:k + w]
-                count += inside[..., i:i + d, j:j + h, k:k + w]
-    return total / count
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 8, 2), (2, 3, 8, 4, 12), (1, 12, 16, 8, 4)])
@@ -56,42 +40,6 @@ def test_downsample_is_the_block_mean(shape, gen):
     torch.testing.assert_close(downsample(odd, 2), F.avg_pool3d(odd, 2, 2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 5, 7, 6), (2, 3, 1, 4, 9), (1, 1, 3, 1, 1), (1, 2, 2, 3, 5), (1, 3, 2, 2, 2)])
-def test_box3_is_the_mean_over_the_voxels_inside(shape, gen):
-    volume = torch.randn(shape, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(box3(volume), naive_box3(volume), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(box3(volume, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)
-    # With autograd: the input is left as it was, and the backward is the exact adjoint (naive_box3's, through
-    # autograd), also for a channels-last input
-    leaf = volume.clone().requires_grad_()
-    box3(leaf, 2)
-    assert torch.equal(leaf.detach(), volume)
-    for layout in (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last_3d)):
-        leaf = layout(volume.clone()).requires_grad_()
-        weights = torch.randn(shape, generator=gen, dtype=torch.float64)
-        (grad,) = torch.autograd.grad((box3(leaf, 2) * weights).sum(), leaf)
-        naive_leaf = volume.clone().requires_grad_()
-        (expected,) = torch.autograd.grad((naive_box3(naive_box3(naive_leaf)) * weights).sum(), naive_leaf)
-        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(shape, generator=gen, dtype=torch.float64)
-    (grad,) = torch.autograd.grad((box3(leaf, 2) * weights).sum(), leaf)
-    naive_leaf = volume.clone().requires_grad_()
-    (expected,) = torch.autograd.grad((naive_box3(naive_box3(naive_leaf)) * weights).sum(), naive_leaf)
-    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda v: box3(v, 2), (volume.clone().requires_grad_(True),))
-    # the cost volume's buffer-reusing form: the same bits (it overwrites its input, so it gets a copy)
-    from gradreg_fast.register.convex import _box3_consuming
-
-    assert torch.equal(_box3_consuming(volume.clone(), 2), box3(volume, 2))
-    # in groups of channels (here one or two channels a group, the last group short), the same bits
-    plane_bytes = math.prod(shape[2:]) * volume.element_size()
-    for group in (1, 2):
-        assert torch.equal(_box3_consuming(volume.clone(), 2, chunk_bytes=group * plane_bytes), box3(volume, 2))
-    # a non-contiguous input (a channels-last view) gives the same values
-    strided = volume.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
-    torch.testing.assert_close(box3(strided, 2), naive_box3(naive_box3(volume)), rtol=1e-12, atol=1e-12)
-
-
 def test_cost_volume_smoothing_with_and_without_autograd(gen):
     from gradreg_fast.register.convex import cost_volume
 
@@ -99,8 +47,9 @@ def test_cost_volume_smoothing_with_and_without_autograd(gen):
     moving = torch.randn(1, 4, 6, 5, 7, generator=gen, dtype=torch.float64)
     plain = cost_volume(fixed, moving, 1)
     leaf = moving.clone().requires_grad_()
-    tracked = cost_volume(fixed, leaf, 1)  # autograd recorded: the smoothing must not write through out=
+    tracked = cost_volume(fixed, leaf, 1)  # autograd recorded through the cost volume and its smoothing
     torch.testing.assert_close(tracked.detach(), plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain, g.box_mean(g.mind_cost_volume(fixed, moving, 1), 2)[0], rtol=0, atol=0)
     (grad,) = torch.autograd.grad(tracked.sum(), leaf)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -122,7 +71,7 @@ def test_coupled_convex_follows_the_cost_minima_and_smooths_outliers(gen):
 
 def test_convex_field_recovers_a_shift_of_the_features(gen):
     features = torch.rand((1, 6, 20, 18, 16), generator=gen, dtype=torch.float64)
-    features = box3(features)  # some spatial coherence, as pooled descriptors have
+    features = g.box_mean(features)  # some spatial coherence, as pooled descriptors have
     shift = (2, -1, 1)  # cells: moving(x + shift) = fixed(x) (away from the borders, which roll wraps)
     moving = torch.roll(features, shifts=shift, dims=(2, 3, 4))
     field = convex_field(features, moving, radius=3, symmetric=False)

@@ -25,6 +25,7 @@
 #pragma GCC target("avx2,fma")
 
 namespace gradreg_avx2 {
+#include "box_mean.cpp"
 #include "cost_volume.cpp"
 #include "coupled_argmin.cpp"
 #include "gradient_magnitude.cpp"

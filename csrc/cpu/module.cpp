@@ -119,6 +119,18 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "box_mean_forward",
+      [](const std::string& dtype, uintptr_t in, uintptr_t out, int64_t NC, int64_t D, int64_t H, int64_t W,
+         int passes, bool adjoint, int threads) {
+        if (NC < 1 || D < 1 || H < 1 || W < 1 || passes < 0)
+          throw std::invalid_argument("gradreg_fast._C.box_mean_forward: sizes must be >= 1 and `passes` >= 0");
+        if (is_double(dtype))
+          GRADREG_CALL(box_mean, ptr<const double>(in), ptr<double>(out), NC, D, H, W, passes, adjoint, threads);
+        else
+          GRADREG_CALL(box_mean, ptr<const float>(in), ptr<float>(out), NC, D, H, W, passes, adjoint, threads);
+      },
+      nogil);
+  m.def(
       "warp_forward",
       [](const std::string& dtype, uintptr_t image, uintptr_t flow, uintptr_t out, int64_t N, int64_t C, int64_t D,
          int64_t H, int64_t W, bool nearest, int padding, int threads) {

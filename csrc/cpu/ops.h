@@ -13,6 +13,11 @@ template <typename T>
 void gradient_magnitude_backward(const T* grad_out, const T* vol, const T* out, T* grad_vol, int64_t NC,
                                  int64_t D, int64_t H, int64_t W, int threads);
 
+// The 3x3x3 in-volume mean (box_mean.h), `passes` times, or its adjoint; `in` and `out` must not overlap.
+template <typename T>
+void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, int passes, bool adjoint,
+              int threads);
+
 template <typename T>
 void warp_forward(const T* image, const T* flow, T* out, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W,
                   bool nearest, int padding, int threads);

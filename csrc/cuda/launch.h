@@ -20,6 +20,12 @@ std::string gradient_magnitude_backward(bool is_double, uintptr_t grad_out, uint
                                         uintptr_t grad_vol, int64_t NC, int64_t D, int64_t H, int64_t W,
                                         uintptr_t stream);
 
+// The 3x3x3 in-volume mean (gradreg/box_mean.h), `passes` times, or its adjoint; `in` and `out` must not
+// overlap. The workspace (box_mean_workspace_bytes) is needed when more than one 1D stage runs.
+std::string box_mean_forward(bool is_double, uintptr_t in, uintptr_t out, int64_t NC, int64_t D, int64_t H, int64_t W,
+                             int passes, bool adjoint, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t box_mean_workspace_bytes(bool is_double, int64_t NC, int64_t D, int64_t H, int64_t W);
+
 // padding: 0 zeros, 1 border. grad_image or grad_flow may be 0. The workspace is used only for
 // deterministic=True with grad_image (else pass 0, 0).
 std::string warp_forward(bool is_double, uintptr_t image, uintptr_t flow, uintptr_t out, int64_t N, int64_t C,

@@ -22,6 +22,10 @@ PYBIND11_MODULE(GRADREG_CUDA_MODULE, m) {
         "H"_a, "W"_a, "eps"_a, "stream"_a, nogil);
   m.def("gradient_magnitude_backward", &gc::gradient_magnitude_backward, "is_double"_a, "grad_out"_a, "vol"_a,
         "out"_a, "grad_vol"_a, "NC"_a, "D"_a, "H"_a, "W"_a, "stream"_a, nogil);
+  m.def("box_mean_forward", &gc::box_mean_forward, "is_double"_a, "in"_a, "out"_a, "NC"_a, "D"_a, "H"_a, "W"_a,
+        "passes"_a, "adjoint"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a, nogil);
+  m.def("box_mean_workspace_bytes", &gc::box_mean_workspace_bytes, "is_double"_a, "NC"_a, "D"_a, "H"_a, "W"_a,
+        nogil);
   m.def("warp_forward", &gc::warp_forward, "is_double"_a, "image"_a, "flow"_a, "out"_a, "N"_a, "C"_a, "D"_a, "H"_a,
         "W"_a, "nearest"_a, "padding"_a, "stream"_a, nogil);
   m.def("warp_backward", &gc::warp_backward, "is_double"_a, "grad_out"_a, "image"_a, "flow"_a, "grad_image"_a,

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import gradient_magnitude, integrate_velocity, mind_ssc, warped_sq_diff
+from .. import box_mean, gradient_magnitude, integrate_velocity, mind_ssc, warped_sq_diff
 from ..losses import flow_smoothness
 from .affine import coarse_box, downsample, record_step
-from .convex import COUPLING, box3, convex_field
+from .convex import COUPLING, convex_field
 
 
 @dataclass
@@ -182,7 +182,7 @@ class _Objective:
         self.count = float(self.inside.sum())
 
     def smoothed(self, parameters):
-        return box3(parameters, self.settings.smoothing_passes) if self.settings.smoothing_passes else parameters
+        return box_mean(parameters, self.settings.smoothing_passes, backend=self.backend)
 
     def __call__(self, parameters):
         velocity = self.smoothed(parameters)
