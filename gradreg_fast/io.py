@@ -332,6 +332,41 @@ def _trilinear(data: np.ndarray, voxel_map: np.ndarray, shape: tuple, cval: floa
     return out
 
 
+def sample_trilinear(data: np.ndarray, coords: np.ndarray, cval: float = 0.0) -> np.ndarray:
+    """Trilinear values (float32) of a 3D volume at voxel coordinates ``coords`` (3, ...): scipy's
+    ``map_coordinates(data, coords, order=1, mode="grid-constant", cval=cval, prefilter=False)``, by
+    ``grid_sample`` on torch's threads (as :func:`_trilinear`; within about 1e-5 of scipy on values in [0, 1],
+    ~1.5-2x faster on two cores). A volume with an axis of one voxel goes to scipy."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 3 or min(data.shape) < 2:
+        out = np.empty(coords.shape[1:], np.float32)
+        ndimage.map_coordinates(data, coords, output=out, order=1, mode="grid-constant", cval=cval, prefilter=False)
+        return out
+    data = np.ascontiguousarray(data)
+    source = torch.from_numpy(data if data.flags.writeable else data.copy())
+    if cval != 0.0:
+        source = source - cval
+    scale = 2.0 / (np.asarray(data.shape, dtype=np.float64) - 1.0)
+    flat = coords.reshape(3, -1)
+    out = np.empty(flat.shape[1], np.float32)
+    threads = max(1, torch.get_num_threads())
+    for start in range(0, len(out), _TRILINEAR_BLOCK):
+        stop = min(len(out), start + _TRILINEAR_BLOCK)
+        # grid_sample's [-1, 1] normalisation in float64, rounded once to float32; (k, j, i) order.
+        block = torch.from_numpy(flat[::-1, start:stop] * scale[::-1, None] - 1.0).T.to(torch.float32)
+        # The 3D CPU kernel spreads its work over the batch only: one batch entry per thread (the last one
+        # padded, cut off below).
+        parts = min(threads, stop - start)
+        per = -(-(stop - start) // parts)
+        grid = torch.nn.functional.pad(block, (0, 0, 0, parts * per - (stop - start))).view(parts, 1, 1, per, 3)
+        sampled = torch.nn.functional.grid_sample(source[None, None].expand(parts, -1, -1, -1, -1), grid,
+                                                  mode="bilinear", padding_mode="zeros", align_corners=True)
+        out[start:stop] = sampled.reshape(-1)[:stop - start].numpy()
+    if cval != 0.0:
+        out += np.float32(cval)
+    return out.reshape(coords.shape[1:])
+
+
 def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
     """Labels as int64, with ids not in ``keep`` (when given) set to background 0.
 

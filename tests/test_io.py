@@ -181,6 +181,24 @@ def test_resample_onto_the_volumes_own_grid_is_a_copy():
     assert np.array_equal(io.resample(io.Scan(labels, affine), grid, order=0, world_transform=transform), moved)
 
 
+@pytest.mark.parametrize("shape", [(9, 12, 10), (2, 5, 7), (1, 6, 7)])
+@pytest.mark.parametrize("cval", [0.0, -1024.0])
+def test_sample_trilinear_is_scipys_map_coordinates(shape, cval):
+    """grid_sample in place of map_coordinates(order=1, grid-constant): the same values within float32 rounding,
+    points beyond the volume (fading to cval over the last voxel, then cval) included; an axis of one voxel goes to
+    scipy itself."""
+    from scipy import ndimage
+
+    data = RNG.random(shape).astype(np.float32) * 100
+    coords = RNG.uniform(-2.5, np.asarray(shape)[:, None, None] + 1.5, (3, 13, 17))
+    expected = ndimage.map_coordinates(data, coords, order=1, mode="grid-constant", cval=cval, prefilter=False)
+    out = io.sample_trilinear(data, coords, cval)
+    assert out.shape == (13, 17) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * (100 + abs(cval)))
+    outside = np.any((coords <= -1) | (coords >= np.asarray(shape)[:, None, None]), axis=0)
+    assert outside.any() and np.all(out[outside] == np.float32(cval))
+
+
 def test_normalize_intensity():
     ct = np.array([[[-1000.0, -200.0, 50.0, 300.0, 1200.0]]])
     assert np.allclose(io.normalize_intensity(ct, "ct"), [[[0, 0, 0.5, 1, 1]]])

@@ -32,6 +32,7 @@ from .. import metrics
 from .._atomic import INCOMPLETE_MARKER, FileSet, atomic_write
 from ..io import (Fit, Grid, Scan, _bounding_box, available_memory, check_output_path, check_same_space,
                   check_writable_dir, keep_labels, normalize_intensity, pair_on_grid, read_nifti, resample,
+                  sample_trilinear,
                   write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
 from .deformable import FieldSettings, optimize_field, optimize_network
@@ -159,11 +160,15 @@ def _voxel_coords(scan_affine: np.ndarray, world: np.ndarray) -> np.ndarray:
 def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float,
             coords: np.ndarray | None = None):
     """Values of a volume at world points (3, ...) (trilinear or nearest, ``cval`` outside); ``coords``: their
-    :func:`_voxel_coords` in the scan, when already at hand."""
+    :func:`_voxel_coords` in the scan, when already at hand. Trilinear runs on grid_sample
+    (:func:`gradreg_fast.io.sample_trilinear`); nearest on scipy, whose rounding of a coordinate halfway between
+    two voxels every label map of the package shares."""
     from concurrent.futures import ThreadPoolExecutor
 
     coords = _voxel_coords(scan_affine, world) if coords is None else coords
-    data = scan_data if order == 0 else np.asarray(scan_data, dtype=np.float32)
+    if order == 1:
+        return sample_trilinear(scan_data, coords, cval)
+    data = scan_data
     out = np.empty(coords.shape[1:], data.dtype)  # map_coordinates' own output type
     # map_coordinates uses one core and releases the GIL: slabs on torch's threads. Each voxel is
     # interpolated on its own, so the split changes no value.
