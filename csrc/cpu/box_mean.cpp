@@ -89,18 +89,14 @@ void stage(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool
 // Stages: the axes longer than one voxel, D, H, W, `passes` times (the adjoint runs them in reverse). Each
 // stage reads the previous one's result; they alternate between `out` and a scratch buffer so that the last
 // lands in `out` (stage 0 reads `in`). With many channels each thread takes whole channels through every
-// stage while a channel stays in its cache (the cost volume's hundreds of channels); with few, all threads
-// share each stage plane by plane (a displacement field's three).
+// stage while a channel stays in its cache (the cost volume's hundreds of channels); with few (a displacement
+// field's three), all threads share each stage plane by plane, or one thread does it all below 2^21 elements.
 template <typename T>
 void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, int passes, bool adjoint,
               int threads) {
   using namespace box_mean_detail;
   const int64_t DHW = D * H * W;
-  std::vector<int> axes;
-  for (int p = 0; p < passes; ++p)
-    for (int axis = 0; axis < 3; ++axis)
-      if ((axis == 0 ? D : axis == 1 ? H : W) > 1) axes.push_back(axis);
-  if (adjoint) std::reverse(axes.begin(), axes.end());
+  const std::vector<int> axes = box_stages(D, H, W, passes, adjoint);
   const int64_t stages = static_cast<int64_t>(axes.size());
   const int team = threads > 0 ? threads : 1;
   if (stages == 0) {

@@ -47,11 +47,7 @@ std::string launch(uintptr_t in, uintptr_t out, int64_t NC, int64_t D, int64_t H
            std::to_string(NC) + " D=" + std::to_string(D) + " H=" + std::to_string(H) + " W=" + std::to_string(W) +
            " passes=" + std::to_string(passes);
   if (!in || !out) return "box_mean_forward: `in` and `out` must be device pointers, got 0";
-  std::vector<int> axes;
-  for (int p = 0; p < passes; ++p)
-    for (int axis = 0; axis < 3; ++axis)
-      if ((axis == 0 ? D : axis == 1 ? H : W) > 1) axes.push_back(axis);
-  if (adjoint) std::reverse(axes.begin(), axes.end());
+  const std::vector<int> axes = box_stages(D, H, W, passes, adjoint);
   const int64_t stages = static_cast<int64_t>(axes.size());
   const int64_t rows = NC * D * H;
   if (stages == 0) {

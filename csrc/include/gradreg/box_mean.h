@@ -9,6 +9,9 @@
 // ((left + centre) + right), in every backend, so they round alike.
 #pragma once
 
+#include <algorithm>
+#include <vector>
+
 #include "common.h"
 
 namespace gradreg {
@@ -50,6 +53,17 @@ GR_HD T box_axis(const T* v, int64_t i, int64_t n, int64_t s, bool adjoint) {
   if (i == 0) return box_adjoint_edge(v[0], centre, v[s], T(box_count(1, n)));
   if (i == n - 1) return box_adjoint_edge(v[-s], T(box_count(n - 2, n)), v[0], centre);
   return box_adjoint_inner(v[-s], T(box_count(i - 1, n)), v[0], centre, v[s], T(box_count(i + 1, n)));
+}
+
+// The axes (0: D, 1: H, 2: W) of the 1D stages, in the order they run: those longer than one voxel, D, H, W,
+// `passes` times; reversed for the adjoint. Host code (the launchers of every backend).
+inline std::vector<int> box_stages(int64_t D, int64_t H, int64_t W, int passes, bool adjoint) {
+  std::vector<int> axes;
+  for (int p = 0; p < passes; ++p)
+    for (int axis = 0; axis < 3; ++axis)
+      if ((axis == 0 ? D : axis == 1 ? H : W) > 1) axes.push_back(axis);
+  if (adjoint) std::reverse(axes.begin(), axes.end());
+  return axes;
 }
 
 }  // namespace gradreg
