@@ -16,6 +16,8 @@ Implementations, checked against each other first:
 * torch separable: the engine's former code, a 3-voxel sum along each axis by two adds of shifted views into
   the output, the edges copied, divided by the per-axis counts, in an autograd.Function whose backward is the
   same sum of the gradient divided by the counts (the exact adjoint);
+* torch separable, in place (forward only): what the engine ran on its cost volume just before box_mean, the same
+  sums into two buffers reused across passes, a cache-sized group of channels at a time;
 * avg_pool3d: ``F.avg_pool3d(v, 3, 1, 1, count_include_pad=False)`` per pass (the same means: the in-volume part
   of a 3x3x3 window is a box).
 
@@ -85,6 +87,36 @@ def torch_separable(volume: torch.Tensor, passes: int) -> torch.Tensor:
     return volume
 
 
+def torch_separable_in_place(volume: torch.Tensor, passes: int, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """The engine's cost-volume path just before box_mean (no autograd): the same sums written into two buffers
+    reused for every pass, a cache-sized group of channels at a time."""
+    volume = volume.clone()  # it overwrites its input
+    plane = volume[0, 0].numel()
+    chunk = max(1, chunk_bytes // (plane * volume.element_size()))
+    spare = torch.empty_like(volume)
+    scratch = torch.empty(volume.shape[0] * min(chunk, volume.shape[1]) * plane, dtype=volume.dtype)
+    swapped = False
+    for start in range(0, volume.shape[1], chunk):
+        group, other, swapped = volume[:, start:start + chunk], spare[:, start:start + chunk], False
+        for _ in range(passes):
+            for axis in (2, 3, 4):
+                n = group.shape[axis]
+                if n == 1:
+                    continue
+                shape = list(group.shape)
+                shape[axis] = n - 1
+                pairs = torch.add(group.narrow(axis, 0, n - 1), group.narrow(axis, 1, n - 1),
+                                  out=scratch[:torch.Size(shape).numel()].view(shape))
+                if n > 2:
+                    torch.add(pairs.narrow(axis, 0, n - 2), group.narrow(axis, 2, n - 2),
+                              out=other.narrow(axis, 1, n - 2))
+                other.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
+                other.narrow(axis, n - 1, 1).copy_(pairs.narrow(axis, n - 2, 1))
+                other.div_(_counts(group, axis))
+                group, other, swapped = other, group, not swapped
+    return spare if swapped else volume
+
+
 def avg_pool(volume: torch.Tensor, passes: int) -> torch.Tensor:
     for _ in range(passes):
         volume = F.avg_pool3d(volume, 3, 1, 1, count_include_pad=False)
@@ -94,6 +126,7 @@ def avg_pool(volume: torch.Tensor, passes: int) -> torch.Tensor:
 IMPLS = {
     "fused": lambda v, p: gradreg_fast.box_mean(v, p, backend="cpu"),
     "torch separable": torch_separable,
+    "torch separable, in place": torch_separable_in_place,  # forward only (writes through out=)
     "avg_pool3d": avg_pool,
 }
 
@@ -120,7 +153,8 @@ def main():
         volume = torch.rand(shape, generator=gen)
         grad = torch.rand(shape, generator=gen)
         expected = IMPLS["fused"](volume, passes)
-        for name, impl in IMPLS.items():
+        impls = {name: impl for name, impl in IMPLS.items() if not (backward and name.endswith("in place"))}
+        for name, impl in impls.items():
             torch.testing.assert_close(impl(volume, passes), expected, rtol=1e-5, atol=1e-6, msg=name)
 
         def run(impl):
@@ -132,7 +166,7 @@ def main():
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             fused = None
-            for name, impl in IMPLS.items():
+            for name, impl in impls.items():
                 median, best = timings_ms(run(impl), args.repeats)
                 fused = median if fused is None else fused
                 print(f"| {what} | {'x'.join(map(str, shape))} | {passes} | {'fwd+bwd' if backward else 'fwd'} | "

@@ -64,7 +64,7 @@ def _import(module: str):
 # where it was faster on the H200 (ms, forward + backward, Triton vs CUDA core): MIND-SSC 1.76 vs 6.07,
 # the fused MIND loss 2.57 vs 7.99, warp 0.69 vs 0.74 (0.11 vs 0.16 in a CUDA graph), integration 2.16 vs
 # 2.50, cost volume 0.70 vs 1.82. The CUDA core where it was: gradient magnitude 0.31 vs 0.69, LNCC
-# 0.95 vs 1.31. Not timed on a GPU yet, so the CUDA core first: coupled_argmin, warped_sq_diff.
+# 0.95 vs 1.31. Not timed on a GPU yet, so the CUDA core first: coupled_argmin, warped_sq_diff, box_mean.
 TRITON_FIRST = ("triton", "cuda")
 CUDA_ORDER = {"mind": TRITON_FIRST, "warp": TRITON_FIRST, "integrate": TRITON_FIRST, "cost_volume": TRITON_FIRST}
 

@@ -246,7 +246,7 @@ def test_cpu_core_is_an_attribute_after_a_plain_import():
 
 @pytest.mark.parametrize("op, first", [("mind", "triton"), ("warp", "triton"), ("integrate", "triton"),
                                        ("cost_volume", "triton"), ("gradient_magnitude", "cuda"), ("lncc", "cuda"),
-                                       ("coupled_argmin", "cuda"), ("warped_sq_diff", "cuda")])
+                                       ("coupled_argmin", "cuda"), ("warped_sq_diff", "cuda"), ("box_mean", "cuda")])
 def test_auto_on_cuda_follows_the_measured_order(monkeypatch, op, first):
     """On CUDA tensors "auto" takes the backend that was faster on the H200 (_backend.CUDA_ORDER), and the
     other one when the first cannot run. No GPU needed: which backends can run is stood in for."""

@@ -57,22 +57,26 @@ def test_cpu_matches_reference(shape, passes, dtype, noncontiguous, gen):
     _check_against_reference("cpu", shape, passes, dtype, noncontiguous, gen)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 16, 40, 60), (2, 24, 8, 16, 12), (1, 1, 128, 128, 128)])
-def test_cpu_large_volumes_on_every_thread_and_alone(shape, gen):
-    """Volumes above the one-thread size of the ops, in each layout of the core's work (many channels: a channel
-    per thread; few: one thread below 2^21 elements, all threads on each stage above), and the same bits on one
-    thread."""
-    _check_against_reference("cpu", shape, 2, torch.float32, False, gen)
+@pytest.mark.parametrize("shape, passes", [((1, 3, 16, 40, 60), 2), ((2, 24, 8, 16, 12), 2), ((1, 1, 128, 128, 128), 2),
+                                           ((1, 3, 128, 128, 43), 1)])
+def test_cpu_large_volumes_on_every_thread_and_alone(shape, passes, gen):
+    """Volumes above the one-thread size of the ops, in each layout of the core's work (whole channels per thread:
+    many channels, or a small volume; every thread on each stage: a large volume of few channels, with an even and
+    an odd number of stages), and the same bits on one thread, forward and backward."""
+    _check_against_reference("cpu", shape, passes, torch.float32, False, gen)
     volume = make_volume(shape, torch.float32, False, gen)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(2)
-        several = gradreg_fast.box_mean(volume, 2, backend="cpu")
-        torch.set_num_threads(1)
-        alone = gradreg_fast.box_mean(volume, 2, backend="cpu")
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            leaf = volume.clone().requires_grad_()
+            out = gradreg_fast.box_mean(leaf, passes, backend="cpu")
+            (grad,) = torch.autograd.grad(out, leaf, volume)
+            results.append((out, grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(several, alone)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_core_writes_every_output_element(gen):
@@ -142,6 +146,19 @@ def test_backend_reference_is_the_reference(gen):
     assert torch.equal(gradreg_fast.box_mean(volume, 2, backend="reference"), reference.box_mean(volume, 2))
 
 
+@pytest.mark.parametrize("shape", SHAPES[:5])
+def test_reference_adjoint_is_the_transpose_of_the_reference(shape, gen):
+    """<B x, y> = <x, B^T y> for the reference's written-out adjoint (what the reference backend's backward runs),
+    and it equals the vector-Jacobian product of the reference mean."""
+    x, y = make_volume(shape, torch.float64, False, gen), make_volume(shape, torch.float64, False, gen)
+    for passes in PASSES:
+        adjoint = reference.box_mean_adjoint(y, passes)
+        torch.testing.assert_close((reference.box_mean(x, passes) * y).sum(), (x * adjoint).sum(), rtol=1e-12,
+                                   atol=1e-12)
+        vjp = torch.func.vjp(lambda v: reference.box_mean(v, passes), x)[1](y)[0]
+        torch.testing.assert_close(adjoint, vjp, rtol=1e-12, atol=1e-12)
+
+
 def test_does_not_modify_input_and_returns_a_new_tensor(gen):
     volume = make_volume((1, 2, 4, 5, 3), torch.float32, True, gen)
     before = volume.clone()
@@ -176,8 +193,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="`volume` must have 5 dimensions"):
             gradreg_fast.box_mean(torch.ones(shape))
 
-    @pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
-    def test_non_floating_dtype(self, dtype):
+    @pytest.mark.parametrize("dtype", [torch.int32, torch.bool] + [getattr(torch, name) for name in
+                                                                   ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)])
+    def test_unsupported_dtype(self, dtype):
         with pytest.raises(TypeError, match="`volume` must be a floating-point tensor"):
             gradreg_fast.box_mean(torch.ones(1, 1, 2, 2, 2, dtype=dtype))
 
@@ -225,11 +243,29 @@ def test_compile_fullgraph(gen):
     torch._dynamo.reset()
 
 
-def test_opcheck(gen):
-    volume = make_volume((2, 2, 3, 4, 5), torch.float64, False, gen).requires_grad_()
-    for adjoint in (False, True):
-        results = torch.library.opcheck(torch.ops.gradreg.box_mean.default, (volume, 2, adjoint, "cpu"))
-        assert all(result == "SUCCESS" for result in results.values()), results
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend, gen):
+    """The op against its fake implementation (layouts included: a channels-last input, no pass), its autograd
+    registration and schema, for the mean and the adjoint."""
+    plain = make_volume((2, 2, 3, 4, 5), torch.float64, False, gen)
+    for volume in (plain, plain.contiguous(memory_format=torch.channels_last_3d)):
+        for passes in (0, 2):
+            for adjoint in (False, True):
+                results = torch.library.opcheck(torch.ops.gradreg.box_mean.default,
+                                                (volume.detach().requires_grad_(), passes, adjoint, backend))
+                assert all(result == "SUCCESS" for result in results.values()), (passes, adjoint, results)
+
+
+def test_compile_with_inductor_on_a_channels_last_input(gen):
+    """Inductor relies on the fake implementation's layout: the reference backend (the fallback without a compiled
+    core) and the CPU core both return what it promises, also for no pass."""
+    torch._dynamo.reset()
+    volume = make_volume((1, 3, 4, 5, 6), torch.float32, False, gen).contiguous(memory_format=torch.channels_last_3d)
+    for backend in ("cpu", "reference"):
+        for passes in (0, 1):
+            compiled = torch.compile(lambda v: gradreg_fast.box_mean(v, passes, backend=backend) * 2, fullgraph=True)
+            torch.testing.assert_close(compiled(volume), reference.box_mean(volume, passes) * 2)
+            torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)

@@ -179,6 +179,17 @@ def test_resample_onto_the_volumes_own_grid_is_a_copy():
     transform = np.eye(4)
     transform[:3, 3] = shifted[:3, 0]
     assert np.array_equal(io.resample(io.Scan(labels, affine), grid, order=0, world_transform=transform), moved)
+    # labels stored big-endian (as a NIfTI may hold them) come back in native byte order, as scipy's path gives
+    swapped = io.resample(io.Scan(labels.astype(">i2"), affine), grid, order=0)
+    assert swapped.dtype == np.dtype("=i2") and np.array_equal(swapped, labels)
+    # a higher spline order smooths even on the volume's own grid: no shortcut there
+    from scipy import ndimage
+
+    cubic = io.resample(io.Scan(image, affine), grid, order=3)
+    expected = ndimage.affine_transform(image.astype(np.float32), np.eye(3), output_shape=image.shape, order=3,
+                                        mode="grid-constant", prefilter=False)
+    np.testing.assert_allclose(cubic, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(cubic, image, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(9, 12, 10), (2, 5, 7), (1, 6, 7)])

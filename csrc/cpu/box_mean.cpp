@@ -1,6 +1,7 @@
 #include "gradreg/box_mean.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "ops.h"
@@ -89,8 +90,8 @@ void stage(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool
 // Stages: the axes longer than one voxel, D, H, W, `passes` times (the adjoint runs them in reverse). Each
 // stage reads the previous one's result; they alternate between `out` and a scratch buffer so that the last
 // lands in `out` (stage 0 reads `in`). With many channels each thread takes whole channels through every
-// stage while a channel stays in its cache (the cost volume's hundreds of channels); with few (a displacement
-// field's three), all threads share each stage plane by plane, or one thread does it all below 2^21 elements.
+// stage while a channel stays in its cache (the cost volume's hundreds of channels); a large volume of few
+// channels has all threads share each stage plane by plane, and a small one runs on one thread.
 template <typename T>
 void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, int passes, bool adjoint,
               int threads) {
@@ -104,17 +105,22 @@ void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, 
     for (int64_t i = 0; i < NC * DHW; ++i) out[i] = in[i];
     return;
   }
-  const bool by_channel = NC >= 4 * int64_t(team) || team == 1;
-  // Few channels: each stage ends at a barrier, which costs more than a small volume's work (3 channels of
-  // 16 x 86 x 86, two passes: 0.26 ms on one thread, 0.43 ms on two; two threads win above ~2M elements).
-  const int shared_team = NC * DHW >= (int64_t(1) << 21) ? team : 1;
-  std::vector<T> scratch(by_channel ? checked_count({team, DHW}) : checked_count({NC, DHW}));
+  // Whole channels per thread when there are enough to share (no barriers between stages); a large volume of
+  // few channels has every thread work on every stage; a small one runs on one thread: starting a team and
+  // the barriers cost more than its work (measured on 2 cores: 3 channels of 16 x 86 x 86, two passes, take
+  // 0.26 ms on one thread, 0.43 ms on two sharing each stage, 0.40 ms with a channel per thread; sharing wins
+  // above ~2M elements).
+  const bool large = NC * DHW >= (int64_t(1) << 21);
+  const bool by_channel = team == 1 || NC >= 4 * int64_t(team) || !large;
+  const int channel_team = (team == 1 || NC >= 4 * int64_t(team)) ? team : 1;
+  // Uninitialised: every element a stage reads was written by the stage before.
+  std::unique_ptr<T[]> scratch(new T[by_channel ? checked_count({channel_team, DHW}) : checked_count({NC, DHW})]);
   // Stage k writes `out` when an even number of stages follows it, the scratch otherwise.
   auto lands_in_out = [stages](int64_t k) { return (stages - 1 - k) % 2 == 0; };
   if (by_channel) {
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(channel_team)
     {
-      T* mine = scratch.data() + thread_id() * DHW;
+      T* mine = scratch.get() + thread_id() * DHW;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t nc = 0; nc < NC; ++nc) {
         const T* src = in + nc * DHW;
@@ -127,10 +133,10 @@ void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, 
     }
     return;
   }
-#pragma omp parallel num_threads(shared_team)
+#pragma omp parallel num_threads(team)
   for (int64_t k = 0; k < stages; ++k) {
-    const T* source = k == 0 ? in : (lands_in_out(k - 1) ? out : scratch.data());
-    T* target = lands_in_out(k) ? out : scratch.data();
+    const T* source = k == 0 ? in : (lands_in_out(k - 1) ? out : scratch.get());
+    T* target = lands_in_out(k) ? out : scratch.get();
 #pragma omp for collapse(2) schedule(static)
     for (int64_t nc = 0; nc < NC; ++nc)
       for (int64_t z = 0; z < D; ++z)

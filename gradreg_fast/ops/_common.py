@@ -19,7 +19,9 @@ def check_volume(op: str, name: str, t, channels: int | None = None) -> None:
         raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 5:
         raise ValueError(f"{op}: `{name}` must have 5 dimensions (N, C, D, H, W), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
+    # Only these reach the kernels (the two half types as float32): any other floating type (float8 ...) would be
+    # read as float32 memory.
+    if t.dtype not in _UPCAST_DTYPES + (torch.float32, torch.float64):
         raise TypeError(
             f"{op}: `{name}` must be a floating-point tensor (float32 or float64; float16 and bfloat16 are "
             f"computed in float32), got {t.dtype}"

@@ -16,13 +16,7 @@ MAX_PASSES = 1 << 16
 
 def _launch(volume: torch.Tensor, passes: int, adjoint: bool, backend: str) -> torch.Tensor:
     if backend == "reference":
-        if not adjoint:
-            return reference.box_mean(volume, passes)
-        if passes == 0:
-            return volume.clone()
-        # The reference's adjoint is its vector-Jacobian product (at any point: the mean is linear).
-        probe = torch.zeros_like(volume)
-        return c.reference_vjp(lambda v: reference.box_mean(v, passes), [probe], volume, [True])[0]
+        return (reference.box_mean_adjoint if adjoint else reference.box_mean)(volume, passes)
     volume = volume.contiguous()
     if backend == "triton":
         from ..triton_kernels import box_mean as kernel
@@ -74,8 +68,8 @@ def box_mean(volume: torch.Tensor, passes: int = 1, backend: str | None = None) 
     a border voxel averages fewer voxels (a constant stays constant, and a displacement field is not pulled
     towards zero at the edges, as zero padding would), and an axis of one voxel is left as it is. Separable: the
     window's in-volume part is a box, so each pass is a 3-voxel mean along D, then H, then W. Repeated passes
-    approach a Gaussian (two: a quadratic B-spline-like kernel of 5 voxels). The registration engine smooths
-    its cost volume and its velocity with it.
+    approach a Gaussian (inside the volume, two are the 5-voxel triangle (1, 2, 3, 2, 1) / 9 per axis, a linear
+    B-spline; three a quadratic one). The registration engine smooths its cost volume and its velocity with it.
 
     Args:
         volume: (N, C, D, H, W) float32 or float64; float16/bfloat16 are computed in float32 and cast back. Any

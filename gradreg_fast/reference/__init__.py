@@ -6,7 +6,7 @@ the fallback when no compiled core is available. They use only differentiable
 torch operations, so autograd gives their backward.
 """
 
-from .box_mean import box_mean
+from .box_mean import box_mean, box_mean_adjoint
 from .cost_volume import mind_cost_volume
 from .coupled_argmin import coupled_argmin
 from .cost_volume import mind_cost_volume_displacements
@@ -19,6 +19,6 @@ from .warped_sq_diff import warped_sq_diff
 from .mind import mind, mind_ssc, mind_ssc_convexadam
 from .mind_loss import mind_loss
 
-__all__ = ["box_mean", "lncc_loss", "lncc_map", "integrate_velocity", "integrate_velocity_grid_sample", "compose",
+__all__ = ["box_mean", "box_mean_adjoint", "lncc_loss", "lncc_map", "integrate_velocity", "integrate_velocity_grid_sample", "compose",
            "gradient_magnitude", "warp", "mind", "mind_ssc", "mind_ssc_convexadam", "mind_loss", "warp_nearest_source",
            "mind_cost_volume", "mind_cost_volume_displacements", "warped_sq_diff", "coupled_argmin"]

@@ -168,7 +168,7 @@ def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, o
     coords = _voxel_coords(scan_affine, world) if coords is None else coords
     if order == 1:
         return sample_trilinear(scan_data, coords, cval)
-    data = scan_data
+    data = scan_data if order == 0 else np.asarray(scan_data, dtype=np.float32)
     out = np.empty(coords.shape[1:], data.dtype)  # map_coordinates' own output type
     # map_coordinates uses one core and releases the GIL: slabs on torch's threads. Each voxel is
     # interpolated on its own, so the split changes no value.
