@@ -153,7 +153,7 @@ def _add_common(parser) -> None:
                              "mid-swap and may mix two runs; --force repairs it")
 
 
-QUICK_HELP = ("about 1.45x faster: no gradient-map terms, a search of +-1 cell, 20 Adam steps (a capture range "
+QUICK_HELP = ("about 1.25x faster: no gradient-map terms, a search of +-1 cell, 20 Adam steps (a capture range "
               "of +-2 voxels after the affine)")
 THOROUGH_HELP = ("more iterations: affine 40,40 and 100 Adam steps; not more accurate on the validation set (see "
                  "benchmarks/RESULTS.md)")

@@ -83,12 +83,12 @@ def working_multiples(shape, settings: Settings) -> tuple:
 
 
 def quick_settings() -> Settings:
-    """About 1.45 times faster than the defaults: no gradient-map terms, a one-way search of +-1 cell, 20 Adam
-    steps at lr 1.0.
+    """About 1.25 times faster than the defaults (benchmarks/RESULTS.md, 2026-11-30 22:37; 1.45 before the fused
+    box_mean sped the defaults up more): no gradient-map terms, a one-way search of +-1 cell, 20 Adam steps at lr 1.0.
 
     On the validation set it keeps the defaults' Dice on the same-subject cases (0.938 against 0.938) and loses
     on the inter-subject ones (0.596 against 0.614) and the bundled pair (0.622 against 0.632;
-    benchmarks/RESULTS.md, 2026-11-30 20:47), and its capture range is +-2 voxels: where the affine stage leaves
+    benchmarks/RESULTS.md, 2026-11-30 22:37), and its capture range is +-2 voxels: where the affine stage leaves
     larger differences (the two-organ phantom of tests/test_register.py) it falls well short of the defaults
     (Dice 0.68 against 0.87).
     """
