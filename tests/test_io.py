@@ -210,6 +210,24 @@ def test_sample_trilinear_is_scipys_map_coordinates(shape, cval):
     assert outside.any() and np.all(out[outside] == np.float32(cval))
 
 
+def test_sample_trilinear_in_several_blocks_and_threads():
+    """More points than one grid_sample call takes (io._TRILINEAR_BLOCK), an odd count split over the threads: every
+    point still lands where map_coordinates puts it, in order."""
+    from scipy import ndimage
+
+    data = RNG.random((7, 9, 8)).astype(np.float32)
+    count = io._TRILINEAR_BLOCK + 12345
+    coords = RNG.uniform(-1.0, 8.0, (3, count, 1))
+    expected = ndimage.map_coordinates(data, coords, order=1, mode="grid-constant", cval=0.0, prefilter=False)
+    threads = torch.get_num_threads()
+    try:
+        for count_threads in (1, 3):
+            torch.set_num_threads(count_threads)
+            np.testing.assert_allclose(io.sample_trilinear(data, coords), expected, rtol=0, atol=2e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_normalize_intensity():
     ct = np.array([[[-1000.0, -200.0, 50.0, 300.0, 1200.0]]])
     assert np.allclose(io.normalize_intensity(ct, "ct"), [[[0, 0, 0.5, 1, 1]]])
