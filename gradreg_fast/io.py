@@ -271,8 +271,9 @@ def resample(scan: Scan | np.ndarray, grid: Grid, affine: np.ndarray | None = No
     if order in (0, 1) and world_transform is None and tuple(data.shape) == tuple(grid.shape) \
             and np.array_equal(affine, grid.affine):
         # The grid is the volume's own: every voxel lands on itself (the CLI's fixed image and labels); the
-        # dtypes scipy's path gives (native byte order; float32 for trilinear). Higher orders smooth even there.
-        return np.array(data, dtype=data.dtype.newbyteorder("=") if order == 0 else np.float32)
+        # dtypes and layout scipy's path gives (native byte order, C order; float32 for trilinear). Higher orders
+        # smooth even there.
+        return np.array(data, dtype=data.dtype.newbyteorder("=") if order == 0 else np.float32, order="C")
     voxel_map = _voxel_map(affine, grid, world_transform)
     if order == 0:
         # Nearest neighbour without a float round trip: labels stay exact.

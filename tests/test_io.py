@@ -179,9 +179,10 @@ def test_resample_onto_the_volumes_own_grid_is_a_copy():
     transform = np.eye(4)
     transform[:3, 3] = shifted[:3, 0]
     assert np.array_equal(io.resample(io.Scan(labels, affine), grid, order=0, world_transform=transform), moved)
-    # labels stored big-endian (as a NIfTI may hold them) come back in native byte order, as scipy's path gives
-    swapped = io.resample(io.Scan(labels.astype(">i2"), affine), grid, order=0)
-    assert swapped.dtype == np.dtype("=i2") and np.array_equal(swapped, labels)
+    # labels stored big-endian and in Fortran order (as a NIfTI may hold them) come back in native byte order and C
+    # order, as scipy's path gives them
+    swapped = io.resample(io.Scan(np.asfortranarray(labels.astype(">i2")), affine), grid, order=0)
+    assert swapped.dtype == np.dtype("=i2") and swapped.flags.c_contiguous and np.array_equal(swapped, labels)
     # a higher spline order smooths even on the volume's own grid: no shortcut there
     from scipy import ndimage
 
