@@ -58,11 +58,11 @@ def test_cpu_matches_reference(shape, passes, dtype, noncontiguous, gen):
 
 
 @pytest.mark.parametrize("shape, passes", [((1, 3, 16, 40, 60), 2), ((2, 24, 8, 16, 12), 2), ((1, 1, 128, 128, 128), 2),
-                                           ((1, 3, 128, 128, 43), 1)])
+                                           ((1, 3, 128, 128, 43), 1), ((1, 1, 1, 1500, 1450), 1)])
 def test_cpu_large_volumes_on_every_thread_and_alone(shape, passes, gen):
     """Volumes above the one-thread size of the ops, in each layout of the core's work (whole channels per thread:
     many channels, or a small volume; every thread on each stage: a large volume of few channels, with an even and
-    an odd number of stages), and the same bits on one thread, forward and backward."""
+    an odd number of stages, and a single plane), and the same bits on one thread, forward and backward."""
     _check_against_reference("cpu", shape, passes, torch.float32, False, gen)
     volume = make_volume(shape, torch.float32, False, gen)
     threads = torch.get_num_threads()

@@ -85,13 +85,27 @@ void stage(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool
   }
 }
 
+// Row (z, y) of one channel: dst = the 1D mean (or adjoint) of src along `axis` there. The same values as
+// stage() gives that row: every output element depends on its own neighbours only.
+template <typename T>
+void stage_row(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool adjoint, int64_t z, int64_t y) {
+  const int64_t HW = H * W, row = z * HW + y * W;
+  const T* at = src + row;
+  if (axis == 0)
+    combine_rows(z > 0 ? at - HW : at, at, z < D - 1 ? at + HW : at, dst + row, W, z, D, adjoint);
+  else if (axis == 1)
+    combine_rows(y > 0 ? at - W : at, at, y < H - 1 ? at + W : at, dst + row, W, y, H, adjoint);
+  else
+    combine_along_row(at, dst + row, W, adjoint);
+}
+
 }  // namespace box_mean_detail
 
 // Stages: the axes longer than one voxel, D, H, W, `passes` times (the adjoint runs them in reverse). Each
 // stage reads the previous one's result; they alternate between `out` and a scratch buffer so that the last
 // lands in `out` (stage 0 reads `in`). With many channels each thread takes whole channels through every
 // stage while a channel stays in its cache (the cost volume's hundreds of channels); a large volume of few
-// channels has all threads share each stage plane by plane, and a small one runs on one thread.
+// channels has all threads share each stage row by row, and a small one runs on one thread.
 template <typename T>
 void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, int passes, bool adjoint,
               int threads) {
@@ -137,10 +151,12 @@ void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, 
   for (int64_t k = 0; k < stages; ++k) {
     const T* source = k == 0 ? in : (lands_in_out(k - 1) ? out : scratch.get());
     T* target = lands_in_out(k) ? out : scratch.get();
-#pragma omp for collapse(2) schedule(static)
+    // Row by row, so that any shape shares out (a single plane too).
+#pragma omp for collapse(3) schedule(static)
     for (int64_t nc = 0; nc < NC; ++nc)
       for (int64_t z = 0; z < D; ++z)
-        stage(source + nc * DHW, target + nc * DHW, D, H, W, axes[k], adjoint, z, z + 1);
+        for (int64_t y = 0; y < H; ++y)
+          stage_row(source + nc * DHW, target + nc * DHW, D, H, W, axes[k], adjoint, z, y);
   }
 }
 
