@@ -297,17 +297,10 @@ _TRILINEAR_BLOCK = 1 << 20  # output voxels per grid_sample call: bounds the coo
 
 def _trilinear(data: np.ndarray, voxel_map: np.ndarray, shape: tuple, cval: float) -> np.ndarray:
     """scipy's ``affine_transform(data, order=1, mode="grid-constant", cval=cval, prefilter=False)``,
-    by ``grid_sample``, which runs on torch's threads where scipy uses one.
-
-    ``grid_sample`` with zero padding and ``align_corners=True`` is trilinear interpolation of a volume
-    that is 0 beyond its voxel centres, the same as scipy's "grid-constant" mode with cval 0; sampling
-    ``data - cval`` and adding cval back gives any other cval. The coordinates are formed in float64
-    (grid_sample's [-1, 1] normalisation folded into the map) and rounded once to float32.
+    by ``grid_sample``, which runs on torch's threads where scipy uses one (:func:`_sample_normalised`).
+    The coordinates are formed in float64 (grid_sample's [-1, 1] normalisation folded into the map), a block
+    of planes at a time, and rounded once to float32.
     """
-    data = np.ascontiguousarray(data)
-    source = torch.from_numpy(data if data.flags.writeable else data.copy())  # torch warns on read-only memory
-    if cval != 0.0:
-        source = source - cval
     sizes = np.asarray(data.shape, dtype=np.float64)
     normalised = (2.0 / (sizes - 1.0))[:, None] * voxel_map[:3]
     normalised[:, 3] -= 1.0
@@ -316,20 +309,41 @@ def _trilinear(data: np.ndarray, voxel_map: np.ndarray, shape: tuple, cval: floa
     j = torch.arange(height, dtype=torch.float64)[:, None, None]
     k = torch.arange(width, dtype=torch.float64)[None, :, None]
     plane = theta[:, 3] + j * theta[:, 1] + k * theta[:, 2]  # (H, W, 3): the i = 0 plane
-    out = np.empty((depth, height, width), dtype=np.float32)
     rows = max(1, _TRILINEAR_BLOCK // max(1, height * width))
+
+    def blocks():
+        for start in range(0, depth, rows):
+            i = torch.arange(start, min(depth, start + rows), dtype=torch.float64)[:, None, None, None]
+            yield (plane + i * theta[:, 0]).to(torch.float32).reshape(-1, 3)
+
+    return _sample_normalised(data, cval, blocks(), depth * height * width).reshape(depth, height, width)
+
+
+def _sample_normalised(data: np.ndarray, cval: float, blocks, count: int) -> np.ndarray:
+    """The trilinear values (float32, flat) of a 3D volume at ``count`` points given in consecutive ``blocks``
+    ((m, 3) float32 tensors in grid_sample's (k, j, i) order and [-1, 1] range), by ``grid_sample``.
+
+    ``grid_sample`` with zero padding and ``align_corners=True`` is trilinear interpolation of a volume
+    that is 0 beyond its voxel centres, the same as scipy's "grid-constant" mode with cval 0; sampling
+    ``data - cval`` and adding cval back gives any other cval."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    source = torch.from_numpy(data if data.flags.writeable else data.copy())  # torch warns on read-only memory
+    if cval != 0.0:
+        source = source - cval
+    out = np.empty(count, np.float32)
     threads = max(1, torch.get_num_threads())
-    for start in range(0, depth, rows):
-        stop = min(depth, start + rows)
-        # The 3D CPU kernel spreads its work over the batch only: split the rows into one batch entry
-        # per thread (the last one padded with rows past the end, cut off below).
-        parts = min(threads, stop - start)
-        per = -(-(stop - start) // parts)
-        i = torch.arange(start, start + parts * per, dtype=torch.float64)[:, None, None, None]
-        coords = (plane + i * theta[:, 0]).to(torch.float32).view(parts, per, height, width, 3)
-        sampled = torch.nn.functional.grid_sample(source[None, None].expand(parts, -1, -1, -1, -1), coords,
+    start = 0
+    for points in blocks:
+        size = len(points)
+        # The 3D CPU kernel spreads its work over the batch only: one batch entry per thread (the last one
+        # padded, cut off below).
+        parts = min(threads, size)
+        per = -(-size // parts)
+        grid = torch.nn.functional.pad(points, (0, 0, 0, parts * per - size)).view(parts, 1, 1, per, 3)
+        sampled = torch.nn.functional.grid_sample(source[None, None].expand(parts, -1, -1, -1, -1), grid,
                                                   mode="bilinear", padding_mode="zeros", align_corners=True)
-        out[start:stop] = sampled.view(parts * per, height, width)[:stop - start].numpy()
+        out[start:start + size] = sampled.reshape(-1)[:size].numpy()
+        start += size
     if cval != 0.0:
         out += np.float32(cval)
     return out
@@ -348,29 +362,12 @@ def sample_trilinear(data: np.ndarray, coords: np.ndarray, cval: float = 0.0) ->
         out = np.empty(coords.shape[1:], np.float32)
         ndimage.map_coordinates(data, coords, output=out, order=1, mode="grid-constant", cval=cval, prefilter=False)
         return out
-    data = np.ascontiguousarray(data)
-    source = torch.from_numpy(data if data.flags.writeable else data.copy())
-    if cval != 0.0:
-        source = source - cval
     scale = 2.0 / (np.asarray(data.shape, dtype=np.float64) - 1.0)
     flat = coords.reshape(3, -1)
-    out = np.empty(flat.shape[1], np.float32)
-    threads = max(1, torch.get_num_threads())
-    for start in range(0, len(out), _TRILINEAR_BLOCK):
-        stop = min(len(out), start + _TRILINEAR_BLOCK)
-        # grid_sample's [-1, 1] normalisation in float64, rounded once to float32; (k, j, i) order.
-        block = torch.from_numpy(flat[::-1, start:stop] * scale[::-1, None] - 1.0).T.to(torch.float32)
-        # The 3D CPU kernel spreads its work over the batch only: one batch entry per thread (the last one
-        # padded, cut off below).
-        parts = min(threads, stop - start)
-        per = -(-(stop - start) // parts)
-        grid = torch.nn.functional.pad(block, (0, 0, 0, parts * per - (stop - start))).view(parts, 1, 1, per, 3)
-        sampled = torch.nn.functional.grid_sample(source[None, None].expand(parts, -1, -1, -1, -1), grid,
-                                                  mode="bilinear", padding_mode="zeros", align_corners=True)
-        out[start:stop] = sampled.reshape(-1)[:stop - start].numpy()
-    if cval != 0.0:
-        out += np.float32(cval)
-    return out.reshape(coords.shape[1:])
+    # grid_sample's [-1, 1] normalisation in float64, rounded once to float32; (k, j, i) order.
+    blocks = (torch.from_numpy(flat[::-1, start:start + _TRILINEAR_BLOCK] * scale[::-1, None] - 1.0).T.to(torch.float32)
+              for start in range(0, flat.shape[1], _TRILINEAR_BLOCK))
+    return _sample_normalised(data, cval, blocks, flat.shape[1]).reshape(coords.shape[1:])
 
 
 def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
