@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_coupled_argmin import timings_ms  # the same timing procedure (median and minimum after a warm-up)
 
 import gradreg_fast
 
@@ -45,11 +44,19 @@ CASES = [  # (what, shape, passes, backward)
 SEED = 1234
 
 
-def _sum3(volume: torch.Tensor, axis: int) -> torch.Tensor:
-    """Each voxel plus its in-volume neighbours along ``axis`` (at least 2 long)."""
+def _sum3(volume: torch.Tensor, axis: int, out: torch.Tensor | None = None,
+          scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Each voxel plus its in-volume neighbours along ``axis`` (at least 2 long), into ``out`` when given, with the
+    pairwise sums in ``scratch`` (a flat buffer at least the volume's size) when given."""
     n = volume.shape[axis]
-    pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
-    total = torch.empty_like(volume)
+    if scratch is None:
+        pairs = volume.narrow(axis, 0, n - 1) + volume.narrow(axis, 1, n - 1)
+    else:
+        shape = list(volume.shape)
+        shape[axis] = n - 1
+        pairs = torch.add(volume.narrow(axis, 0, n - 1), volume.narrow(axis, 1, n - 1),
+                          out=scratch[:torch.Size(shape).numel()].view(shape))
+    total = torch.empty_like(volume) if out is None else out
     if n > 2:
         torch.add(pairs.narrow(axis, 0, n - 2), volume.narrow(axis, 2, n - 2), out=total.narrow(axis, 1, n - 2))
     total.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
@@ -100,20 +107,9 @@ def torch_separable_in_place(volume: torch.Tensor, passes: int, chunk_bytes: int
         group, other, swapped = volume[:, start:start + chunk], spare[:, start:start + chunk], False
         for _ in range(passes):
             for axis in (2, 3, 4):
-                n = group.shape[axis]
-                if n == 1:
-                    continue
-                shape = list(group.shape)
-                shape[axis] = n - 1
-                pairs = torch.add(group.narrow(axis, 0, n - 1), group.narrow(axis, 1, n - 1),
-                                  out=scratch[:torch.Size(shape).numel()].view(shape))
-                if n > 2:
-                    torch.add(pairs.narrow(axis, 0, n - 2), group.narrow(axis, 2, n - 2),
-                              out=other.narrow(axis, 1, n - 2))
-                other.narrow(axis, 0, 1).copy_(pairs.narrow(axis, 0, 1))
-                other.narrow(axis, n - 1, 1).copy_(pairs.narrow(axis, n - 2, 1))
-                other.div_(_counts(group, axis))
-                group, other, swapped = other, group, not swapped
+                if group.shape[axis] > 1:
+                    _sum3(group, axis, out=other, scratch=scratch).div_(_counts(group, axis))
+                    group, other, swapped = other, group, not swapped
     return spare if swapped else volume
 
 
@@ -129,16 +125,6 @@ IMPLS = {
     "torch separable, in place": torch_separable_in_place,  # forward only (writes through out=)
     "avg_pool3d": avg_pool,
 }
-
-
-def timings_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def main():
