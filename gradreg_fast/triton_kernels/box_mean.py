@@ -45,20 +45,15 @@ def _stage_kernel(in_ptr, out_ptr, D, H, W, blocks_per_volume, AXIS: tl.constexp
     centre = tl.load(in_ptr + base + p, mask=mask, other=0.0)
     left = tl.load(in_ptr + base + p - s, mask=has_left, other=0.0)
     right = tl.load(in_ptr + base + p + s, mask=has_right, other=0.0)
-    if ADJOINT:
-        count = _count(c, n).to(centre.dtype)
+    if ADJOINT:  # each neighbour's value over that neighbour's own count, then the same sums
         left = _div(left, _count(c - 1, n).to(centre.dtype))
         right = _div(right, _count(c + 1, n).to(centre.dtype))
-        centre = _div(centre, count)
-        inner = (left + centre) + right
-        first = tl.where(c == 0, centre, left)
-        second = tl.where(c == 0, right, centre)
-        edge = first + second
-    else:
-        inner = _div((left + centre) + right, tl.full(centre.shape, 3.0, centre.dtype))
-        first = tl.where(c == 0, centre, left)
-        second = tl.where(c == 0, right, centre)
-        edge = _div(first + second, tl.full(centre.shape, 2.0, centre.dtype))
+        centre = _div(centre, _count(c, n).to(centre.dtype))
+    inner = (left + centre) + right
+    edge = tl.where(c == 0, centre, left) + tl.where(c == 0, right, centre)  # the two voxels, in axis order
+    if not ADJOINT:
+        inner = _div(inner, tl.full(centre.shape, 3.0, centre.dtype))
+        edge = _div(edge, tl.full(centre.shape, 2.0, centre.dtype))
     value = tl.where(n == 1, centre, tl.where((c == 0) | (c == n - 1), edge, inner))
     tl.store(out_ptr + base + p, value, mask=mask)
 
