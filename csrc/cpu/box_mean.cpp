@@ -64,29 +64,8 @@ void combine_along_row(const T* r, T* o, int64_t W, bool adjoint) {
   for (int64_t x = hi; x < W; ++x) o[x] = box_axis(r + x, x, W, int64_t(1), adjoint);
 }
 
-// Planes [z0, z1) of one channel: dst = the 1D mean (or adjoint) of src along `axis` (0: D, 1: H, 2: W).
-template <typename T>
-void stage(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool adjoint, int64_t z0, int64_t z1) {
-  const int64_t HW = H * W;
-  for (int64_t z = z0; z < z1; ++z) {
-    const T* s = src + z * HW;
-    T* d = dst + z * HW;
-    if (axis == 0) {
-      // At an edge the missing neighbour is never read; the row itself stands in for its pointer.
-      combine_rows(z > 0 ? s - HW : s, s, z < D - 1 ? s + HW : s, d, HW, z, D, adjoint);
-    } else if (axis == 1) {
-      for (int64_t y = 0; y < H; ++y) {
-        const T* at = s + y * W;
-        combine_rows(y > 0 ? at - W : at, at, y < H - 1 ? at + W : at, d + y * W, W, y, H, adjoint);
-      }
-    } else {
-      for (int64_t y = 0; y < H; ++y) combine_along_row(s + y * W, d + y * W, W, adjoint);
-    }
-  }
-}
-
-// Row (z, y) of one channel: dst = the 1D mean (or adjoint) of src along `axis` there. The same values as
-// stage() gives that row: every output element depends on its own neighbours only.
+// Row (z, y) of one channel: dst = the 1D mean (or adjoint) of src along `axis` (0: D, 1: H, 2: W) there; at
+// an edge the missing neighbour is never read, and the row itself stands in for its pointer.
 template <typename T>
 void stage_row(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool adjoint, int64_t z, int64_t y) {
   const int64_t HW = H * W, row = z * HW + y * W;
@@ -97,6 +76,21 @@ void stage_row(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, 
     combine_rows(y > 0 ? at - W : at, at, y < H - 1 ? at + W : at, dst + row, W, y, H, adjoint);
   else
     combine_along_row(at, dst + row, W, adjoint);
+}
+
+// One channel: dst = the 1D mean (or adjoint) of src along `axis`. Along D a plane is one long row to combine
+// (~10 % faster on the cost volume than row by row); along H and W, row by row.
+template <typename T>
+void stage(const T* src, T* dst, int64_t D, int64_t H, int64_t W, int axis, bool adjoint) {
+  const int64_t HW = H * W;
+  for (int64_t z = 0; z < D; ++z) {
+    if (axis == 0) {
+      const T* s = src + z * HW;
+      combine_rows(z > 0 ? s - HW : s, s, z < D - 1 ? s + HW : s, dst + z * HW, HW, z, D, adjoint);
+    } else {
+      for (int64_t y = 0; y < H; ++y) stage_row(src, dst, D, H, W, axis, adjoint, z, y);
+    }
+  }
 }
 
 }  // namespace box_mean_detail
@@ -140,7 +134,7 @@ void box_mean(const T* in, T* out, int64_t NC, int64_t D, int64_t H, int64_t W, 
         const T* src = in + nc * DHW;
         for (int64_t k = 0; k < stages; ++k) {
           T* dst = lands_in_out(k) ? out + nc * DHW : mine;
-          stage(src, dst, D, H, W, axes[k], adjoint, 0, D);
+          stage(src, dst, D, H, W, axes[k], adjoint);
           src = dst;
         }
       }
