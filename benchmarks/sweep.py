@@ -7,7 +7,7 @@ tests/test_register.py (its organs differ by more than the validation cases' res
 
 Columns: same-subject means (Dice, endpoint error mm, SDlogJ), the inter-subject cases' mean Dice, the mean Dice
 of the cases that choose the defaults (validation.CHOOSING: every case but the bundled pair), the bundled pair's
-Dice (reported, never used to choose), the phantom's Dice, the largest folding % of any case, and, against
+Dice (reported, never used to choose; see validation.choosing_mean), the phantom's Dice, the largest folding % of any case, and, against
 ConvexAdam on the fixed image's own grid in a reference run of bench_peers.py (``--reference``; a case it lacks
 is left out, with a note), the largest ratios of core time and of SDlogJ. Rows of benchmarks/results/engine_sweeps.md come from
 here.
@@ -59,9 +59,9 @@ def row(overrides: dict, cases: dict, phantom: dict | None, reference: dict) -> 
     inter = [rows[n]["dice"] for n in rows if n in validation.INTER_NAMES]
     if inter:
         out["inter_dice"] = float(np.mean(inter))
-    choosing = [rows[n]["dice"] for n in rows if n in validation.CHOOSING]
+    choosing = {n: rows[n]["dice"] for n in rows if n in validation.CHOOSING}
     if choosing:
-        out["choosing_dice"] = float(np.mean(choosing))
+        out["choosing_dice"] = validation.choosing_mean(choosing)
     if "bundled" in rows:
         out["bundled_dice"] = rows["bundled"]["dice"]
     out["max_folding_percent"] = float(max(r["folding_percent"] for r in rows.values()))

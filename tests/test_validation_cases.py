@@ -80,42 +80,81 @@ def test_the_third_subjects_ct_and_labels_share_one_grid_and_hold_spleen_and_liv
     assert (hu[ids == 0] > -300).mean() < 0.5  # the air around the body is unlabelled
 
 
+def _is_remapped(base: np.ndarray, remapped: np.ndarray, low: float, high: float, step: float) -> bool:
+    """The median remapped value per bin of the base scan's values (``low``..``high``) rises somewhere and falls
+    elsewhere by more than ``step``: no monotonic map relates the two contrasts."""
+    edges = np.linspace(low, high, 38)
+    which = np.digitize(base, edges)
+    medians = [np.median(remapped[which == b]) for b in range(1, len(edges)) if (which == b).sum() >= 50]
+    steps = np.diff(medians)
+    return bool((steps > step).any() and (steps < -step).any())
+
+
 def test_inter_subject_cases_pair_different_people_and_score_shared_organs(validation, tmp_path):
     from gradreg_fast.io import read_nifti
 
     names = [spec.name for spec in validation.INTER_SUBJECT]
-    assert len(set(names)) == len(names) >= 3
+    assert len(set(names)) == len(names) >= 12
     assert "bundled" not in validation.CHOOSING
     assert set(names) <= set(validation.CHOOSING)
+    assert len({spec.seed for spec in validation.INTER_SUBJECT}) == len(names)
     for spec in validation.INTER_SUBJECT:
-        assert spec.moving_subject.startswith("ct") and spec.moving_subject != spec.fixed_subject
+        assert spec.moving_subject != spec.fixed_subject
         assert {spec.moving_subject, spec.fixed_subject} != {"ct-a", "mr-b"}  # never the reported bundled pair
         files = validation.make_inter_case(spec, tmp_path)
         assert files["organs"] == {1: "spleen", 5: "liver"}  # the third subject's slab holds only these two
         moving = read_nifti(files["moving"], "moving")
+        moving_labels = read_nifti(files["moving_labels"], "moving labels")
         fixed = read_nifti(files["fixed"], "fixed")
         fixed_labels = read_nifti(files["fixed_labels"], "fixed labels")
-        assert fixed.data.shape == fixed_labels.data.shape
+        assert fixed.data.shape == fixed_labels.data.shape and moving.data.shape == moving_labels.data.shape
         np.testing.assert_allclose(fixed.affine, fixed_labels.affine)
-        assert np.asarray(moving.data).min() < -500  # the moving scan is a CT in HU
+        np.testing.assert_allclose(moving.affine, moving_labels.affine)
+        assert np.asarray(moving.data).min() < -500  # the moving scan is a CT in HU, or CT-like
+        base_moving, base_moving_labels = validation.subject_scan(spec.moving_subject)
+        base_affine = read_nifti(base_moving, "base").affine
+        np.testing.assert_array_equal(moving_labels.data, read_nifti(base_moving_labels, "base labels").data)
+        if spec.offset:  # a rigid offset in the header: a rotation of at most 4 degrees per axis, a shift
+            relative = moving.affine @ np.linalg.inv(base_affine)
+            rotation = relative[:3, :3]
+            np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-6)
+            assert 0 < np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))) < 4 * np.sqrt(3)
+        else:
+            np.testing.assert_allclose(moving.affine, base_affine)
+        if spec.moving_subject.startswith("mr"):  # CT-like: air at -1000, a non-monotonic remap of the tissue
+            base = np.asarray(read_nifti(base_moving, "base").data, dtype=float)
+            remapped = np.asarray(moving.data, dtype=float)
+            assert np.median(remapped[base <= np.percentile(base, 5)]) < -900
+            assert _is_remapped(base, remapped, np.percentile(base, 30), np.percentile(base, 99), 10)
+        else:
+            np.testing.assert_array_equal(moving.data, read_nifti(base_moving, "base").data)
         if spec.fixed_subject.startswith("ct"):
             # MR-like: air at 0, non-negative, and no monotonic map from the CT's values
             base = np.asarray(read_nifti(validation.subject_scan(spec.fixed_subject)[0], "base").data, dtype=float)
             remapped = np.asarray(fixed.data, dtype=float)
             assert remapped.min() >= 0 and np.median(remapped[base <= -500]) < 20
-            # the median remapped value per 40 HU bin of the body's CT values rises somewhere and falls elsewhere
-            edges = np.arange(-480, 1000, 40)
-            which = np.digitize(base, edges)
-            medians = [np.median(remapped[which == b]) for b in range(1, len(edges)) if (which == b).sum() >= 50]
-            steps = np.diff(medians)
-            assert (steps > 10).any() and (steps < -10).any()
-            # written once: a second call returns the same file without rewriting it, and no partial file is left
-            stamp = Path(files["fixed"]).stat().st_mtime_ns
-            assert validation.make_inter_case(spec, tmp_path)["fixed"] == files["fixed"]
-            assert Path(files["fixed"]).stat().st_mtime_ns == stamp
-            assert [p.name for p in Path(files["fixed"]).parent.iterdir()] == ["fixed.nii.gz"]
+            assert _is_remapped(base, remapped, -480, 1000, 10)
         else:
             assert files["fixed"] == validation.subject_scan(spec.fixed_subject)[0]  # an MR is used as it is
+        # written once: a second call returns the same files without rewriting them, and no partial file is left
+        written = [Path(files[k]) for k in ("fixed", "moving", "moving_labels") if Path(files[k]).is_relative_to(tmp_path)]
+        stamps = [p.stat().st_mtime_ns for p in written]
+        again = validation.make_inter_case(spec, tmp_path)
+        assert [again[k] for k in ("fixed", "moving", "moving_labels")] == [files[k] for k in ("fixed", "moving", "moving_labels")]
+        assert [p.stat().st_mtime_ns for p in written] == stamps
+        if written:
+            assert sorted(p.name for p in written[0].parent.iterdir()) == sorted(p.name for p in written)
+
+
+def test_choosing_mean_weighs_the_groups_two_to_one(validation):
+    same = {name: 0.9 for name in validation.SAME_NAMES}
+    inter = {name: 0.6 for name in validation.INTER_NAMES}
+    assert validation.choosing_mean({**same, **inter}) == pytest.approx((2 * 0.9 + 0.6) / 3)
+    # sweep 10's nine cases: the plain mean
+    nine = {**{n: 0.9 + 0.01 * i for i, n in enumerate(sorted(validation.SAME_NAMES))},
+            "inter-cb": 0.4, "inter-ca": 0.6, "inter-ac": 0.8}
+    assert validation.choosing_mean(nine) == pytest.approx(np.mean(list(nine.values())))
+    assert validation.choosing_mean({"inter-cb": 0.4, "inter-ca": 0.6}) == pytest.approx(0.5)
 
 
 def test_an_inter_subject_case_without_a_shared_organ_is_refused(validation, tmp_path, monkeypatch):
