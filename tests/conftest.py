@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 
@@ -137,6 +138,34 @@ def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str, con
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def cuda_core_fixture(source: str, functions, name: str):
+    """A module-scoped fixture that gives ``(core, device)`` twice, so that a test of the CUDA core's entry points
+    is written once: the source compiled for the CPU against emulation.cuh (:func:`build_emulated_cuda`, device
+    "cpu"; marked slow) and the built extension on a GPU (device "cuda"; marked gpu, skipped without one).
+
+    Assign it to a module-level name, which becomes the fixture's name: ``core = cuda_core_fixture(...)``."""
+
+    @pytest.fixture(scope="module", params=[pytest.param("emulated", marks=pytest.mark.slow),
+                                            pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])])
+    def core(request, tmp_path_factory):
+        if request.param == "emulated":
+            return build_emulated_cuda(tmp_path_factory, source, functions, name), "cpu"
+        import gradreg_fast
+
+        module = gradreg_fast._backend.cuda_core()
+        assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
+        missing = [f for f in functions if not hasattr(module, f)]
+        assert not missing, f"gradreg_fast._cuda lacks {missing}: rebuild it"
+        return module, "cuda"
+
+    return core
+
+
+# The GPU backends an op test runs on a CUDA device; Triton's tests skip (with the reason) where it is missing.
+GPU_BACKENDS = ["cuda", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
 
 
 def poisoned(shape, dtype=torch.float64):

@@ -13,8 +13,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (build_emulated_cuda, make_volume, non_contiguous_grad_output, poisoned,  # noqa: E402
-                      requires_cuda, run_under_triton_interpreter, value_and_grads)
+from conftest import (GPU_BACKENDS, cuda_core_fixture, make_volume, non_contiguous_grad_output,  # noqa: E402
+                      poisoned, requires_cuda, run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -306,55 +306,36 @@ def _check_core_bad_arguments(module, device):
 
 CORE_CASES = [((2, 3, 5, 4, 7), 1), ((1, 2, 1, 5, 3), 2), ((2, 1, 3, 5, 1), 3), ((1, 1, 1, 1, 1), 2),
               ((1, 2, 6, 7, 40), 0), ((1, 2, 2, 2, 2), 2)]
+GPU_CORE_CASES = [((1, 125, 16, 46, 60), 2)]  # a cost volume's size: many blocks per stage
+
+core = cuda_core_fixture("box_mean.cu", ("box_mean_forward", "box_mean_workspace_bytes"), "_box_mean_emulated")
 
 
-@pytest.fixture(scope="module")
-def emulated_core(tmp_path_factory):
-    return build_emulated_cuda(tmp_path_factory, "box_mean.cu", ("box_mean_forward", "box_mean_workspace_bytes"),
-                               "_box_mean_emulated")
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_cuda_core(emulated_core, dtype, gen):
-    for shape, passes in CORE_CASES:
-        _check_core(emulated_core, "cpu", shape, passes, dtype, gen)
+def test_cuda_core(core, dtype, gen):
+    module, device = core
+    for shape, passes in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
+        _check_core(module, device, shape, passes, dtype, gen)
 
 
-@pytest.mark.slow
-def test_emulated_cuda_core_bad_arguments(emulated_core):
-    _check_core_bad_arguments(emulated_core, "cpu")
+def test_cuda_core_bad_arguments(core):
+    _check_core_bad_arguments(*core)
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core(dtype, gen):
-    module = gradreg_fast._backend.cuda_core()
-    assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
-    for shape, passes in CORE_CASES + [((1, 125, 16, 46, 60), 2)]:
-        _check_core(module, "cuda", shape, passes, dtype, gen)
-    _check_core_bad_arguments(module, "cuda")
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gpu_matches_reference(backend, shape, dtype, gen):
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     for passes in PASSES:
         _check_against_reference(backend, shape, passes, dtype, dtype == torch.float64, gen, "cuda")
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_gradcheck(backend, gen):
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     volume = make_volume((2, 2, 3, 4, 5), torch.float64, False, gen).cuda().requires_grad_()
     fn = lambda v: gradreg_fast.box_mean(v, 2, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (volume,))

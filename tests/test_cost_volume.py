@@ -24,8 +24,8 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (build_emulated_cuda, make_volume, requires_cuda, run_under_triton_interpreter,  # noqa: E402
-                      value_and_grads)
+from conftest import (GPU_BACKENDS, cuda_core_fixture, make_volume, requires_cuda,  # noqa: E402
+                      run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -331,52 +331,35 @@ def _check_core_bad_arguments(module, device):
     assert "pointers" in module.cost_volume_backward(False, 0, p, p, p, 0, 1, 1, 3, 4, 5, 1, 1, 1, 0)
 
 
-@pytest.fixture(scope="module")
-def emulated_core(tmp_path_factory):
-    return build_emulated_cuda(tmp_path_factory, "cost_volume.cu", ("cost_volume_forward", "cost_volume_backward"),
-                               "_cost_volume_emulated")
+GPU_CORE_CASES = [((1, 12, 22, 16, 6), 4, 1, 1)]  # ConvexAdam's search radius, MIND-SSC's 12 channels
+
+core = cuda_core_fixture("cost_volume.cu", ("cost_volume_forward", "cost_volume_backward"), "_cost_volume_emulated")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_cuda_core(emulated_core, dtype, gen):
-    for shape, radius, spacing, grid in CORE_CASES:
-        _check_core(emulated_core, "cpu", shape, radius, spacing, grid, dtype, gen)
+def test_cuda_core(core, dtype, gen):
+    module, device = core
+    for shape, radius, spacing, grid in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
+        _check_core(module, device, shape, radius, spacing, grid, dtype, gen)
 
 
-@pytest.mark.slow
-def test_emulated_cuda_core_bad_arguments(emulated_core):
-    _check_core_bad_arguments(emulated_core, "cpu")
+def test_cuda_core_bad_arguments(core):
+    _check_core_bad_arguments(*core)
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core(dtype, gen):
-    module = gradreg_fast._backend.cuda_core()
-    assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
-    for shape, radius, spacing, grid in CORE_CASES + [((1, 12, 22, 16, 6), 4, 1, 1)]:
-        _check_core(module, "cuda", shape, radius, spacing, grid, dtype, gen)
-    _check_core_bad_arguments(module, "cuda")
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, radius, spacing, grid", CASES)
 def test_gpu_matches_reference(backend, shape, radius, spacing, grid, dtype, gen):
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     _check_against_reference(backend, shape, radius, spacing, grid, dtype, dtype == torch.float64, gen, "cuda")
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_gradcheck(backend, gen):
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     fixed, moving = (t.cuda().requires_grad_() for t in _inputs((2, 2, 3, 4, 5), torch.float64, False, gen))
     fn = lambda f, m: gradreg_fast.mind_cost_volume(f, m, 1, 2, 2, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (fixed, moving))

@@ -21,7 +21,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import build_emulated_cuda, make_volume, requires_cuda, run_under_triton_interpreter  # noqa: E402
+from conftest import GPU_BACKENDS, cuda_core_fixture, make_volume, requires_cuda, run_under_triton_interpreter  # noqa: E402
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -250,70 +250,56 @@ def _check_core_bad_arguments(module, device):
     assert (index >= 0).all() and (index < 27).all()  # the valid call wrote every point
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return build_emulated_cuda(tmp_path_factory, "coupled_argmin.cu", ("coupled_argmin_forward",),
-                               "_coupled_argmin_emulated")
+GPU_CORE_CASES = [((2, 17, 20, 23), 2)]  # many blocks
+
+core = cuda_core_fixture("coupled_argmin.cu", ("coupled_argmin_forward",), "_coupled_argmin_emulated")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_cuda_matches_reference(emulated, dtype, gen):
-    for points, radius in CORE_CASES:
-        _check_core(emulated, "cpu", points, radius, dtype, gen)
-    _check_core(emulated, "cpu", (2, 5, 6, 7), 1, dtype, gen, special=True)
+def test_cuda_core_matches_reference(core, dtype, gen):
+    module, device = core
+    for points, radius in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
+        _check_core(module, device, points, radius, dtype, gen)
+    _check_core(module, device, (2, 5, 6, 7), 1, dtype, gen, special=True)
 
 
-@pytest.mark.slow
-def test_emulated_cuda_largest_radius(emulated, gen):
+def test_cuda_core_largest_radius(core, gen):
     # r = 32: the displacement loops' bounds at their limit (K = 274625); not mirrored, where the reference
     # would loop over every displacement in Python.
+    module, device = core
     cost, field = _inputs((1, 1, 2, 3), 32, torch.float32, gen, field_scale=20.0)
-    index = torch.full((1, 1, 2, 3), -1, dtype=torch.int64)
+    cost_d, field_d = cost.to(device), field.to(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
+    index = torch.full((1, 1, 2, 3), -1, dtype=torch.int64, device=device)
     for coupling in (0.0, 0.01):
-        assert emulated.coupled_argmin_forward(False, cost.data_ptr(), field.data_ptr(), coupling, index.data_ptr(),
-                                               1, 1, 2, 3, 32, False, 0) == ""
-        assert torch.equal(index, reference.coupled_argmin(cost, field, coupling))
+        assert module.coupled_argmin_forward(False, cost_d.data_ptr(), field_d.data_ptr(), coupling, index.data_ptr(),
+                                             1, 1, 2, 3, 32, False, stream) == ""
+        assert torch.equal(index.cpu(), reference.coupled_argmin(cost, field, coupling))
 
 
-@pytest.mark.slow
-def test_emulated_cuda_ties_go_to_the_lowest_displacement(emulated):
-    cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64)
-    zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64)
-    index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64)
+def test_cuda_core_ties_go_to_the_lowest_displacement(core):
+    module, device = core
+    cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64, device=device)
+    zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64, device=device)
+    index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
     for mirrored in (False, True):
         for coupling, expected in ((0.0, 0), (0.5, 13)):
-            assert emulated.coupled_argmin_forward(True, cost.data_ptr(), zero.data_ptr(), coupling, index.data_ptr(),
-                                                   1, 3, 4, 5, 1, mirrored, 0) == ""
+            assert module.coupled_argmin_forward(True, cost.data_ptr(), zero.data_ptr(), coupling, index.data_ptr(),
+                                                 1, 3, 4, 5, 1, mirrored, stream) == ""
             assert (index == expected).all()
 
 
-@pytest.mark.slow
-def test_emulated_cuda_bad_arguments(emulated):
-    _check_core_bad_arguments(emulated, "cpu")
+def test_cuda_core_bad_arguments(core):
+    _check_core_bad_arguments(*core)
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core(dtype, gen):
-    module = gradreg_fast._backend.cuda_core()
-    assert module is not None, "gradreg_fast._cuda is not importable on a machine with a GPU"
-    assert hasattr(module, "coupled_argmin_forward"), "gradreg_fast._cuda predates coupled_argmin: rebuild it"
-    for points, radius in CORE_CASES + [((2, 17, 20, 23), 2)]:
-        _check_core(module, "cuda", points, radius, dtype, gen)
-    _check_core(module, "cuda", (2, 5, 6, 7), 1, dtype, gen, special=True)
-    _check_core_bad_arguments(module, "cuda")
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("points, radius", CASES)
 def test_gpu_matches_reference(backend, points, radius, dtype, gen):
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     _check_op("cuda", backend, points, radius, dtype, dtype == torch.float64, gen)
 
 
