@@ -1,7 +1,7 @@
 """gradreg against ConvexAdam and ANTs SyN on every validation case, in one run, on one machine.
 
 Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error), its
-three inter-subject cases and the bundled inter-subject CT/MR pair. Every method starts from the same place,
+twelve inter-subject cases and the bundled inter-subject CT/MR pair. Every method starts from the same place,
 the centre-of-mass alignment of the body masks (:func:`gradreg_fast.body.moments_init`) on gradreg's working grid:
 
 * gradreg: ``register()`` on the NIfTI files, its defaults (centre of mass, affine, deformable), and with

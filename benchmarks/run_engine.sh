@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The deformable-engine figures of benchmarks/RESULTS.md (issue 11), in one run on one machine:
 #   1. bench_peers.py: gradreg (defaults and --quick), ConvexAdam and ANTs SyN on the six same-subject validation cases,
-#      the three inter-subject ones and the bundled pair (ANTs from its own venv: ANTS_PYTHON, default
+#      the twelve inter-subject ones and the bundled pair (ANTs from its own venv: ANTS_PYTHON, default
 #      /tmp/ants-env/bin/python; skipped if absent); then ConvexAdam again on the fixed image's own grid (--peer-grid native);
-#   2. the gradient-guidance ablation: alpha 0 against the default on 12 same-subject cases, the three inter-subject
-#      ones and the pair;
+#   2. the gradient-guidance ablation: alpha 0 against the default on 12 same-subject cases, the twelve inter-subject
+#      ones and the pair (about 11 minutes in all on the 2-core machine);
 #   3. bench_many_labels.py: wall time against core time of `gradreg register` with a 108-label atlas.
 # Outputs go to ${OUT:-out/engine}.
 set -euo pipefail

@@ -1,13 +1,14 @@
 """Settings sweep on the validation set: one table row per FieldSettings override.
 
 Each row registers every case of benchmarks/validation.py (six same-subject cases with a known deformation,
-three inter-subject cases, the bundled pair) with ``register()`` (overrides on top of the defaults, as
+twelve inter-subject cases, the bundled pair) with ``register()`` (overrides on top of the defaults, as
 validation.settings_with reads them) and, as a capture-range check, the two-organ phantom pair of
 tests/test_register.py (its organs differ by more than the validation cases' residuals after the affine stage).
 
-Columns: same-subject means (Dice, endpoint error mm, SDlogJ), the inter-subject cases' mean Dice, the mean Dice
-of the cases that choose the defaults (validation.CHOOSING: every case but the bundled pair), the bundled pair's
-Dice (reported, never used to choose; see validation.choosing_mean), the phantom's Dice, the largest folding % of any case, and, against
+Columns: same-subject means (Dice, endpoint error mm, SDlogJ), the inter-subject cases' mean Dice, the figure of
+the cases that choose the defaults (validation.CHOOSING: every case but the bundled pair; validation.choosing_mean
+weighs the same-subject and inter-subject means 2:1), the bundled pair's Dice (reported, never used to choose),
+the phantom's Dice, the largest folding % of any case, and, against
 ConvexAdam on the fixed image's own grid in a reference run of bench_peers.py (``--reference``; a case it lacks
 is left out, with a note), the largest ratios of core time and of SDlogJ. Rows of benchmarks/results/engine_sweeps.md come from
 here.
@@ -37,8 +38,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import validation  # noqa: E402
 
 # ConvexAdam on the fixed image's own grid, from a run of benchmarks/run_engine.sh that holds every case (sweep 10
-# read the 19:22 run's, which holds only the six same-subject cases and the pair).
-REFERENCE = HERE / "results" / "engine_peers_native_2026-11-30_2047.json"
+# read the 19:22 run's, which holds only the six same-subject cases and the pair; sweeps 11-12 the 20:47 run's,
+# which lacks the nine inter-subject cases sweep 12 added).
+REFERENCE = HERE / "results" / "engine_peers_native_2026-11-30_2350.json"
 
 
 def phantom_files(folder: Path) -> dict:

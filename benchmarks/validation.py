@@ -17,8 +17,11 @@ the truth, over the fixed body mask and over the organs, and organ Dice of the w
 Inter-subject cases (:data:`INTER_SUBJECT`; Dice only, no known answer): three real people, A (the bundled
 CT), B (the bundled MR) and C (a third CT, TotalSegmentator's DICOM example, benchmarks/data/ts_dicom_ct). Each
 registers one person's CT to another person's MR (B), or to another person's CT given an MR-like contrast by the
-same kind of non-monotonic remap. Only the organs both label maps hold are scored (C's 40 mm slab holds the
-spleen and the liver). None of them is the bundled pair (A's CT to B's MR), which the package reports.
+same kind of non-monotonic remap, or B's MR given a CT-like contrast to C's CT given an MR-like one. Four pairs
+(C to B, C to A, A to C, B to C), three cases each: the replicates start from another position (a random rigid
+offset in the moving header) with other contrasts, since one registration between two people swings with the
+affine stage's outcome. Only the organs both label maps hold are scored (C's 40 mm slab holds the spleen and
+the liver). None of them is the bundled pair (A's CT to B's MR), which the package reports.
 
 The bundled inter-subject CT/MR pair is the last case (``bundled``): Dice only, no known answer. It is reported,
 never used to choose defaults (:data:`CHOOSING` names the cases that choose them).

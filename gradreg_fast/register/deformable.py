@@ -37,8 +37,9 @@ class FieldSettings:
     """How :func:`optimize_field` runs: a discrete coupled convex search, then an Adam refinement.
 
     The defaults were chosen on the validation set of benchmarks/validation.py (six same-subject CT/MR-like
-    cases with known deformations, built from the bundled scans, and three inter-subject cases with a third
-    person's CT; sweep 10 of benchmarks/results/engine_sweeps.md), never on the bundled pair, which
+    cases with known deformations, built from the bundled scans, and inter-subject cases with a third
+    person's CT; sweep 10 of benchmarks/results/engine_sweeps.md, confirmed on twelve inter-subject cases by
+    sweep 12), never on the bundled pair, which
     benchmarks/RESULTS.md reports. Units: ``convex_grid`` and ``adam_grid`` in voxels of
     the working grid; ``search_radius`` in convex control cells; ``lr`` in Adam-grid voxels per step.
     """
