@@ -85,7 +85,7 @@ def row(overrides: dict, cases: dict, phantom: dict | None, reference: dict) -> 
 
 COLUMNS = ("dice", "epe_body_mm", "sd_log_jacobian", "inter_dice", "choosing_dice", "bundled_dice", "phantom_dice",
            "max_folding_percent", "max_core_ratio", "max_sdlogj_ratio")
-HEADERS = ("same Dice", "same EPE", "same SDlogJ", "inter Dice", "mean of choosing", "bundled Dice (reported)",
+HEADERS = ("same Dice", "same EPE", "same SDlogJ", "inter Dice", "choosing (2:1)", "bundled Dice (reported)",
            "phantom Dice", "max fold %", "max core / ConvexAdam", "max SDlogJ / ConvexAdam")
 
 

@@ -19,8 +19,8 @@ CT), B (the bundled MR) and C (a third CT, TotalSegmentator's DICOM example, ben
 registers one person's CT to another person's MR (B), or to another person's CT given an MR-like contrast by the
 same kind of non-monotonic remap, or B's MR given a CT-like contrast to C's CT given an MR-like one. Four pairs
 (C to B, C to A, A to C, B to C), three cases each: the replicates start from another position (a random rigid
-offset in the moving header) with other contrasts, since one registration between two people swings with the
-affine stage's outcome. Only the organs both label maps hold are scored (C's 40 mm slab holds the spleen and
+offset in the moving header: up to 4 degrees about and 8 mm along each axis) and, where a side is remapped, with
+another contrast, since one registration between two people swings with the affine stage's outcome. Only the organs both label maps hold are scored (C's 40 mm slab holds the spleen and
 the liver). None of them is the bundled pair (A's CT to B's MR), which the package reports.
 
 The bundled inter-subject CT/MR pair is the last case (``bundled``): Dice only, no known answer. It is reported,
@@ -79,15 +79,16 @@ class InterSpec:
     moving_subject: str  # subject_scan key: "ct-a", "ct-c", or "mr-b" (then given a CT-like contrast)
     fixed_subject: str  # "mr-b" (the bundled MR) or a CT ("ct-a", "ct-c") given an MR-like contrast
     seed: int  # of the contrast remaps, their noise and the offset
-    offset: bool = False  # a random rigid offset (up to 4 degrees, 8 mm) in the moving scan's header
+    offset: bool = False  # a random rigid offset in the moving scan's header (up to 4 degrees and 8 mm per axis)
 
 
 INTER_SUBJECT = (
     InterSpec("inter-cb", "ct-c", "mr-b", 21),
     InterSpec("inter-ca", "ct-c", "ct-a", 22),
     InterSpec("inter-ac", "ct-a", "ct-c", 23),
-    # Sweep 12: the three pairs again from other starting positions (a rigid offset in the moving header) and
-    # contrasts, and the bundled MR given a CT-like contrast against the third subject. The single cases above
+    # Sweep 12: the three pairs again from other starting positions (a rigid offset in the moving header) and,
+    # where a side is remapped, other contrasts; and the bundled MR given a CT-like contrast against the third
+    # subject. The single cases above
     # swing with the affine stage's outcome (inter-ac 0.40-0.81 in sweep 10); replicates average that out.
     InterSpec("inter-cb-2", "ct-c", "mr-b", 31, offset=True),
     InterSpec("inter-cb-3", "ct-c", "mr-b", 32, offset=True),
@@ -113,6 +114,9 @@ def choosing_mean(dice: dict) -> float:
     same-subject cases + the mean of the inter-subject cases) / 3, or the mean of the one group present. With
     six same-subject and three inter-subject cases (sweeps 10 and 11) it is their plain mean; the weights stay
     when the inter-subject group grows (sweep 12)."""
+    unknown = sorted(set(dice) - SAME_NAMES - INTER_NAMES)
+    if unknown or not dice:
+        raise ValueError(f"choosing_mean takes the Dice of choosing cases only, got {sorted(dice)}")
     same = [v for n, v in dice.items() if n in SAME_NAMES]
     inter = [v for n, v in dice.items() if n in INTER_NAMES]
     if same and inter:
@@ -177,6 +181,15 @@ def _mr_like_from_ct(hounsfield: np.ndarray, rng) -> np.ndarray:
     return np.clip(mr_like + rng.normal(0, 6.0, hounsfield.shape), 0, None)
 
 
+def _ct_like_from_mr(data: np.ndarray, rng) -> np.ndarray:
+    """A CT-like contrast for an MR: a random non-monotonic remap of its normalised values onto -180..280 HU, air at
+    -1000, plus a little noise."""
+    from gradreg_fast.io import normalize_intensity
+
+    t = normalize_intensity(data, "mr").astype(np.float64)
+    return _remap(t, rng, -180.0, 280.0, keep_air=-1000.0) + rng.normal(0, 8.0, data.shape)
+
+
 def _smooth_field(shape, spacing, spec: CaseSpec, rng) -> np.ndarray:
     """(3, *shape) smooth random displacement in world mm along the grid axes, max norm = the amplitude,
     scaled down until x -> x + u(x) keeps det J >= 0.5 (invertible, no folding)."""
@@ -194,9 +207,12 @@ def _smooth_field(shape, spacing, spec: CaseSpec, rng) -> np.ndarray:
         field *= 0.9
 
 
-def _rigid(rng, centre: np.ndarray, degrees: float = 4.0, shift_mm: float = 8.0) -> np.ndarray:
+def _rigid(rng, affine: np.ndarray, shape, degrees: float = 4.0, shift_mm: float = 8.0) -> np.ndarray:
+    """A random rigid world transform about the centre of a scan (``affine``, ``shape``): a rotation of up to
+    ``degrees`` about each axis, then a shift of up to ``shift_mm`` along each."""
     from scipy.spatial.transform import Rotation
 
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
     rotation = Rotation.from_rotvec(np.deg2rad(rng.uniform(-degrees, degrees, 3))).as_matrix()
     out = np.eye(4)
     out[:3, :3] = rotation
@@ -204,21 +220,49 @@ def _rigid(rng, centre: np.ndarray, degrees: float = 4.0, shift_mm: float = 8.0)
     return out
 
 
+# Bumped whenever a case's recipe changes (the remaps, the deformation, the offset): files written by another recipe,
+# spec or base scan are written again rather than reused (see _reusable).
+RECIPE = 2
+
+
+def _stamp(spec, bases) -> str:
+    """What a case's files are made from: the recipe, the spec's fields and the base files' sizes."""
+    from dataclasses import asdict
+
+    return json.dumps({"recipe": RECIPE, "spec": asdict(spec),
+                       "bases": {Path(p).name: Path(p).stat().st_size for p in bases}}, sort_keys=True)
+
+
+def _reusable(folder: Path, written, stamp: str) -> bool:
+    """Whether every file of a case is there and was made by this recipe from this spec (its spec.json)."""
+    record = folder / "spec.json"
+    return all(Path(p).exists() for p in written) and record.exists() and record.read_text() == stamp
+
+
+def _record(folder: Path, stamp: str) -> None:
+    """Write spec.json last and atomically: a run killed before it leaves files that the next run writes again."""
+    tmp = folder / f".spec.json.{os.getpid()}.tmp"
+    tmp.write_text(stamp)
+    os.replace(tmp, folder / "spec.json")
+
+
 def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
-    """Write the case's NIfTI files and its truth (once; later calls reuse them) and return their paths."""
+    """Write the case's NIfTI files and its truth (once; later calls reuse them while the recipe, the spec and the
+    base scans stay the same) and return their paths."""
     from scipy import ndimage
 
-    from gradreg_fast.io import normalize_intensity, read_nifti, write_nifti
+    from gradreg_fast.io import read_nifti, write_nifti
 
     folder = Path(out_dir) / spec.name
     files = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz",
              "fixed_labels": folder / "fixed_labels.nii.gz", "moving_labels": folder / "moving_labels.nii.gz",
              "truth": folder / "truth.npz"}
-    if all(p.exists() for p in files.values()):
+    src = data_dir()
+    stamp = _stamp(spec, [src / f"{spec.base}.nii.gz", src / f"{spec.base}_labels.nii.gz"])
+    if _reusable(folder, files.values(), stamp):
         return files
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
-    src = data_dir()
     scan = read_nifti(src / f"{spec.base}.nii.gz", "base scan")
     labels = read_nifti(src / f"{spec.base}_labels.nii.gz", "base labels")
     data, affine = np.asarray(scan.data, dtype=np.float64), scan.affine
@@ -233,15 +277,13 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
 
     if spec.base == "mr":
         fixed_data = ndimage.map_coordinates(data, coords, order=1, mode="nearest")
-        t = normalize_intensity(data, "mr").astype(np.float64)
-        moving_data = _remap(t, rng, -180.0, 280.0, keep_air=-1000.0) + rng.normal(0, 8.0, shape)
+        moving_data = _ct_like_from_mr(data, rng)
     else:
         fixed_data = ndimage.map_coordinates(_mr_like_from_ct(data, rng), coords, order=1, mode="nearest")
         moving_data = data
     fixed_labels = ndimage.map_coordinates(np.asarray(labels.data), coords, order=0, mode="nearest")
 
-    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
-    offset = _rigid(rng, centre)
+    offset = _rigid(rng, affine, shape)
     points = np.einsum("ij,j...->i...", affine[:3, :3], np.indices(shape, dtype=np.float64)) \
         + affine[:3, 3].reshape(3, 1, 1, 1)
     deformed = points + u_world
@@ -254,17 +296,19 @@ def make_case(spec: CaseSpec, out_dir: Path = CASE_DIR) -> dict:
     write_nifti(files["moving_labels"], labels.data, offset @ affine, np.uint8, force=True)
     np.savez_compressed(files["truth"], displacement_mm=np.moveaxis(truth, 0, -1).astype(np.float32),
                         max_mm=float(np.sqrt((u_world ** 2).sum(0)).max()))
+    _record(folder, stamp)
     return files
 
 
 def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
-    """The files of an inter-subject case (written once to ``out_dir`` where anything changes). Fixed: an MR as it
+    """The files of an inter-subject case (written to ``out_dir`` where anything changes, once while the recipe,
+    the spec and the base scans stay the same). Fixed: an MR as it
     is, or a CT given an MR-like contrast. Moving: a CT as it is, or an MR given a CT-like contrast; with
     ``offset``, a random rigid offset in its header and its labels' (the voxels untouched). Scored organs: those of
     :data:`ORGANS` present in both label maps."""
     import nibabel as nib
 
-    from gradreg_fast.io import normalize_intensity, read_nifti, write_nifti
+    from gradreg_fast.io import read_nifti, write_nifti
 
     moving, moving_labels = subject_scan(spec.moving_subject)
     fixed, fixed_labels = subject_scan(spec.fixed_subject)
@@ -282,7 +326,10 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
     if spec.offset:
         files["moving_labels"] = folder / "moving_labels.nii.gz"
     written = [files[k] for k in ("fixed", "moving", "moving_labels") if Path(files[k]).parent == folder]
-    if all(Path(p).exists() for p in written):
+    if not written:
+        return files
+    stamp = _stamp(spec, [moving, moving_labels, fixed])
+    if _reusable(folder, written, stamp):
         return files
     folder.mkdir(parents=True, exist_ok=True)
     if spec.fixed_subject.startswith("ct"):
@@ -295,15 +342,14 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
         scan, labels = read_nifti(moving, "base scan"), read_nifti(moving_labels, "base labels")
         data, affine = np.asarray(scan.data, dtype=np.float64), scan.affine
         if spec.moving_subject.startswith("mr"):
-            t = normalize_intensity(data, "mr").astype(np.float64)
-            data = _remap(t, rng, -180.0, 280.0, keep_air=-1000.0) + rng.normal(0, 8.0, data.shape)
+            data = _ct_like_from_mr(data, rng)
         if spec.offset:
-            centre = affine[:3, :3] @ ((np.asarray(data.shape) - 1) / 2) + affine[:3, 3]
-            affine = _rigid(rng, centre) @ affine
+            affine = _rigid(rng, affine, data.shape) @ affine
         write_nifti(files["moving"], data, affine, np.float32 if spec.moving_subject.startswith("mr") else np.int16,
                     force=True)
         if spec.offset:
             write_nifti(files["moving_labels"], labels.data, affine, np.uint8, force=True)
+    _record(folder, stamp)
     return files
 
 

@@ -21,7 +21,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import GPU_BACKENDS, cuda_core_fixture, make_volume, requires_cuda, run_under_triton_interpreter  # noqa: E402
+from conftest import (GPU_BACKENDS, cuda_core_fixture, make_volume, requires_cuda,  # noqa: E402
+                      run_under_triton_interpreter)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONTRACT_FLAGS, CONTRACTION_IDS, CONTRACTIONS, make_volume, requires_cuda
+from conftest import CONTRACT_FLAGS, CONTRACTION_IDS, CONTRACTIONS, GPU_BACKENDS, make_volume, requires_cuda
 
 import gradreg_fast
 from gradreg_fast import reference
@@ -582,13 +582,11 @@ def _graph_cases(backend):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_every_op_captures_in_a_cuda_graph(backend):
     """Forward and backward of every op captured once in a CUDA graph and replayed on new inputs give what
     eager calls give: no host synchronisation or host-to-device copy inside (an H200 found one in Triton's
     LNCC), and no buffer that outlives its launch."""
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
     gen = torch.Generator(device="cuda").manual_seed(5)
     for name, (fn, shapes) in _graph_cases(backend).items():
         leaves = [torch.rand(s, device="cuda", generator=gen).requires_grad_() for s in shapes]

@@ -15,7 +15,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (build_emulated_cuda, make_volume, poisoned, requires_cuda,  # noqa: E402
+from conftest import (GPU_BACKENDS, build_emulated_cuda, make_volume, poisoned, requires_cuda,  # noqa: E402
                       run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
@@ -219,7 +219,7 @@ def test_opcheck(gen):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gpu_matches_reference(backend, padding_mode, dtype, gen):

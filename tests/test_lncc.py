@@ -14,8 +14,8 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (CONTRACTION_IDS, CONTRACTIONS, build_emulated_cuda, make_volume, poisoned,  # noqa: E402
-                      requires_cuda, run_under_triton_interpreter, value_and_grads)
+from conftest import (CONTRACTION_IDS, CONTRACTIONS, GPU_BACKENDS, build_emulated_cuda, make_volume,  # noqa: E402
+                      poisoned, requires_cuda, run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -298,7 +298,7 @@ def test_opcheck(gen):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gpu_matches_reference(backend, convention, dtype, gen):

@@ -114,11 +114,14 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
         base_moving, base_moving_labels = validation.subject_scan(spec.moving_subject)
         base_affine = read_nifti(base_moving, "base").affine
         np.testing.assert_array_equal(moving_labels.data, read_nifti(base_moving_labels, "base labels").data)
-        if spec.offset:  # a rigid offset in the header: a rotation of at most 4 degrees per axis, a shift
+        if spec.offset:  # a rigid offset in the header: a rotation of at most 4 degrees per axis about the scan's
+            # centre, which then moves by at most 8 mm per axis
             relative = moving.affine @ np.linalg.inv(base_affine)
             rotation = relative[:3, :3]
             np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-6)
             assert 0 < np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))) < 4 * np.sqrt(3)
+            centre = base_affine[:3, :3] @ ((np.asarray(moving.data.shape) - 1) / 2) + base_affine[:3, 3]
+            assert 0 < np.linalg.norm(rotation @ centre + relative[:3, 3] - centre) <= 8 * np.sqrt(3)
         else:
             np.testing.assert_allclose(moving.affine, base_affine)
         if spec.moving_subject.startswith("mr"):  # CT-like: air at -1000, a non-monotonic remap of the tissue
@@ -137,13 +140,42 @@ def test_inter_subject_cases_pair_different_people_and_score_shared_organs(valid
         else:
             assert files["fixed"] == validation.subject_scan(spec.fixed_subject)[0]  # an MR is used as it is
         # written once: a second call returns the same files without rewriting them, and no partial file is left
-        written = [Path(files[k]) for k in ("fixed", "moving", "moving_labels") if Path(files[k]).is_relative_to(tmp_path)]
+        keys = ("fixed", "moving", "moving_labels")
+        written = [Path(files[k]) for k in keys if Path(files[k]).is_relative_to(tmp_path)]
         stamps = [p.stat().st_mtime_ns for p in written]
         again = validation.make_inter_case(spec, tmp_path)
-        assert [again[k] for k in ("fixed", "moving", "moving_labels")] == [files[k] for k in ("fixed", "moving", "moving_labels")]
+        assert [again[k] for k in keys] == [files[k] for k in keys]
         assert [p.stat().st_mtime_ns for p in written] == stamps
         if written:
-            assert sorted(p.name for p in written[0].parent.iterdir()) == sorted(p.name for p in written)
+            assert sorted(p.name for p in written[0].parent.iterdir()) == sorted([p.name for p in written]
+                                                                                 + ["spec.json"])
+
+
+@pytest.mark.parametrize("kind", ["inter", "same"])
+def test_case_files_are_written_again_when_the_recipe_or_a_file_changes(validation, tmp_path, monkeypatch, kind):
+    """benchmarks/.cases outlives the code: files made by another recipe or spec, or a case with a file missing,
+    are written again, never reused."""
+    import dataclasses
+
+    import nibabel as nib
+
+    if kind == "inter":
+        spec = next(s for s in validation.INTER_SUBJECT if s.name == "inter-bc-2")
+        make, key = validation.make_inter_case, "moving"
+    else:
+        spec = validation.CaseSpec("t-stamp", "mr", 3, 10.0, 18.0)
+        make, key = validation.make_case, "fixed"
+    files = make(spec, tmp_path)
+    first = Path(files[key]).stat().st_mtime_ns
+    assert Path(make(spec, tmp_path)[key]).stat().st_mtime_ns == first  # reused
+    monkeypatch.setattr(validation, "RECIPE", validation.RECIPE + 1)
+    second = Path(make(spec, tmp_path)[key]).stat().st_mtime_ns
+    assert second != first  # another recipe: written again
+    Path(files[key]).unlink()
+    assert Path(make(spec, tmp_path)[key]).exists()  # a missing file: written again
+    before = np.asarray(nib.load(str(files[key])).dataobj)
+    make(dataclasses.replace(spec, seed=spec.seed + 1), tmp_path)
+    assert not np.array_equal(np.asarray(nib.load(str(files[key])).dataobj), before)  # another spec: written again
 
 
 def test_choosing_mean_weighs_the_groups_two_to_one(validation):
@@ -155,6 +187,9 @@ def test_choosing_mean_weighs_the_groups_two_to_one(validation):
             "inter-cb": 0.4, "inter-ca": 0.6, "inter-ac": 0.8}
     assert validation.choosing_mean(nine) == pytest.approx(np.mean(list(nine.values())))
     assert validation.choosing_mean({"inter-cb": 0.4, "inter-ca": 0.6}) == pytest.approx(0.5)
+    for bad in ({}, {"bundled": 0.6}, {"inter-cb": 0.4, "mr-x0": 0.9}):  # the pair and extra cases choose nothing
+        with pytest.raises(ValueError, match="choosing cases"):
+            validation.choosing_mean(bad)
 
 
 def test_an_inter_subject_case_without_a_shared_organ_is_refused(validation, tmp_path, monkeypatch):

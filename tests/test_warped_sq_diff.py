@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_volume, value_and_grads
+from conftest import GPU_BACKENDS, make_volume, requires_cuda, value_and_grads
 
 import gradreg_fast
 from gradreg_fast import reference
@@ -352,12 +352,9 @@ def test_triton_interpreted_matches_reference():
 # ---------------------------------------------------------------- GPU
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_gpu_matches_reference(backend, padding_mode, gen):
     for shape, dtype in (((2, 24, 7, 9, 13), torch.float32), ((1, 5, 4, 1, 6), torch.float64)):

@@ -64,8 +64,9 @@ class FieldSettings:
     smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
     squarings: int = 3  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
-    # The Adam objective also holds the inverse map exp(-v) to the images (fixed descriptors warped by it against
-    # the moving ones): the map and its inverse are refined together. Off by default: on the validation set it
+    # The Adam stage's objective also holds the inverse map exp(-v) to the images (fixed descriptors warped by it
+    # against the moving ones): the map and its inverse are refined together (the convex stage's counterpart is
+    # `symmetric`). Off by default: on the validation set it
     # lowers the same-subject endpoint error (2.34 against 2.43 mm) but loses inter-subject Dice (0.565 against
     # 0.586) at 1.2-1.5 times the work (engine_sweeps.md, sweep 12, the rows after the table).
     inverse_consistent: bool = False
