@@ -145,7 +145,8 @@ def cuda_core_fixture(source: str, functions, name: str):
     is written once: the source compiled for the CPU against emulation.cuh (:func:`build_emulated_cuda`, device
     "cpu"; marked slow) and the built extension on a GPU (device "cuda"; marked gpu, skipped without one).
 
-    Assign it to a module-level name, which becomes the fixture's name: ``core = cuda_core_fixture(...)``."""
+    Assign it to a module-level name, which becomes the fixture's name (one the module uses for nothing else):
+    ``cuda_core = cuda_core_fixture(...)``."""
 
     @pytest.fixture(scope="module", params=[pytest.param("emulated", marks=pytest.mark.slow),
                                             pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])])

@@ -308,18 +308,18 @@ CORE_CASES = [((2, 3, 5, 4, 7), 1), ((1, 2, 1, 5, 3), 2), ((2, 1, 3, 5, 1), 3), 
               ((1, 2, 6, 7, 40), 0), ((1, 2, 2, 2, 2), 2)]
 GPU_CORE_CASES = [((1, 125, 16, 46, 60), 2)]  # a cost volume's size: many blocks per stage
 
-core = cuda_core_fixture("box_mean.cu", ("box_mean_forward", "box_mean_workspace_bytes"), "_box_mean_emulated")
+cuda_core = cuda_core_fixture("box_mean.cu", ("box_mean_forward", "box_mean_workspace_bytes"), "_box_mean_emulated")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core(core, dtype, gen):
-    module, device = core
+def test_cuda_core(cuda_core, dtype, gen):
+    module, device = cuda_core
     for shape, passes in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
         _check_core(module, device, shape, passes, dtype, gen)
 
 
-def test_cuda_core_bad_arguments(core):
-    _check_core_bad_arguments(*core)
+def test_cuda_core_bad_arguments(cuda_core):
+    _check_core_bad_arguments(*cuda_core)
 
 
 @pytest.mark.gpu

@@ -333,18 +333,19 @@ def _check_core_bad_arguments(module, device):
 
 GPU_CORE_CASES = [((1, 12, 22, 16, 6), 4, 1, 1)]  # ConvexAdam's search radius, MIND-SSC's 12 channels
 
-core = cuda_core_fixture("cost_volume.cu", ("cost_volume_forward", "cost_volume_backward"), "_cost_volume_emulated")
+cuda_core = cuda_core_fixture("cost_volume.cu", ("cost_volume_forward", "cost_volume_backward"),
+                              "_cost_volume_emulated")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core(core, dtype, gen):
-    module, device = core
+def test_cuda_core(cuda_core, dtype, gen):
+    module, device = cuda_core
     for shape, radius, spacing, grid in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
         _check_core(module, device, shape, radius, spacing, grid, dtype, gen)
 
 
-def test_cuda_core_bad_arguments(core):
-    _check_core_bad_arguments(*core)
+def test_cuda_core_bad_arguments(cuda_core):
+    _check_core_bad_arguments(*cuda_core)
 
 
 @pytest.mark.gpu

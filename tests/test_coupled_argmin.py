@@ -253,21 +253,21 @@ def _check_core_bad_arguments(module, device):
 
 GPU_CORE_CASES = [((2, 17, 20, 23), 2)]  # many blocks
 
-core = cuda_core_fixture("coupled_argmin.cu", ("coupled_argmin_forward",), "_coupled_argmin_emulated")
+cuda_core = cuda_core_fixture("coupled_argmin.cu", ("coupled_argmin_forward",), "_coupled_argmin_emulated")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_core_matches_reference(core, dtype, gen):
-    module, device = core
+def test_cuda_core_matches_reference(cuda_core, dtype, gen):
+    module, device = cuda_core
     for points, radius in CORE_CASES + (GPU_CORE_CASES if device == "cuda" else []):
         _check_core(module, device, points, radius, dtype, gen)
     _check_core(module, device, (2, 5, 6, 7), 1, dtype, gen, special=True)
 
 
-def test_cuda_core_largest_radius(core, gen):
+def test_cuda_core_largest_radius(cuda_core, gen):
     # r = 32: the displacement loops' bounds at their limit (K = 274625); not mirrored, where the reference
     # would loop over every displacement in Python.
-    module, device = core
+    module, device = cuda_core
     cost, field = _inputs((1, 1, 2, 3), 32, torch.float32, gen, field_scale=20.0)
     cost_d, field_d = cost.to(device), field.to(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
@@ -278,8 +278,8 @@ def test_cuda_core_largest_radius(core, gen):
         assert torch.equal(index.cpu(), reference.coupled_argmin(cost, field, coupling))
 
 
-def test_cuda_core_ties_go_to_the_lowest_displacement(core):
-    module, device = core
+def test_cuda_core_ties_go_to_the_lowest_displacement(cuda_core):
+    module, device = cuda_core
     cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64, device=device)
     zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64, device=device)
     index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64, device=device)
@@ -291,8 +291,8 @@ def test_cuda_core_ties_go_to_the_lowest_displacement(core):
             assert (index == expected).all()
 
 
-def test_cuda_core_bad_arguments(core):
-    _check_core_bad_arguments(*core)
+def test_cuda_core_bad_arguments(cuda_core):
+    _check_core_bad_arguments(*cuda_core)
 
 
 @pytest.mark.gpu

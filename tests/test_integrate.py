@@ -15,7 +15,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (GPU_BACKENDS, build_emulated_cuda, make_volume, poisoned, requires_cuda,  # noqa: E402
+from conftest import (GPU_BACKENDS, cuda_core_fixture, make_volume, poisoned, requires_cuda,  # noqa: E402
                       run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
@@ -236,18 +236,18 @@ def test_gpu_matches_reference(backend, padding_mode, dtype, gen):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol * float(expected_grad.abs().max()))
 
 
-# ---------------------------------------------------------------- CUDA source, emulated (core level)
+# ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return build_emulated_cuda(tmp_path_factory, "integrate.cu", ("integrate_forward", "integrate_backward"),
-                               "_integrate_emulated")
+cuda_core = cuda_core_fixture("integrate.cu", ("integrate_forward", "integrate_backward"), "_integrate_emulated")
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_cuda_matches_reference(emulated, padding_mode, dtype, gen):
+def test_cuda_core_matches_reference(cuda_core, padding_mode, dtype, gen):
+    """The core's entry points against the reference (on the CPU), outputs, scratch and checkpoints poisoned."""
+    module, device = cuda_core
+    stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
     padding = PADDINGS.index(padding_mode)
     is_double = dtype == torch.float64
     tol = 1e-9 if is_double else 1e-4
@@ -255,35 +255,38 @@ def test_emulated_cuda_matches_reference(emulated, padding_mode, dtype, gen):
         n, _, d, h, w = shape
         for steps in (0, 1, 3, 7):
             velocity = _velocity(shape, gen).to(dtype)
+            velocity_d = velocity.to(device)
             interval, count = checkpoint_layout(steps)
-            out, scratch = poisoned(shape, dtype), poisoned(shape, dtype)
-            checkpoints = poisoned((max(count, 1), *shape), dtype)
+            out, scratch = poisoned(shape, dtype).to(device), poisoned(shape, dtype).to(device)
+            checkpoints = poisoned((max(count, 1), *shape), dtype).to(device)
             ckpt = checkpoints.data_ptr() if count else 0
-            assert emulated.integrate_forward(is_double, velocity.data_ptr(), out.data_ptr(), scratch.data_ptr(), ckpt,
-                                              interval, n, d, h, w, steps, padding, 0) == ""
+            assert module.integrate_forward(is_double, velocity_d.data_ptr(), out.data_ptr(), scratch.data_ptr(), ckpt,
+                                            interval, n, d, h, w, steps, padding, stream) == ""
             leaf = velocity.double().requires_grad_()
             expected = reference.integrate_velocity(leaf, steps, padding_mode)
-            torch.testing.assert_close(out.double(), expected.detach(), rtol=tol,
+            torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=tol,
                                        atol=tol * float(expected.detach().abs().max()))
             grad_output = make_volume(shape, torch.float64, False, gen)
             (expected_grad,) = torch.autograd.grad(expected, leaf, grad_output)
-            grad, scratch = poisoned(shape, dtype), poisoned((3, *shape), dtype)
-            assert emulated.integrate_backward(is_double, velocity.data_ptr(), ckpt, interval,
-                                               grad_output.to(dtype).data_ptr(), grad.data_ptr(), scratch.data_ptr(),
-                                               n, d, h, w, steps, padding, 0) == ""
-            torch.testing.assert_close(grad.double(), expected_grad, rtol=tol,
+            grad, scratch = poisoned(shape, dtype).to(device), poisoned((3, *shape), dtype).to(device)
+            grad_output_d = grad_output.to(dtype).to(device)
+            assert module.integrate_backward(is_double, velocity_d.data_ptr(), ckpt, interval,
+                                             grad_output_d.data_ptr(), grad.data_ptr(), scratch.data_ptr(),
+                                             n, d, h, w, steps, padding, stream) == ""
+            torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=tol,
                                        atol=tol * float(expected_grad.abs().max()))
 
 
-def test_emulated_cuda_bad_arguments(emulated):
-    v = torch.rand(1, 3, 3, 4, 5, dtype=torch.float64)
+def test_cuda_core_bad_arguments(cuda_core):
+    module, device = cuda_core
+    v = torch.rand(1, 3, 3, 4, 5, dtype=torch.float64, device=device)
     ptr = v.data_ptr()
-    assert "`steps` must be in" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 31, 0, 0)
-    assert "`padding` must be" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 7, 2, 0)
-    assert "sizes must be >= 1" in emulated.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 0, 4, 5, 7, 0, 0)
-    assert "`interval` must be >= 1" in emulated.integrate_backward(True, ptr, ptr, 0, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0,
-                                                                    0)
-    assert "must be device pointers" in emulated.integrate_backward(True, 0, 0, 1, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0, 0)
+    assert "`steps` must be in" in module.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 31, 0, 0)
+    assert "`padding` must be" in module.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 3, 4, 5, 7, 2, 0)
+    assert "sizes must be >= 1" in module.integrate_forward(True, ptr, ptr, ptr, 0, 1, 1, 0, 4, 5, 7, 0, 0)
+    assert "`interval` must be >= 1" in module.integrate_backward(True, ptr, ptr, 0, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0,
+                                                                  0)
+    assert "must be device pointers" in module.integrate_backward(True, 0, 0, 1, ptr, ptr, ptr, 1, 3, 4, 5, 7, 0, 0)
 
 
 # ---------------------------------------------------------------- Triton (interpreter on the CPU; compiled on a GPU)

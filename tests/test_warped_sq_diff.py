@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import GPU_BACKENDS, make_volume, requires_cuda, value_and_grads
+from conftest import GPU_BACKENDS, cuda_core_fixture, make_volume, requires_cuda, value_and_grads
 
 import gradreg_fast
 from gradreg_fast import reference
@@ -279,50 +279,50 @@ def test_flow_gradient_not_stored_by_the_forward_is_recomputed(gen):
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
 
 
-# ---------------------------------------------------------------- the CUDA source, emulated on the CPU
+# ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    from conftest import build_emulated_cuda
-
-    return build_emulated_cuda(tmp_path_factory, "warped_sq_diff.cu",
-                               ("warped_sq_diff_forward", "warped_sq_diff_workspace_bytes"), "_warped_sq_diff_emulated")
+cuda_core = cuda_core_fixture("warped_sq_diff.cu", ("warped_sq_diff_forward", "warped_sq_diff_workspace_bytes"),
+                              "_warped_sq_diff_emulated")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_emulated_cuda_matches_reference(emulated, dtype, padding_mode, gen):
-    # Grids capped at 3 blocks of 256 threads: 2 x 7 x 9 x 13 voxels make every thread stride.
+def test_cuda_core_matches_reference(cuda_core, dtype, padding_mode, gen):
+    """The core's entry point against the reference (on the CPU), its outputs and workspace poisoned first."""
+    module, device = cuda_core
+    stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
+    # Emulated grids are capped at 3 blocks of 256 threads: 2 x 7 x 9 x 13 voxels make every thread stride.
     for shape, weighted in (((2, 5, 7, 9, 13), True), ((1, 24, 3, 1, 5), False)):
         moving, fixed, flow, weight = _inputs(shape, dtype, gen)
         weight = weight if weighted else None
+        on_device = [t.to(device) if t is not None else None for t in (moving, fixed, flow, weight)]
         n, ch, d, h, w = shape
-        total = torch.full((), float("nan"), dtype=dtype)
-        grad_flow = torch.full_like(flow, float("nan"))
-        nbytes = emulated.warped_sq_diff_workspace_bytes(n, d, h, w)
-        scratch = torch.full((nbytes,), 255, dtype=torch.uint8)
+        total = torch.full((), float("nan"), dtype=dtype, device=device)
+        grad_flow = torch.full_like(on_device[2], float("nan"))
+        nbytes = module.warped_sq_diff_workspace_bytes(n, d, h, w)
+        scratch = torch.full((nbytes,), 255, dtype=torch.uint8, device=device)
         for with_grad in (False, True):
-            err = emulated.warped_sq_diff_forward(
-                dtype == torch.float64, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(),
-                weight.data_ptr() if weight is not None else 0, grad_flow.data_ptr() if with_grad else 0,
+            err = module.warped_sq_diff_forward(
+                dtype == torch.float64, on_device[0].data_ptr(), on_device[1].data_ptr(), on_device[2].data_ptr(),
+                on_device[3].data_ptr() if weight is not None else 0, grad_flow.data_ptr() if with_grad else 0,
                 total.data_ptr(), n, ch, d, h, w, ("zeros", "border").index(padding_mode), scratch.data_ptr(),
-                nbytes, 0)
+                nbytes, stream)
             assert err == ""
             leaf = flow.double().requires_grad_()
             ref_weight = weight.double() if weight is not None else None
             expected = reference.warped_sq_diff(moving.double(), fixed.double(), leaf, ref_weight, padding_mode)
             (expected_grad,) = torch.autograd.grad(expected, leaf)
             tol = _tolerances(dtype)
-            torch.testing.assert_close(total.double(), expected.detach(), **tol)
-        torch.testing.assert_close(grad_flow.double(), expected_grad, rtol=tol["rtol"],
+            torch.testing.assert_close(total.cpu().double(), expected.detach(), **tol)
+        torch.testing.assert_close(grad_flow.cpu().double(), expected_grad, rtol=tol["rtol"],
                                    atol=tol["atol"] * max(expected_grad.abs().max().item(), 1.0))
-    err = emulated.warped_sq_diff_forward(True, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), 0, 0,
-                                          total.data_ptr(), n, ch, d, h, w, 2, scratch.data_ptr(), nbytes, 0)
+    pointers = [t.data_ptr() for t in on_device[:3]]
+    err = module.warped_sq_diff_forward(True, *pointers, 0, 0, total.data_ptr(), n, ch, d, h, w, 2,
+                                        scratch.data_ptr(), nbytes, stream)
     assert "`padding` must be 0 (zeros) or 1 (border)" in err
-    err = emulated.warped_sq_diff_forward(True, moving.data_ptr(), fixed.data_ptr(), flow.data_ptr(), 0, 0,
-                                          total.data_ptr(), n, ch, d, h, w, 1, scratch.data_ptr(), 8, 0)
+    err = module.warped_sq_diff_forward(True, *pointers, 0, 0, total.data_ptr(), n, ch, d, h, w, 1,
+                                        scratch.data_ptr(), 8, stream)
     assert "the workspace has 8 bytes" in err
 
 
