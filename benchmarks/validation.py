@@ -422,7 +422,7 @@ def summarize(rows: dict) -> str:
 
 def settings_with(overrides: dict):
     """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``,
-    ``affine_objective``, ``affine_rigidity``) overridden."""
+    ``affine_objective``, ``affine_rigidity``, ``init``) overridden."""
     from gradreg_fast.register import Settings
 
     settings = Settings()
@@ -431,7 +431,7 @@ def settings_with(overrides: dict):
             settings.affine_model = value
         elif key == "affine_iterations":
             settings.affine_iterations = tuple(value)
-        elif key in ("affine_objective", "affine_rigidity"):
+        elif key in ("affine_objective", "affine_rigidity", "init"):
             setattr(settings, key, value)
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)
