@@ -140,19 +140,29 @@ def build_emulated_cuda(tmp_path_factory, source: str, functions, name: str, con
     return module
 
 
-def cuda_core_fixture(source: str, functions, name: str):
-    """A module-scoped fixture that gives ``(core, device)`` twice, so that a test of the CUDA core's entry points
-    is written once: the source compiled for the CPU against emulation.cuh (:func:`build_emulated_cuda`, device
-    "cpu"; marked slow) and the built extension on a GPU (device "cuda"; marked gpu, skipped without one).
+def cuda_core_fixture(source: str, functions, name: str, contract: bool = False):
+    """A module-scoped fixture that gives ``(core, device)`` for each build of a CUDA core, so that a test of its
+    entry points is written once: the source compiled for the CPU against emulation.cuh (:func:`build_emulated_cuda`,
+    device "cpu"; marked slow) and the built extension on a GPU (device "cuda"; marked gpu, skipped without one).
+    With ``contract`` the emulated source is also built with products fused into FMAs, as nvcc builds it (skipped on
+    a CPU without FMA).
 
     Assign it to a module-level name, which becomes the fixture's name (one the module uses for nothing else):
     ``cuda_core = cuda_core_fixture(...)``."""
+    if contract:
+        fma = pytest.mark.skipif(not cpu_has_fma(), reason="the CPU has no FMA")
+        emulated = [pytest.param(("emulated", False), marks=pytest.mark.slow, id="emulated-rounded"),
+                    pytest.param(("emulated", True), marks=[pytest.mark.slow, fma], id="emulated-fma-contracted")]
+    else:
+        emulated = [pytest.param(("emulated", False), marks=pytest.mark.slow, id="emulated")]
+    cuda = pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda], id="cuda")
 
-    @pytest.fixture(scope="module", params=[pytest.param("emulated", marks=pytest.mark.slow),
-                                            pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])])
+    @pytest.fixture(scope="module", params=emulated + [cuda])
     def core(request, tmp_path_factory):
-        if request.param == "emulated":
-            return build_emulated_cuda(tmp_path_factory, source, functions, name), "cpu"
+        if request.param != "cuda":
+            fused = request.param[1]
+            module = build_emulated_cuda(tmp_path_factory, source, functions, f"{name}_{int(fused)}", contract=fused)
+            return module, "cpu"
         import gradreg_fast
 
         module = gradreg_fast._backend.cuda_core()

@@ -14,8 +14,8 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import (CONTRACTION_IDS, CONTRACTIONS, GPU_BACKENDS, build_emulated_cuda, make_volume,  # noqa: E402
-                      poisoned, requires_cuda, run_under_triton_interpreter, value_and_grads)
+from conftest import (GPU_BACKENDS, cuda_core_fixture, make_volume, poisoned, requires_cuda,  # noqa: E402
+                      run_under_triton_interpreter, value_and_grads)
 
 import gradreg_fast  # noqa: E402
 from gradreg_fast import reference  # noqa: E402
@@ -266,9 +266,6 @@ def test_threads_give_the_same_values(gen):
         _assert_close(a, b)
 
 
-# ---------------------------------------------------------------- the CUDA source, emulated on the CPU
-
-
 # ---------------------------------------------------------------- torch.compile
 
 
@@ -317,71 +314,77 @@ def test_gpu_matches_reference(backend, convention, dtype, gen):
                                        atol=tol * float(expected_grad.abs().max()))
 
 
-# ---------------------------------------------------------------- CUDA source, emulated (core level)
+# ---------------------------------------------------------------- the CUDA core (emulated on the CPU, or real)
 
 
-@pytest.fixture(scope="module", params=CONTRACTIONS, ids=CONTRACTION_IDS)
-def emulated(request, tmp_path_factory):
-    # The window-1 case of CASES has an exact answer of 0 that fused products used to miss (H200, 2026-11-30).
-    return build_emulated_cuda(tmp_path_factory, "lncc.cu", ("lncc_forward", "lncc_backward", "lncc_workspace_bytes"),
-                               f"_lncc_emulated_{int(request.param)}", contract=request.param)
+# The window-1 case of CASES has an exact answer of 0 that fused products used to miss (H200, 2026-11-30): the
+# emulated source is also built with FMA contraction, as nvcc builds it.
+cuda_core = cuda_core_fixture("lncc.cu", ("lncc_forward", "lncc_backward", "lncc_workspace_bytes"), "_lncc_emulated",
+                              contract=True)
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_cuda_matches_reference(emulated, convention, dtype, gen):
+def test_cuda_core_matches_reference(cuda_core, convention, dtype, gen):
+    """The core's entry points against the reference (on the CPU), outputs and workspace poisoned first."""
+    module, device = cuda_core
+    stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
     smooth_nr = 0.2 if convention == "monai" else 0.0
     for (n, c, d, h, w), window in CASES:
         for atlas in (False, True):
             warped = make_volume((n, c, d, h, w), dtype, False, gen)
             fixed = make_volume((1 if atlas else n, c, d, h, w), dtype, False, gen)
+            warped_d, fixed_d = warped.to(device), fixed.to(device)
             stride = 0 if atlas else d * h * w
             is_double = dtype == torch.float64
-            nbytes = emulated.lncc_workspace_bytes(is_double, n, d, h, w, False)
-            workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8)  # NaN bytes
-            loss_map, coefficients = poisoned(warped.shape, dtype), poisoned((n, 5, d, h, w), dtype)
-            total = poisoned((), dtype)
-            err = emulated.lncc_forward(is_double, warped.data_ptr(), fixed.data_ptr(), stride, loss_map.data_ptr(),
-                                        coefficients.data_ptr(), 5, total.data_ptr(), n, d, h, w, window, 1e-5,
-                                        smooth_nr, convention == "monai", workspace.data_ptr(), nbytes, 0)
+            nbytes = module.lncc_workspace_bytes(is_double, n, d, h, w, False)
+            workspace = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=device)  # NaN bytes
+            loss_map = poisoned(warped.shape, dtype).to(device)
+            coefficients = poisoned((n, 5, d, h, w), dtype).to(device)
+            total = poisoned((), dtype).to(device)
+            err = module.lncc_forward(is_double, warped_d.data_ptr(), fixed_d.data_ptr(), stride, loss_map.data_ptr(),
+                                      coefficients.data_ptr(), 5, total.data_ptr(), n, d, h, w, window, 1e-5,
+                                      smooth_nr, convention == "monai", workspace.data_ptr(), nbytes, stream)
             assert err == ""
             leaves = warped.double().requires_grad_(), fixed.double().expand(n, -1, -1, -1, -1).clone().requires_grad_()
             expected = reference.lncc_loss(*leaves, window, 1e-5, "none", convention, smooth_nr)
             tol = dict(rtol=1e-9, atol=1e-12) if is_double else dict(rtol=1e-3, atol=1e-4)
-            torch.testing.assert_close(loss_map.double(), expected.detach(), **tol)
-            torch.testing.assert_close(total.double(), expected.detach().sum(), **tol)
+            torch.testing.assert_close(loss_map.cpu().double(), expected.detach(), **tol)
+            torch.testing.assert_close(total.cpu().double(), expected.detach().sum(), **tol)
             grad_output = make_volume(warped.shape, torch.float64, False, gen)
             expected_grads = torch.autograd.grad(expected, leaves, grad_output, retain_graph=True)
             for grad_is_map in (True, False):
-                grad = grad_output.to(dtype) if grad_is_map else torch.tensor(1.5, dtype=dtype)
+                grad = (grad_output.to(dtype) if grad_is_map else torch.tensor(1.5, dtype=dtype)).to(device)
                 expected_w, expected_f = (expected_grads if grad_is_map else
                                           torch.autograd.grad(expected.sum() * 1.5, leaves, retain_graph=True))
-                gw, gf = poisoned(warped.shape, dtype), poisoned(warped.shape, dtype)
-                err = emulated.lncc_backward(is_double, coefficients.data_ptr(), 5, grad.data_ptr(), grad_is_map,
-                                             warped.data_ptr(), fixed.data_ptr(), stride, gw.data_ptr(), gf.data_ptr(),
-                                             n, d, h, w, window, workspace.data_ptr(), nbytes, 0)
+                gw, gf = poisoned(warped.shape, dtype).to(device), poisoned(warped.shape, dtype).to(device)
+                err = module.lncc_backward(is_double, coefficients.data_ptr(), 5, grad.data_ptr(), grad_is_map,
+                                           warped_d.data_ptr(), fixed_d.data_ptr(), stride, gw.data_ptr(),
+                                           gf.data_ptr(), n, d, h, w, window, workspace.data_ptr(), nbytes, stream)
                 assert err == ""
                 for got, want in ((gw, expected_w), (gf, expected_f)):
                     scale = float(want.abs().max())
-                    torch.testing.assert_close(got.double(), want, rtol=tol["rtol"], atol=tol["rtol"] * scale + 1e-15)
+                    torch.testing.assert_close(got.cpu().double(), want, rtol=tol["rtol"],
+                                               atol=tol["rtol"] * scale + 1e-15)
 
 
-def test_emulated_cuda_bad_arguments(emulated):
-    x = torch.rand(1, 1, 3, 4, 5, dtype=torch.float64)
-    nbytes = emulated.lncc_workspace_bytes(True, 1, 3, 4, 5, False)
-    workspace = torch.empty(nbytes, dtype=torch.uint8)
-    total = torch.empty((), dtype=torch.float64)
+def test_cuda_core_bad_arguments(cuda_core):
+    module, device = cuda_core
+    x = torch.rand(1, 1, 3, 4, 5, dtype=torch.float64, device=device)
+    nbytes = module.lncc_workspace_bytes(True, 1, 3, 4, 5, False)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    total = torch.empty((), dtype=torch.float64, device=device)
     args = (True, x.data_ptr(), x.data_ptr(), 60, 0, 0, 0, total.data_ptr(), 1, 3, 4, 5)
-    assert "`window` must be odd" in emulated.lncc_forward(*args, 4, 1e-5, 0.0, False, workspace.data_ptr(), nbytes, 0)
-    assert "the workspace has" in emulated.lncc_forward(*args, 3, 1e-5, 0.0, False, workspace.data_ptr(), 8, 0)
-    assert "sizes must be >= 1" in emulated.lncc_forward(True, x.data_ptr(), x.data_ptr(), 60, 0, 0, 0,
-                                                         total.data_ptr(), 1, 0, 4, 5, 3, 1e-5, 0.0, False,
-                                                         workspace.data_ptr(), nbytes, 0)
-    assert "coefficient_count" in emulated.lncc_backward(True, x.data_ptr(), 4, total.data_ptr(), False, x.data_ptr(),
-                                                         x.data_ptr(), 60, x.data_ptr(), 0, 1, 3, 4, 5, 3,
-                                                         workspace.data_ptr(), nbytes, 0)
+    assert "`window` must be odd" in module.lncc_forward(*args, 4, 1e-5, 0.0, False, workspace.data_ptr(), nbytes, 0)
+    assert "the workspace has" in module.lncc_forward(*args, 3, 1e-5, 0.0, False, workspace.data_ptr(), 8, 0)
+    assert "sizes must be >= 1" in module.lncc_forward(True, x.data_ptr(), x.data_ptr(), 60, 0, 0, 0,
+                                                       total.data_ptr(), 1, 0, 4, 5, 3, 1e-5, 0.0, False,
+                                                       workspace.data_ptr(), nbytes, 0)
+    assert "coefficient_count" in module.lncc_backward(True, x.data_ptr(), 4, total.data_ptr(), False, x.data_ptr(),
+                                                       x.data_ptr(), 60, x.data_ptr(), 0, 1, 3, 4, 5, 3,
+                                                       workspace.data_ptr(), nbytes, 0)
     with pytest.raises(ValueError, match="sizes must be >= 1"):
-        emulated.lncc_workspace_bytes(True, 1, -3, 4, 5, False)
+        module.lncc_workspace_bytes(True, 1, -3, 4, 5, False)
 
 
 # ---------------------------------------------------------------- Triton (interpreter on the CPU; compiled on a GPU)
