@@ -67,3 +67,15 @@ def voxel_coordinates(pid, blocks_per_volume, D, H, W, BLOCK: tl.constexpr):
     y = (p // W) % H
     z = p // (H * W)
     return volume, p, z, y, x, mask
+
+
+@triton.jit
+def axis_line(z, y, x, D, H, W, AXIS: tl.constexpr):
+    """(coordinate, size, element stride) along spatial axis AXIS (0: z, 1: y, 2: x), for kernels that work
+    along one axis of a contiguous (D, H, W) volume."""
+    if AXIS == 0:
+        return z, D, H * W
+    elif AXIS == 1:
+        return y, H, W
+    else:
+        return x, W, 1

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates
 
 OP = "box_mean"
 BLOCK = 256
@@ -34,12 +34,7 @@ def _stage_kernel(in_ptr, out_ptr, D, H, W, blocks_per_volume, AXIS: tl.constexp
                   BLOCK: tl.constexpr):
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
     base = volume * D * H * W
-    if AXIS == 0:
-        c, n, s = z, D, H * W
-    elif AXIS == 1:
-        c, n, s = y, H, W
-    else:
-        c, n, s = x, W, 1
+    c, n, s = axis_line(z, y, x, D, H, W, AXIS)
     has_left = mask & (c > 0)
     has_right = mask & (c < n - 1)
     centre = tl.load(in_ptr + base + p, mask=mask, other=0.0)

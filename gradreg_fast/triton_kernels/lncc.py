@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates
 
 OP = "lncc_loss"
 BLOCK = 256
@@ -37,12 +37,7 @@ def _box_axis_kernel(in_ptr, out_ptr, D, H, W, R, blocks_per_volume, AXIS: tl.co
     """out = in summed over [-R, R] along AXIS (0 z, 1 y, 2 x), zeros outside."""
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
     DHW = D * H * W
-    if AXIS == 0:
-        coord, size, stride = z, D, H * W
-    elif AXIS == 1:
-        coord, size, stride = y, H, W
-    else:
-        coord, size, stride = x, W, 1
+    coord, size, stride = axis_line(z, y, x, D, H, W, AXIS)
     base = in_ptr + volume * DHW
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
     for k in range(-R, R + 1):

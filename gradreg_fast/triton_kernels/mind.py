@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates
 
 OP = "mind"
 BLOCK = 256  # voxels per program of the one-channel passes
@@ -107,21 +107,10 @@ def _box_x_squared_difference_kernel(vol_ptr, pair_ptr, dst_ptr, K, D, H, W, dil
 
 
 @triton.jit
-def _axis(z, y, x, D, H, W, AXIS: tl.constexpr):
-    """(coordinate, size, element stride) along spatial axis AXIS (0: z, 1: y, 2: x)."""
-    if AXIS == 0:
-        return z, D, H * W
-    elif AXIS == 1:
-        return y, H, W
-    else:
-        return x, W, 1
-
-
-@triton.jit
 def _box_sum_axis_kernel(src_ptr, dst_ptr, D, H, W, blocks_per_volume, AXIS: tl.constexpr, R: tl.constexpr,
                          BLOCK: tl.constexpr):
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    c, n, stride = _axis(z, y, x, D, H, W, AXIS)
+    c, n, stride = axis_line(z, y, x, D, H, W, AXIS)
     base = volume * D * H * W
     tl.store(dst_ptr + base + p, _box_sum(src_ptr + base, p, c, n, stride, mask, R), mask=mask)
 
@@ -130,7 +119,7 @@ def _box_sum_axis_kernel(src_ptr, dst_ptr, D, H, W, blocks_per_volume, AXIS: tl.
 def _box_adjoint_axis_kernel(src_ptr, dst_ptr, D, H, W, blocks_per_volume, AXIS: tl.constexpr, R: tl.constexpr,
                              BLOCK: tl.constexpr):
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    c, n, stride = _axis(z, y, x, D, H, W, AXIS)
+    c, n, stride = axis_line(z, y, x, D, H, W, AXIS)
     base = volume * D * H * W
     tl.store(dst_ptr + base + p, _box_sum_adjoint(src_ptr + base, p, c, n, stride, mask, R), mask=mask)
 
