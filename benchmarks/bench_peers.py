@@ -184,6 +184,15 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def report(rows: dict, text: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Print the table; write the raw rows and the table where asked."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(text + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=None, help="comma-separated (default: every case of validation.py)")
@@ -241,12 +250,7 @@ def main(argv=None) -> int:
             row["wall_s"] = prepare_s + time.perf_counter() - tick
             rows[name][method] = row
             print(name, method, row, flush=True)
-    text = table(rows)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    report(rows, table(rows), args.json, args.markdown)
     return 0
 
 

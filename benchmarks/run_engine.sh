@@ -5,7 +5,8 @@
 #      /tmp/ants-env/bin/python; skipped if absent); then ConvexAdam again on the fixed image's own grid (--peer-grid native);
 #   2. the gradient-guidance ablation: alpha 0 against the default on 12 same-subject cases, the twelve inter-subject
 #      ones and the pair (about 11 minutes in all on the 2-core machine);
-#   3. bench_many_labels.py: wall time against core time of `gradreg register` with a 108-label atlas.
+#   3. bench_many_labels.py: wall time against core time of `gradreg register` with a 108-label atlas;
+#   4. pair_starts.py: the bundled pair from ten other starting positions, gradreg against ConvexAdam (about 1 minute).
 # Outputs go to ${OUT:-out/engine}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,5 @@ python benchmarks/bench_peers.py --presets default,quick "${ants_args[@]}" --jso
 python benchmarks/bench_peers.py --skip-gradreg --peer-grid native --json "$out/peers_native.json" --markdown "$out/peers_native.md" | tee "$out/peers_native.log"
 python benchmarks/validation.py --extra 6 --compare '{"alpha": 0}' --json "$out/ablation_alpha.json" | tee "$out/ablation_alpha.log"
 python benchmarks/bench_many_labels.py --labels 108 | tee "$out/many_labels.log"
+python benchmarks/pair_starts.py --json "$out/pair_starts.json" --markdown "$out/pair_starts.md" | tee "$out/pair_starts.log"
 date -u; uptime

@@ -101,6 +101,11 @@ INTER_SUBJECT = (
     InterSpec("inter-bc-3", "mr-b", "ct-c", 39, offset=True),
 )
 
+# The bundled pair itself from other starting positions: a random rigid offset (up to 4 degrees and 8 mm per axis) in
+# the CT's header, as the offset inter-subject cases have. Never choosing (they are the reported case): they say how
+# much of the pair's one Dice figure is its starting position (benchmarks/pair_starts.py).
+PAIR_STARTS = tuple(InterSpec(f"bundled-s{i}", "ct-a", "mr-b", 200 + i, offset=True) for i in range(1, 11))
+
 # The cases that choose the defaults (benchmarks/sweep.py, column "mean of choosing": (2 x the same-subject
 # mean + the inter-subject mean) / 3, which is the plain mean of sweep 10's nine cases): every validation case
 # but the bundled pair.
@@ -355,9 +360,11 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
 
 def all_cases(names=None, extra: int = 0) -> dict:
     """{name: files} for the same-subject cases, the inter-subject cases and ``bundled`` (all when ``names`` is
-    None), plus ``extra`` cases of :func:`extra_cases` when asked for by name or when ``names`` is None."""
-    cases = {spec.name: spec for spec in SAME_SUBJECT + INTER_SUBJECT + extra_cases(extra)}
-    chosen = list(cases) + ["bundled"] if names is None else list(names)
+    None), plus ``extra`` cases of :func:`extra_cases` when asked for by name or when ``names`` is None, and the
+    pair's other starts (:data:`PAIR_STARTS`) only when asked for by name."""
+    default = {spec.name: spec for spec in SAME_SUBJECT + INTER_SUBJECT + extra_cases(extra)}
+    cases = {**default, **{spec.name: spec for spec in PAIR_STARTS}}  # the pair's other starts only by name
+    chosen = list(default) + ["bundled"] if names is None else list(names)
     out = {}
     for name in chosen:
         if name == "bundled":
@@ -422,15 +429,15 @@ def summarize(rows: dict) -> str:
 
 def settings_with(overrides: dict):
     """The pipeline's default Settings with FieldSettings fields (or ``affine_model``, ``affine_iterations``,
-    ``affine_objective``, ``affine_rigidity``, ``init``) overridden."""
+    ``affine_objective``, ``affine_rigidity``, ``init``, ``ct_window``, ``mr_percentiles``) overridden."""
     from gradreg_fast.register import Settings
 
     settings = Settings()
     for key, value in overrides.items():
         if key == "affine_model":
             settings.affine_model = value
-        elif key == "affine_iterations":
-            settings.affine_iterations = tuple(value)
+        elif key in ("affine_iterations", "ct_window", "mr_percentiles"):
+            setattr(settings, key, tuple(value))
         elif key in ("affine_objective", "affine_rigidity", "init"):
             setattr(settings, key, value)
         else:

@@ -91,6 +91,17 @@ def parse_ints(text: str | None, what: str, count: int | None = None):
     return values
 
 
+def parse_range(text: str, what: str) -> tuple:
+    """"-200,300" -> (-200.0, 300.0): two finite numbers, low < high."""
+    try:
+        low, high = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{what}: expected two numbers 'LOW,HIGH', got {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UsageError(f"{what}: expected two finite numbers with LOW < HIGH, got {text!r}")
+    return low, high
+
+
 def settings_from_args(args):
     """:class:`gradreg_fast.register.Settings` from the registration flags (absent flags keep the defaults)."""
     from .register.pipeline import Settings, quick_settings, thorough_settings
@@ -115,6 +126,12 @@ def settings_from_args(args):
         settings.affine_rigidity = args.affine_rigidity
     settings.fixed_modality = flag("fixed_modality", settings.fixed_modality)
     settings.moving_modality = flag("moving_modality", settings.moving_modality)
+    if flag("ct_window") is not None:
+        settings.ct_window = parse_range(args.ct_window, "--ct-window")
+    if flag("mr_percentiles") is not None:
+        settings.mr_percentiles = parse_range(args.mr_percentiles, "--mr-percentiles")
+        if not 0 <= settings.mr_percentiles[0] < settings.mr_percentiles[1] <= 100:
+            raise UsageError(f"--mr-percentiles: expected 0 <= LOW < HIGH <= 100, got {args.mr_percentiles!r}")
     checkpoint = flag("checkpoint")
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
@@ -184,6 +201,11 @@ def _add_registration(parser) -> None:
     group.add_argument("--fixed-modality", default="auto", choices=("auto", "ct", "mr"),
                        help="intensity normalisation of the fixed image (auto: CT if it reaches -500 HU)")
     group.add_argument("--moving-modality", default="auto", choices=("auto", "ct", "mr"))
+    group.add_argument("--ct-window", help="CT intensities in HU clipped and scaled to [0, 1], 'LOW,HIGH' "
+                                           "(default -200,300: abdominal soft tissue; a negative LOW needs the =: "
+                                           "--ct-window=-150,250)")
+    group.add_argument("--mr-percentiles", help="MR intensities clipped to these percentiles of the volume and scaled "
+                                                "to [0, 1], 'LOW,HIGH' (default 0.5,99.5)")
     group.add_argument("--quick", action="store_true", help=QUICK_HELP)
     group.add_argument("--thorough", action="store_true", help=THOROUGH_HELP)
     group.add_argument("--no-figure", action="store_true", help="skip overview.png")

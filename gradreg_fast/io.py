@@ -14,6 +14,7 @@ a size and spacing can be given instead. The working grid is then padded (or cro
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,14 +111,29 @@ def guess_modality(data: np.ndarray) -> str:
     return "ct" if float(np.min(data)) <= CT_AIR_HU else "mr"
 
 
+def _check_range(value, name: str, unit: str) -> tuple:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be two numbers (low, high) in {unit}, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"`{name}` must be two finite numbers with low < high ({unit}), got {value!r}")
+    return low, high
+
+
 def normalize_intensity(data: np.ndarray, modality: str = "auto", ct_window=CT_WINDOW,
                         mr_percentiles=MR_PERCENTILES) -> np.ndarray:
     """Scale a scan to [0, 1] per modality (float32).
 
     CT: clip to the HU window ``ct_window`` and scale it to [0, 1]. MR (arbitrary units): clip to the
     ``mr_percentiles`` percentiles of the volume and scale that range to [0, 1]. ``modality="auto"``
-    uses :func:`guess_modality`. A constant volume becomes all zeros.
+    uses :func:`guess_modality`. A constant volume becomes all zeros. A window or percentile pair that is not
+    two finite numbers with low < high (percentiles within 0..100) raises ValueError naming it.
     """
+    ct_window = _check_range(ct_window, "ct_window", "HU")
+    mr_percentiles = _check_range(mr_percentiles, "mr_percentiles", "percentiles")
+    if not 0.0 <= mr_percentiles[0] < mr_percentiles[1] <= 100.0:
+        raise ValueError(f"`mr_percentiles` must be two percentiles 0 <= low < high <= 100, got {mr_percentiles}")
     if modality == "auto":
         modality = guess_modality(data)
     data = np.asarray(data, dtype=np.float64)

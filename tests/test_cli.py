@@ -228,6 +228,22 @@ def test_affine_rigidity_flag_reaches_the_settings():
         cli.settings_from_args(parser.parse_args(base + ["--affine-rigidity", "inf"]))
 
 
+def test_intensity_window_flags_reach_the_settings():
+    parser = cli.build_parser()
+    base = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]
+    from gradreg_fast.register import Settings
+
+    default = cli.settings_from_args(parser.parse_args(base))
+    assert (default.ct_window, default.mr_percentiles) == (Settings().ct_window, Settings().mr_percentiles)
+    chosen = cli.settings_from_args(parser.parse_args(base + ["--ct-window=-150,250", "--mr-percentiles", "1,99",
+                                                              "--quick"]))
+    assert (chosen.ct_window, chosen.mr_percentiles) == ((-150.0, 250.0), (1.0, 99.0))
+    for flag, value in (("--ct-window", "300,-200"), ("--ct-window", "0,inf"), ("--ct-window", "100"),
+                        ("--mr-percentiles", "1,101"), ("--mr-percentiles", "a,b")):
+        with pytest.raises(cli.UsageError, match=flag):
+            cli.settings_from_args(parser.parse_args(base + [f"{flag}={value}"]))
+
+
 def test_parse_labels():
     assert cli.parse_labels("1=spleen, 2=right kidney,5=liver") == {1: "spleen", 2: "right kidney", 5: "liver"}
     assert cli.parse_labels(None) == {}

@@ -245,6 +245,22 @@ def test_normalize_intensity():
         io.normalize_intensity(mr, "pet")
 
 
+def test_normalize_intensity_takes_other_windows_and_names_a_bad_one():
+    ct = np.array([[[-1000.0, -100.0, 50.0, 200.0, 1200.0]]])
+    assert np.allclose(io.normalize_intensity(ct, "ct", ct_window=(-100, 200)), [[[0, 0, 0.5, 1, 1]]])
+    mr = RNG.random((9, 8, 7)) * 700 + 3
+    out = io.normalize_intensity(mr, "mr", mr_percentiles=(2, 98))
+    low, high = np.percentile(mr, (2, 98))
+    inside = (mr > low) & (mr < high)
+    assert np.allclose(out[inside], (mr[inside] - low) / (high - low), atol=1e-6)
+    assert (out[mr <= low] == 0).all() and (out[mr >= high] == 1).all()
+    for name, value in (("ct_window", (300, -200)), ("ct_window", (0, float("nan"))), ("ct_window", (1,)),
+                        ("ct_window", "wide"), ("mr_percentiles", (-1, 99)), ("mr_percentiles", (5, 101)),
+                        ("mr_percentiles", (50, 50))):
+        with pytest.raises(ValueError, match=name):
+            io.normalize_intensity(ct, "ct", **{name: value})
+
+
 def test_write_nifti_roundtrip_atomic_and_protective(tmp_path):
     affine = ras_affine()
     data = RNG.random((6, 5, 4)).astype(np.float32)

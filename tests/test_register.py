@@ -291,6 +291,23 @@ def test_pipeline_registers_and_writes_consistent_outputs(synthetic_pair, tmp_pa
     assert report["runtime_s"] > 0 and "folding_percent" in report
 
 
+def test_the_intensity_windows_of_the_settings_reach_the_images(synthetic_pair):
+    files = synthetic_pair
+    runs = {}
+    for window in ((-200.0, 300.0), (-100.0, 50.0)):
+        settings = Settings(ct_window=window, affine_model="none")
+        settings.field.iterations = (0,)
+        runs[window] = register(files["fixed"], files["moving"], settings=settings, device="cpu", progress=False)
+    # the phantom CT's body is 40 HU, its organs 100 and -80 HU: a window of -100..50 clips the first organ to the
+    # body's level, so the normalised moving image (and what the engine saw) must differ
+    narrow, wide = runs[(-100.0, 50.0)], runs[(-200.0, 300.0)]
+    assert narrow.metrics["settings"]["ct_window"] == [-100.0, 50.0]
+    assert not np.array_equal(narrow.warped, wide.warped)
+    with pytest.raises(ValueError, match="mr_percentiles"):
+        register(files["fixed"], files["moving"], settings=Settings(mr_percentiles=(90, 10)), device="cpu",
+                 progress=False)
+
+
 def test_resize_flow_keeps_the_physical_displacement():
     from gradreg_fast.register.deformable import resize_flow
 

@@ -192,6 +192,56 @@ def test_choosing_mean_weighs_the_groups_two_to_one(validation):
             validation.choosing_mean(bad)
 
 
+def test_the_pairs_other_starts_are_the_bundled_pair_offset_and_never_choose(validation, tmp_path):
+    from gradreg_fast.io import read_nifti
+
+    names = [spec.name for spec in validation.PAIR_STARTS]
+    assert len(set(names)) == len(names) >= 10
+    assert not set(names) & set(validation.CHOOSING) and not set(names) & validation.INTER_NAMES
+    seeds = {spec.seed for spec in validation.PAIR_STARTS}
+    assert len(seeds) == len(names) and not seeds & {spec.seed for spec in validation.INTER_SUBJECT}
+    bundled = validation.bundled_files()
+    for spec in validation.PAIR_STARTS[:2]:
+        assert (spec.moving_subject, spec.fixed_subject, spec.offset) == ("ct-a", "mr-b", True)
+        files = validation.make_inter_case(spec, tmp_path)
+        assert files["fixed"] == bundled["fixed"] and files["fixed_labels"] == bundled["fixed_labels"]
+        assert files["organs"] == bundled["organs"]  # the pair shares all four organs
+        moving, base = read_nifti(files["moving"], "moving"), read_nifti(bundled["moving"], "bundled CT")
+        np.testing.assert_array_equal(moving.data, base.data)  # the same voxels, another header
+        assert not np.allclose(moving.affine, base.affine)
+    with pytest.raises(ValueError, match="unknown case"):
+        validation.all_cases(["bundled-s0"])
+
+
+def test_the_pairs_other_starts_come_only_when_named(validation, monkeypatch):
+    made = lambda spec, out_dir=None: spec.name  # noqa: E731  (no files: only which cases are chosen)
+    monkeypatch.setattr(validation, "make_case", made)
+    monkeypatch.setattr(validation, "make_inter_case", made)
+    default = validation.all_cases()
+    assert set(default) == set(validation.CHOOSING) | {"bundled"}
+    assert list(validation.all_cases(["bundled-s3", "inter-cb"])) == ["bundled-s3", "inter-cb"]
+
+
+def test_pair_starts_summary_pairs_each_start(validation):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gradreg_pair_starts", ROOT / "benchmarks" / "pair_starts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(5)
+    row = lambda dice: {"dice": dice, "folding_percent": 0.0, "sd_log_jacobian": 0.3, "core_s": 1.0}  # noqa: E731
+    ours, theirs = rng.uniform(0.55, 0.7, 4), rng.uniform(0.55, 0.7, 4)
+    rows = {"bundled": {"gradreg": row(0.6), "ConvexAdam (native grid)": row(0.7)}}
+    rows.update({f"bundled-s{i}": {"gradreg": row(ours[i]), "ConvexAdam (native grid)": row(theirs[i])}
+                 for i in range(4)})
+    text = module.summary(rows)
+    diff = ours - theirs
+    assert f"Dice {ours.mean():.4f} (standard error {ours.std(ddof=1) / 2:.4f})" in text  # the starts only
+    assert f"mean difference {diff.mean():+.4f} (standard error {diff.std(ddof=1) / 2:.4f}, 4 cases; " \
+           f"{(diff > 0).sum()} up, {(diff < 0).sum()} down)" in text
+    assert text.count("| bundled") == 2 * 5
+
+
 def test_an_inter_subject_case_without_a_shared_organ_is_refused(validation, tmp_path, monkeypatch):
     monkeypatch.setattr(validation, "ORGANS", {2: "right kidney"})  # not in the third subject's slab
     spec = next(s for s in validation.INTER_SUBJECT if s.name == "inter-cb")
