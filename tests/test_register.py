@@ -308,6 +308,26 @@ def test_the_intensity_windows_of_the_settings_reach_the_images(synthetic_pair):
                  progress=False)
 
 
+def test_sampling_at_world_points_is_scipys_nearest_or_trilinear():
+    from gradreg_fast.register.pipeline import _sample
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 5, (9, 7, 5)).astype(np.uint8)
+    image = rng.normal(size=(9, 7, 5)).astype(np.float32)
+    affine = np.diag([2.0, 1.5, 3.0, 1.0])
+    affine[:3, 3] = (4.0, -2.0, 1.0)
+    voxels = rng.uniform(-1.5, np.array([10, 8, 6])[:, None, None], (3, 6, 11))  # some outside the volume
+    world = np.einsum("ij,j...->i...", affine[:3, :3], voxels) + affine[:3, 3].reshape(3, 1, 1)
+    nearest = _sample(labels, affine, world, 0, 0)
+    assert nearest.dtype == np.uint8
+    np.testing.assert_array_equal(nearest, ndimage.map_coordinates(labels, voxels, order=0, mode="grid-constant"))
+    np.testing.assert_allclose(_sample(image, affine, world, 1, -7.0),
+                               ndimage.map_coordinates(image, voxels, order=1, mode="grid-constant", cval=-7.0),
+                               rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="order"):
+        _sample(image, affine, world, 3, 0.0)
+
+
 def test_resize_flow_keeps_the_physical_displacement():
     from gradreg_fast.register.deformable import resize_flow
 

@@ -163,24 +163,25 @@ def _voxel_coords(scan_affine: np.ndarray, world: np.ndarray) -> np.ndarray:
 
 def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float,
             coords: np.ndarray | None = None):
-    """Values of a volume at world points (3, ...) (trilinear or nearest, ``cval`` outside); ``coords``: their
-    :func:`_voxel_coords` in the scan, when already at hand. Trilinear runs on grid_sample
+    """Values of a volume at world points (3, ...) (``order`` 1: trilinear, 0: nearest; ``cval`` outside);
+    ``coords``: their :func:`_voxel_coords` in the scan, when already at hand. Trilinear runs on grid_sample
     (:func:`gradreg_fast.io.sample_trilinear`); nearest on scipy, whose rounding of a coordinate halfway between
     two voxels every label map of the package shares."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if order not in (0, 1):
+        raise ValueError(f"`order` must be 0 (nearest) or 1 (trilinear), got {order!r}")
     coords = _voxel_coords(scan_affine, world) if coords is None else coords
     if order == 1:
         return sample_trilinear(scan_data, coords, cval)
-    data = scan_data if order == 0 else np.asarray(scan_data, dtype=np.float32)
-    out = np.empty(coords.shape[1:], data.dtype)  # map_coordinates' own output type
+    out = np.empty(coords.shape[1:], scan_data.dtype)  # map_coordinates' own output type
     # map_coordinates uses one core and releases the GIL: slabs on torch's threads. Each voxel is
     # interpolated on its own, so the split changes no value.
     threads = max(1, torch.get_num_threads())
     bounds = np.linspace(0, len(out), min(len(out), 4 * threads) + 1).round().astype(int)
 
     def slab(k):
-        ndimage.map_coordinates(data, coords[:, bounds[k]:bounds[k + 1]], output=out[bounds[k]:bounds[k + 1]],
+        ndimage.map_coordinates(scan_data, coords[:, bounds[k]:bounds[k + 1]], output=out[bounds[k]:bounds[k + 1]],
                                 order=order, mode="grid-constant", cval=cval, prefilter=False)
 
     with ThreadPoolExecutor(threads) as pool:
