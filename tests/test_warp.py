@@ -130,6 +130,29 @@ def test_far_outside_and_non_finite_flow(padding_mode, gen):
     assert torch.equal(flow.grad, torch.zeros_like(flow.grad))  # clipped or outside everywhere
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_non_finite_sample_points_give_zero_and_pass_no_gradient(backend, mode, padding_mode, gen):
+    image = make_volume((2, 2, 3, 4, 5), generator=gen).requires_grad_()
+    flow = make_volume((2, 3, 3, 4, 5), generator=gen, scale=2.0).detach()
+    bad = ((0, 0, (1, 2, 3), float("nan")), (0, 1, (0, 0, 0), float("inf")), (1, 2, (2, 3, 4), float("-inf")))
+    for n, k, point, value in bad:
+        flow[(n, k) + point] = value
+    flow.requires_grad_(mode == "bilinear")
+    out = gradreg_fast.warp(image, flow, mode, padding_mode, backend=backend)
+    for n, _, point, _ in bad:
+        assert torch.equal(out[(n, slice(None)) + point], torch.zeros(2, dtype=torch.float64))
+    out.sum().backward()
+    if padding_mode == "border":  # every finite point samples inside: it passes a total weight of 1 to the image
+        finite = torch.tensor([3 * 4 * 5 - 2, 3 * 4 * 5 - 1], dtype=torch.float64)
+        torch.testing.assert_close(image.grad.sum((2, 3, 4)), finite.view(2, 1).expand(2, 2))
+    if mode == "bilinear":
+        assert torch.isfinite(flow.grad).all()
+        for n, k, point, _ in bad:
+            assert torch.equal(flow.grad[(n, slice(None)) + point], torch.zeros(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 def test_gradcheck(mode, padding_mode, gen):

@@ -33,9 +33,9 @@ def nearest_source(flow: torch.Tensor, padding_mode: str):
     valid = torch.ones((n, *spatial), dtype=torch.bool, device=flow.device)
     for k in range(3):
         coord = base[k].unsqueeze(0) + flow[:, k]
+        valid &= torch.isfinite(coord)  # before the border clamp, which would make +-inf finite
         if padding_mode == "border":
             coord = coord.clamp(0, spatial[k] - 1)
-        valid &= torch.isfinite(coord)
         r = torch.round(torch.nan_to_num(coord, nan=-1.0).clamp(-1, spatial[k])).long()
         valid &= (r >= 0) & (r < spatial[k])
         idx += r.clamp(0, spatial[k] - 1) * strides[k]
