@@ -83,13 +83,30 @@ def test_gradcheck(shape, gen):
     assert torch.autograd.gradcheck(lambda v: gradreg_fast.gradient_magnitude(v, backend="cpu"), (vol,))
 
 
-def test_eps_zero_on_flat_volume_has_zero_gradient():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_eps_zero_on_flat_volume_has_zero_gradient(backend):
     # With eps = 0 a flat region has G = 0, where sqrt has no derivative: the documented subgradient is 0.
     vol = torch.ones(1, 1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    out = gradreg_fast.gradient_magnitude(vol, eps=0.0, backend="cpu")
+    out = gradreg_fast.gradient_magnitude(vol, eps=0.0, backend=backend)
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert torch.equal(vol.grad, torch.zeros_like(vol))
+
+
+def test_eps_zero_backends_agree_where_flat_meets_texture(gen):
+    vol = make_volume((2, 1, 5, 6, 7), generator=gen)
+    vol[:, :, :3] = 0.5  # flat: G = 0 inside, > 0 where it meets the random half
+    grad_output = make_volume((2, 1, 5, 6, 7), generator=gen)
+    values = {}
+    for backend in ("cpu", "reference"):
+        x = vol.clone().requires_grad_()
+        out = gradreg_fast.gradient_magnitude(x, eps=0.0, backend=backend)
+        out.backward(grad_output)
+        values[backend] = out.detach(), x.grad
+    assert (values["reference"][0] == 0).any()
+    for got, want in zip(values["cpu"], values["reference"]):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
 
 
 def test_does_not_modify_input(gen):

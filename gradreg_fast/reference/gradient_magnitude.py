@@ -9,4 +9,9 @@ def gradient_magnitude(vol: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     gz = padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]
     gy = padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]
     gx = padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]
-    return torch.sqrt(gz * gz + gy * gy + gx * gx + eps).reshape(vol.shape)
+    squared = gz * gz + gy * gy + gx * gx + eps
+    # sqrt has no derivative at 0 (eps = 0 on a flat region); the op's documented subgradient there is 0, which
+    # the where passes on without ever differentiating sqrt at 0
+    positive = squared > 0
+    magnitude = torch.where(positive, torch.sqrt(torch.where(positive, squared, torch.ones_like(squared))), 0.0)
+    return magnitude.reshape(vol.shape)
