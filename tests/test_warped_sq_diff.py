@@ -154,19 +154,25 @@ def test_torch_func_grad(gen):
     torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_zero_weight_voxels_add_nothing_even_when_not_finite(gen):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_weight_voxels_add_nothing_even_when_not_finite(backend, gen):
     moving, fixed, flow, weight = _inputs((1, 3, 4, 5, 6), torch.float64, gen)
     fixed = fixed.clone()
     outside = (weight == 0).expand_as(fixed)
-    fixed[outside] = float("nan")
-    leaf = flow.detach().requires_grad_()
-    value = gradreg_fast.warped_sq_diff(moving, fixed, leaf, weight, backend="cpu")
-    (grad,) = torch.autograd.grad(value, leaf)
-    clean = torch.where(outside, torch.zeros_like(fixed), fixed)
-    expected = reference.warped_sq_diff(moving, clean, flow, weight, "border")
-    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert outside.any()
+    fixed[outside] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=fixed.dtype).repeat(
+        int(outside.sum()) // 3 + 1)[:int(outside.sum())]
+    leaves = [t.detach().clone().requires_grad_() for t in (moving, fixed, flow)]
+    value = gradreg_fast.warped_sq_diff(leaves[0], leaves[1], leaves[2], weight, backend=backend)
+    grads = torch.autograd.grad(value, leaves)
+    clean = [t.detach().clone().requires_grad_() for t in (moving, torch.where(outside, 0.0, fixed), flow)]
+    expected = reference.warped_sq_diff(clean[0], clean[1], clean[2], weight, "border")
+    expected_grads = torch.autograd.grad(expected, clean)
+    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
-    assert (grad[(weight == 0).expand_as(grad)] == 0).all()
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (grads[2][(weight == 0).expand_as(grads[2])] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

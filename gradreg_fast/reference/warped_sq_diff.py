@@ -10,7 +10,9 @@ def warped_sq_diff(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor
     ``sum_{n,x} weight(n, x) * sum_c (warp(moving, flow)_c(x) - fixed_c(x))^2``. A voxel of weight 0 adds
     exactly 0 (and passes no gradient), even where the difference is not finite.
     """
-    per_voxel = (warp(moving, flow, "bilinear", padding_mode) - fixed).square().sum(1, keepdim=True)
+    difference = warp(moving, flow, "bilinear", padding_mode) - fixed
     if weight is None:
-        return per_voxel.sum()
-    return torch.where(weight != 0, weight * per_voxel, torch.zeros_like(per_voxel)).sum()
+        return difference.square().sum()
+    # Masked before squaring: a where after it would still send 0 * inf = NaN back through a non-finite difference.
+    difference = torch.where(weight != 0, difference, torch.zeros_like(difference))
+    return (weight * difference.square().sum(1, keepdim=True)).sum()
