@@ -173,6 +173,24 @@ def test_gradcheck(radius, spacing, grid, gen):
     assert torch.autograd.gradcheck(fn, (fixed, moving))
 
 
+def test_torch_func_grad_vmap_and_forward_mode_error(gen):
+    fixed = make_volume((2, 3, 5, 4, 6), generator=gen)
+    moving = make_volume((2, 3, 5, 4, 6), generator=gen)
+    weights = make_volume((2, 27, 3, 2, 3), generator=gen)
+    for fused, naive in ((lambda f: gradreg_fast.mind_cost_volume(f, moving, 1, 1, 2),
+                          lambda f: reference.mind_cost_volume(f, moving, 1, 1, 2)),
+                         (lambda m: gradreg_fast.mind_cost_volume(fixed, m, 1, 1, 2),
+                          lambda m: reference.mind_cost_volume(fixed, m, 1, 1, 2))):
+        grad = torch.func.grad(lambda x: (fused(x) * weights).sum())(fixed)
+        expected = torch.func.grad(lambda x: (naive(x) * weights).sum())(fixed)
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+        # vmap over a leading axis of stacked batches
+        torch.testing.assert_close(torch.func.vmap(fused)(torch.stack([fixed, moving])),
+                                   torch.stack([naive(fixed), naive(moving)]), rtol=1e-10, atol=1e-12)
+        with pytest.raises(NotImplementedError, match="mind_cost_volume: forward-mode AD"):
+            torch.func.jvp(fused, (fixed,), (torch.ones_like(fixed),))
+
+
 def test_minimum_at_the_true_displacement(gen):
     """Independent of the reference: a moving descriptor that is the fixed one moved by e has zero cost
     at the channel whose displacement (from mind_cost_volume_displacements) is e, at interior points."""

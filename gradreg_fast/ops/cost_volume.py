@@ -156,11 +156,13 @@ def _backward(ctx, grad_out):
     need_fixed, need_moving = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_fixed or need_moving):
         return None, None, None, None, None, None
-    gf, gm = _cost_volume_backward_op(grad_out, fixed, moving, *ctx.geometry, need_fixed, need_moving, ctx.backend)
+    gf, gm = _cost_volume_backward(grad_out, fixed, moving, *ctx.geometry, need_fixed, need_moving, ctx.backend)
     return (gf if need_fixed else None), (gm if need_moving else None), None, None, None, None
 
 
 _cost_volume_op.register_autograd(_backward, setup_context=_setup_context)
+_cost_volume = c.functorch_ready(_cost_volume_op, OP, _setup_context, _backward)
+_cost_volume_backward = c.functorch_ready(_cost_volume_backward_op, OP)
 
 
 def mind_cost_volume(fixed_desc: torch.Tensor, moving_desc: torch.Tensor, radius: int, spacing: int = 1,
@@ -200,7 +202,7 @@ def mind_cost_volume(fixed_desc: torch.Tensor, moving_desc: torch.Tensor, radius
     radius, spacing, grid = _check_geometry(radius, spacing, grid)
     backend = c.check_backend(backend)
     dtype = c.compute_dtype(fixed_desc)
-    out = _cost_volume_op(fixed_desc.to(dtype), moving_desc.to(dtype), radius, spacing, grid, backend)
+    out = _cost_volume(fixed_desc.to(dtype), moving_desc.to(dtype), radius, spacing, grid, backend)
     return out.to(fixed_desc.dtype)
 
 
