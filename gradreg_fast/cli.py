@@ -534,6 +534,10 @@ def _run(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if hasattr(args, "device"):  # checked before any file is read: evaluate would otherwise fail case by case
+            from .register.pipeline import resolve_device
+
+            resolve_device(args.device, args.backend)
         return command(args)
     except KeyboardInterrupt as exc:
         return _interrupted(args.command, exc)

@@ -216,6 +216,38 @@ def test_cuda_requested_without_cuda(case, tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--device", "foo"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    (("--device", "mps"), "device 'mps': the package's ops run on 'cpu' and 'cuda' devices only"),
+    (("--device", "cpu", "--backend", "cuda"), "backend 'cuda' cannot run on device 'cpu'"),
+    (("--device", "cpu", "--backend", "triton"), "backend 'triton' cannot run on device 'cpu'"),
+])
+@pytest.mark.parametrize("command", ["register", "evaluate"])
+def test_a_bad_device_or_backend_is_one_line_before_any_work(command, flags, message, case, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would let Triton run on the CPU
+    out = tmp_path / "o"
+    args = register_args(case, out, *flags) if command == "register" else \
+        ["evaluate", "--pairs", str(tmp_path), "--out", str(out), *flags]
+    assert cli.main(args) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"gradreg {command}: error: ")
+    assert message in err
+    assert not out.exists()
+
+
+def test_the_default_backend_is_checked_against_the_device_too(monkeypatch):
+    from gradreg_fast.register.pipeline import resolve_device
+
+    monkeypatch.setenv("GRADREG_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run on device 'cpu'"):
+        resolve_device("cpu")
+    assert resolve_device("cpu", "reference") == torch.device("cpu")
+    assert resolve_device("cpu", "cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_device("cpu", "fast")
+
+
 def test_affine_rigidity_flag_reaches_the_settings():
     parser = cli.build_parser()
     base = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]

@@ -136,13 +136,33 @@ class Result:
     timings: dict
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None -> CUDA when available, else CPU; anything else must be usable."""
+def resolve_device(device: str | torch.device | None, backend: str | None = None) -> torch.device:
+    """"auto"/None -> CUDA when available, else CPU; anything else must be a usable CPU or CUDA device, and
+    ``backend`` (None: the global default, :func:`gradreg_fast.set_backend`) must be able to run on it: both
+    are checked here, before any work, with a ValueError that names them."""
+    from .. import _backend
+
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {str(device)!r}: the package's ops run on 'cpu' and 'cuda' devices only")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are present")
+    name = _backend.get_backend() if backend is None else backend
+    if name not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {name!r}")
+    if name not in ("auto", "reference"):
+        why = _backend.problem(name, device, "warp")
+        if why:
+            raise ValueError(f"backend {name!r} cannot run on device {str(device)!r}: {why}")
     return device
 
 
@@ -299,7 +319,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     from tqdm.auto import tqdm
 
     settings = settings or Settings()
-    device = resolve_device(device)
+    device = resolve_device(device, backend)
     label_names = dict(label_names or {})
     label_ids = sorted(label_names) or None
     timings = {}
