@@ -182,7 +182,11 @@ class Grid:
         if not np.all(np.isfinite(new_spacing)) or np.any(new_spacing <= 0):
             raise ValueError(f"`spacing` must be positive and finite, got {spacing!r}")
         if size is None:
-            shape = np.maximum(1, np.round(old * old_spacing / new_spacing)).astype(int)
+            voxels = np.maximum(1, np.round(old * old_spacing / new_spacing))
+            if np.prod(voxels) > 2.0 ** 40:  # before the cast to int, which would wrap around
+                raise ValueError(f"`spacing` {spacing!r} mm would give a grid of {voxels.tolist()} voxels, beyond any "
+                                 f"memory; choose a coarser spacing")
+            shape = voxels.astype(int)
         else:
             shape = np.broadcast_to(np.asarray(size, int), (3,)).copy()
             if np.any(shape < 1):

@@ -433,6 +433,15 @@ def test_bad_spacing_is_refused(case, tmp_path, capsys, no_registration, spacing
     assert "--spacing" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("flag, message", [("--spacing=1e-30", "coarser spacing"),
+                                           ("--spacing=1000", "at least 2 voxels along each axis"),
+                                           ("--size=2,2,1", "at least 2 voxels along each axis")])
+def test_a_grid_too_fine_to_count_or_too_coarse_to_differentiate_is_refused(case, tmp_path, capsys,
+                                                                            no_registration, flag, message):
+    assert register_cli(case, tmp_path / "out", flag) == cli.EXIT_ERROR
+    assert message in one_line_error(capsys)
+
+
 def test_a_working_grid_beyond_memory_is_refused_at_once(case, tmp_path, capsys, no_registration):
     start = time.perf_counter()
     assert register_cli(case, tmp_path / "out", "--spacing", "0.01") == cli.EXIT_ERROR

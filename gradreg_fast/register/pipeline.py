@@ -343,6 +343,12 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     moving = Scan(normalize_intensity(moving_raw.data, settings.moving_modality, **windows), moving_raw.affine,
                   moving_raw.path)
     fixed_grid = Grid.of_scan(fixed, spacing=settings.spacing, size=settings.size)
+    if min(fixed_grid.shape) < 2:  # the field's derivatives (folding, SDlogJ) need two voxels along each axis
+        chosen = (f"the fixed image's {tuple(fixed.data.shape)} voxels" +
+                  (f" at a spacing of {settings.spacing} mm" if settings.spacing is not None else "")
+                  if settings.size is None else f"a size of {tuple(settings.size)}")
+        raise ValueError(f"the output grid would be {fixed_grid.shape} voxels ({chosen}): registration needs at "
+                         f"least 2 voxels along each axis; choose a finer --spacing or a larger --size")
     grid_fit = fixed_grid.fit(working_multiples(fixed_grid.shape, settings), settings.fit)
     out_grid = grid_fit.original
     check_memory(grid_fit)
