@@ -152,9 +152,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="`vol` must not be empty"):
             gradreg_fast.gradient_magnitude(torch.ones(shape))
 
-    @pytest.mark.parametrize("eps", [-1e-6, float("nan")])
+    @pytest.mark.parametrize("eps", [-1e-6, float("nan"), float("inf"), None, "1", True])
     def test_bad_eps(self, eps):
-        with pytest.raises(ValueError, match="`eps` must be >= 0"):
+        with pytest.raises(ValueError, match="`eps` must be a finite number >= 0"):
             gradreg_fast.gradient_magnitude(torch.ones(1, 1, 2, 2, 2), eps=eps)
 
     @pytest.mark.parametrize("backend", ["gpu", "CPU", ""])

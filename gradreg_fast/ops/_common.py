@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import operator
 
 import torch
@@ -84,6 +86,21 @@ def check_int_argument(op: str, name: str, value, minimum: int, maximum: int) ->
     if not valid or not minimum <= number <= maximum:
         raise ValueError(f"{op}: `{name}` must be an int >= {minimum} (and at most {maximum}), got {value!r}")
     return number
+
+
+def check_bool_argument(op: str, name: str, value) -> bool:
+    """``value`` as a bool (Python or numpy bools only: ``bool("false")`` would be True)."""
+    if type(value).__name__ not in ("bool", "bool_"):  # bool, numpy.bool_ (without importing numpy)
+        raise TypeError(f"{op}: `{name}` must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_number_argument(op: str, name: str, value, allow_zero: bool = True) -> float:
+    """``value`` as a float: a finite real number (Python or numpy; not a bool) >= 0, or > 0."""
+    valid = isinstance(value, numbers.Real) and type(value).__name__ not in ("bool", "bool_")
+    if not valid or not math.isfinite(value) or value < 0 or (not allow_zero and value == 0):
+        raise ValueError(f"{op}: `{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -3,7 +3,6 @@ output is an index."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -91,11 +90,8 @@ def coupled_argmin(cost: torch.Tensor, field: torch.Tensor, coupling: float = 0.
     c.check_volume(OP, "field", field, channels=3)
     c.check_same(OP, ("cost", "field"), cost, field, spatial_only=True)
     _radius(OP, cost.shape[1])
-    if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not math.isfinite(coupling) \
-            or coupling < 0:
-        raise ValueError(f"{OP}: `coupling` must be a finite number >= 0, got {coupling!r}")
-    if not isinstance(mirrored, bool):
-        raise TypeError(f"{OP}: `mirrored` must be a bool, got {type(mirrored).__name__}")
+    coupling = c.check_number_argument(OP, "coupling", coupling)
+    mirrored = c.check_bool_argument(OP, "mirrored", mirrored)
     backend = c.backend_for(backend, cost, OP)
     dtype = c.compute_dtype(cost)
-    return _coupled_argmin_op(cost.to(dtype), field.to(dtype), float(coupling), mirrored, backend)
+    return _coupled_argmin_op(cost.to(dtype), field.to(dtype), coupling, mirrored, backend)

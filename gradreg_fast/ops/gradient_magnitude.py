@@ -119,8 +119,7 @@ def gradient_magnitude(vol: torch.Tensor, eps: float = 1e-6, backend: str | None
         (N, C, D, H, W) tensor of ``vol``'s dtype, differentiable w.r.t. ``vol``.
     """
     c.check_volume(OP, "vol", vol)
-    if not eps >= 0:
-        raise ValueError(f"{OP}: `eps` must be >= 0, got {eps}")
+    eps = c.check_number_argument(OP, "eps", eps)
     backend = c.backend_for(backend, vol, OP)
     work = vol.to(c.compute_dtype(vol))
-    return _gradient_magnitude(work, float(eps), backend).to(vol.dtype)
+    return _gradient_magnitude(work, eps, backend).to(vol.dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -153,14 +152,6 @@ _lncc = c.functorch_ready(_lncc_op, OP, _setup_context, _backward)
 _lncc_backward = c.functorch_ready(_lncc_backward_op, OP)
 
 
-def _check_number(name, value, allow_zero=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (not allow_zero and value == 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{OP}: `{name}` must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 def _needs_grad(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
@@ -218,8 +209,8 @@ def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: f
     if convention not in CONVENTIONS:
         raise ValueError(f"{OP}: `convention` must be one of {CONVENTIONS}, got {convention!r}")
     monai = convention == "monai"
-    eps = _check_number("eps", eps, allow_zero=not monai)
-    smooth_nr = _check_number("smooth_nr", smooth_nr)
+    eps = c.check_number_argument(OP, "eps", eps, allow_zero=not monai)
+    smooth_nr = c.check_number_argument(OP, "smooth_nr", smooth_nr)
     if smooth_nr and not monai:
         raise ValueError(f"{OP}: `smooth_nr` is MONAI's option; with convention='voxelmorph' it must be 0")
     backend = c.backend_for(backend, warped, KERNEL)

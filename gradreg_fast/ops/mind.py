@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
 from ..reference.mind import self_similarity
 from . import _common as c
 from .mind_tables import MIND_PAIRS, SSC_PAIRS, flat_pairs
@@ -177,7 +176,8 @@ def check_descriptor_args(op, name, vol, radius, dilation):
 def _public_descriptor(op, kind, vol, radius, dilation, per_item, backend):
     radius, dilation = check_descriptor_args(op, "vol", vol, radius, dilation)
     backend = c.backend_for(backend, vol, OP)
-    out = _descriptor(vol.to(c.compute_dtype(vol)), kind, radius, dilation, bool(per_item), backend)[0]
+    per_item = c.check_bool_argument(op, "per_item", per_item)
+    out = _descriptor(vol.to(c.compute_dtype(vol)), kind, radius, dilation, per_item, backend)[0]
     return out.to(vol.dtype)
 
 

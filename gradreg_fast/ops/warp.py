@@ -169,5 +169,6 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddin
         raise ValueError(f"{OP}: `padding_mode` must be one of {_PADDINGS}, got {padding_mode!r}")
     backend = c.backend_for(backend, image, OP)
     dtype = c.compute_dtype(image)
-    out = _warp(image.to(dtype), flow.to(dtype), mode, padding_mode, bool(deterministic), backend)
+    deterministic = c.check_bool_argument(OP, "deterministic", deterministic)
+    out = _warp(image.to(dtype), flow.to(dtype), mode, padding_mode, deterministic, backend)
     return out.to(image.dtype)
