@@ -399,17 +399,17 @@ def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
     if isinstance(labels, Scan):
         what = f"{what} ({labels.path})" if labels.path else what
         labels = labels.data
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        rounded = np.rint(labels)
-        off = np.abs(rounded - labels) > 1e-3  # float label maps carry round-off from their writers
-        if off.any():
-            bad = labels[off].flat[0]
-            raise NiftiError(f"{what}: a label map must hold whole numbers, found {float(bad)!r}")
-        labels = rounded
-    labels = labels.astype(np.int64)
+    from .metrics import _label_list, label_ids
+
     if keep is not None:
-        labels = np.where(np.isin(labels, np.asarray(list(keep), dtype=np.int64)), labels, 0)
+        keep = _label_list(keep, "`keep`")
+    try:
+        what = what if what == "label map" else f"{what}: a label map"
+        labels = label_ids(labels, what).astype(np.int64)  # floats: whole numbers up to round-off
+    except ValueError as exc:
+        raise NiftiError(str(exc)) from None
+    if keep is not None:
+        labels = np.where(np.isin(labels, np.asarray(keep, dtype=np.int64)), labels, 0)
     return labels
 
 

@@ -24,11 +24,54 @@ from scipy import ndimage
 
 def _numpy(array, name: str) -> np.ndarray:
     if isinstance(array, torch.Tensor):
+        if array.dtype == torch.bfloat16:
+            array = array.float()  # numpy has no bfloat16
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     if array.size == 0:
         raise ValueError(f"`{name}` must not be empty")
     return array
+
+
+LABEL_ROUNDING = 1e-3  # float label maps carry round-off from the tools that wrote them
+_LARGEST_ID = 2 ** 53  # beyond it a float no longer holds every whole number
+
+
+def label_ids(values, what: str = "`labels`") -> np.ndarray:
+    """Label ids as an int64 array: integers, or floats within :data:`LABEL_ROUNDING` of whole numbers.
+
+    Fractions, NaN, inf, ids beyond +-2**53 (or an unsigned id beyond int64) and anything that is not a
+    number raise a ValueError that starts with ``what`` (the argument or file, as it should be named):
+    a label is an identity, never something to round or wrap."""
+    array = np.asarray(values)
+    if array.dtype == np.bool_:
+        return array.astype(np.int64)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{what} must hold whole-number ids within int64, found {int(array.max())}")
+        return array.astype(np.int64, copy=False)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} must hold whole-number label ids, got values of type {array.dtype}")
+    finite = np.isfinite(array)
+    rounded = np.rint(np.where(finite, array, 0.0))
+    off = ~finite | (np.abs(rounded - array) > LABEL_ROUNDING) | (np.abs(rounded) > _LARGEST_ID)
+    if off.any():
+        raise ValueError(f"{what} must hold whole numbers (label ids up to 2**53), found "
+                         f"{float(array[off].flat[0])!r}")
+    return rounded.astype(np.int64)
+
+
+def _label_list(labels, what: str = "`labels`") -> list:
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+        raise ValueError(f"{what} must be a sequence of label ids, got {labels!r}")
+    return label_ids(list(labels), what).reshape(-1).tolist()
+
+
+def _label_map(array: np.ndarray, name: str) -> np.ndarray:
+    """A label map as integers (integer maps as they are, no copy); see :func:`label_ids`."""
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint64:
+        return array
+    return label_ids(array, name)
 
 
 def _pair(a, b, names=("a", "b")):
@@ -49,7 +92,7 @@ def _labels(a: np.ndarray, b: np.ndarray, labels) -> list:
     if labels is None:
         found = np.union1d(np.unique(a), np.unique(b))
         return [int(v) for v in found if v != 0]
-    return [int(v) for v in labels]
+    return _label_list(labels)
 
 
 def dice(a, b, labels=None) -> dict:
@@ -58,6 +101,7 @@ def dice(a, b, labels=None) -> dict:
     ``labels``: ids to score; by default every non-zero id present in either map.
     """
     a, b = _pair(a, b)
+    a, b = _label_map(a, "`a`"), _label_map(b, "`b`")
     scores = {}
     for label in _labels(a, b, labels):
         in_a, in_b = a == label, b == label
@@ -139,12 +183,12 @@ class LabelSurfaces:
     """
 
     def __init__(self, labels_map, labels, origin=(0, 0, 0)):
-        array = _spatial(_numpy(labels_map, "labels_map"))
+        array = _label_map(_spatial(_numpy(labels_map, "labels_map")), "`labels_map`")
         self.shape = array.shape
         self.origin = np.asarray(origin, dtype=np.int64).reshape(-1)
         if self.origin.shape != (array.ndim,):
             raise ValueError(f"`origin` must hold {array.ndim} integers, got {origin!r}")
-        self.labels = np.asarray(labels)
+        self.labels = np.asarray(_label_list(labels), dtype=np.int64)
         self.index = _label_index(array, self.labels)  # 0: not scored, k + 1: labels[k]
         count = len(self.labels) + 1
         self.counts = np.bincount(self.index.ravel(), minlength=count)
@@ -280,7 +324,7 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, 
             a, b = _pair(a, b)
         else:
             a, b = _numpy(a, "a"), _numpy(b, "b")
-        a, b = _spatial(a), _spatial(b)
+        a, b = _label_map(_spatial(a), "`a`"), _label_map(_spatial(b), "`b`")
         if a.ndim != b.ndim:
             raise ValueError(f"`a` and `b` must have the same number of spatial dims, got {a.shape} and {b.shape}")
         scored = np.asarray(list(dict.fromkeys(_labels(a, b, labels))), dtype=np.int64)
@@ -328,6 +372,8 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, 
 
 def _flow(flow) -> np.ndarray:
     flow = _numpy(flow, "flow").astype(np.float64)
+    if not np.isfinite(flow).all():  # a NaN determinant is not <= 0: it would count as no folding
+        raise ValueError("`flow` holds non-finite values (NaN or inf): its Jacobian is undefined there")
     if flow.ndim == 5:
         if flow.shape[0] != 1:
             raise ValueError(f"`flow` must be (3, D, H, W) or (1, 3, D, H, W), got {flow.shape}")

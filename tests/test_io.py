@@ -369,3 +369,19 @@ def test_load_pair_centre_of_mass_init(tmp_path):
     assert torch.equal(aligned["fixed_labels"], aligned["moving_labels"])
     with pytest.raises(ValueError, match="init"):
         io.load_pair(fixed, moving, init="moments")
+
+
+@pytest.mark.parametrize("value", [1e20, np.nan, np.inf, 2.5])
+def test_keep_labels_refuses_what_is_not_a_label_id_instead_of_wrapping_it(value):
+    labels = np.zeros((3, 4, 5))
+    labels[1, 1, 1] = 2.0004  # float round-off of a writer: kept as 2
+    labels[2, 2, 2] = value
+    with pytest.raises(io.NiftiError, match="fixed labels: a label map must hold whole numbers"):
+        io.keep_labels(labels, None, "fixed labels")
+    labels[2, 2, 2] = 7
+    assert io.keep_labels(labels)[1, 1, 1] == 2 and io.keep_labels(labels, [7])[1, 1, 1] == 0
+    with pytest.raises(io.NiftiError, match="within int64"):
+        io.keep_labels(np.full((2, 2, 2), np.iinfo(np.uint64).max, np.uint64))
+    for keep in (1, [1.5], ["2"]):
+        with pytest.raises(ValueError, match="`keep`"):
+            io.keep_labels(labels, keep)

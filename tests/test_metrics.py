@@ -365,3 +365,66 @@ def test_regularity_equals_the_separate_metrics():
         assert both == {"folding_percent": metrics.folding_percent(flow, mask=m),
                         "sd_log_jacobian": metrics.sd_log_jacobian(flow, mask=m)}
     assert 0 < both["folding_percent"] < 100
+
+
+def _blobs(seed=0, shape=(6, 7, 5)):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 4, shape), rng.integers(0, 4, shape)
+
+
+def test_float_label_maps_within_round_off_are_their_whole_numbers():
+    a, b = _blobs()
+    expected = metrics.label_metrics(a, b, (1.0, 2.0, 1.5))
+    noisy_a = a + np.random.default_rng(1).uniform(-5e-4, 5e-4, a.shape)
+    assert metrics.label_metrics(noisy_a.astype(np.float32), b.astype(np.float64), (1.0, 2.0, 1.5)) == expected
+    assert metrics.dice(noisy_a, b) == metrics.dice(a, b)
+    assert metrics.dice(a > 0, b > 0) == metrics.dice((a > 0).astype(int), (b > 0).astype(int))
+    as_tensor = metrics.label_metrics(torch.from_numpy(a).to(torch.bfloat16), torch.from_numpy(b), (1.0, 2.0, 1.5))
+    assert as_tensor == expected
+
+
+@pytest.mark.parametrize("value", [1.5, np.nan, np.inf, 1e20])
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_a_label_map_that_is_not_whole_numbers_is_refused_not_misread(value, where):
+    a, b = (m.astype(np.float64) for m in _blobs())
+    (a if where == "a" else b)[1, 2, 3] = value
+    for call in (lambda: metrics.dice(a, b), lambda: metrics.label_metrics(a, b),
+                 lambda: metrics.LabelSurfaces(a if where == "a" else b, [1, 2])):
+        with pytest.raises(ValueError, match="whole numbers"):
+            call()
+
+
+def test_label_ids_beyond_int64_are_refused():
+    huge = np.full((3, 3, 3), np.iinfo(np.uint64).max, dtype=np.uint64)
+    with pytest.raises(ValueError, match="within int64"):
+        metrics.dice(huge, huge)
+
+
+@pytest.mark.parametrize("labels, message", [(1, "sequence"), ("12", "sequence"), ([1.5], "whole numbers"),
+                                             (["1"], "whole-number"), ([2 ** 70], "whole-number"),
+                                             ([np.nan], "whole numbers")])
+def test_bad_label_lists_are_named(labels, message):
+    a, b = _blobs()
+    for call in (lambda: metrics.dice(a, b, labels), lambda: metrics.label_metrics(a, b, labels=labels),
+                 lambda: metrics.LabelSurfaces(a, labels)):
+        with pytest.raises(ValueError, match="^`labels` must") as refused:
+            call()
+        assert message in str(refused.value)
+
+
+def test_whole_float_and_numpy_label_lists_are_ids():
+    a, b = _blobs()
+    expected = metrics.label_metrics(a, b, labels=[1, 3])
+    assert metrics.label_metrics(a, b, labels=[1.0, np.int16(3)]) == expected
+    assert metrics.dice(a, b, np.array([1, 3], np.uint8)) == metrics.dice(a, b, [1, 3])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_flow_has_no_regularity(value):
+    flow = np.zeros((3, 4, 5, 6))
+    flow[1, 2, 2, 2] = value
+    for call in (metrics.regularity, metrics.folding_percent, metrics.sd_log_jacobian, metrics.jacobian_determinant):
+        with pytest.raises(ValueError, match="`flow` holds non-finite values"):
+            call(flow)
+    low = torch.zeros(1, 3, 4, 5, 6, dtype=torch.bfloat16)
+    assert metrics.regularity(low) == {"folding_percent": 0.0, "sd_log_jacobian": 0.0}

@@ -328,6 +328,16 @@ def test_sampling_at_world_points_is_scipys_nearest_or_trilinear():
         _sample(image, affine, world, 3, 0.0)
 
 
+@pytest.mark.parametrize("names, message", [({1.5: "a"}, "whole numbers"), ({"1": "a"}, "whole-number"),
+                                            ([1, 2], "must map label ids to names"), ({2 ** 70: "x"}, "whole-number"),
+                                            ({0: "background"}, "positive"), ({1: "a", 1.0000001: "b"}, "twice")])
+def test_bad_label_names_are_refused_before_anything_is_read(names, message, tmp_path):
+    missing = tmp_path / "missing.nii.gz"  # never read: the names are checked first
+    with pytest.raises(ValueError, match="`label_names`") as refused:
+        register(missing, missing, label_names=names, device="cpu", progress=False)
+    assert message in str(refused.value)
+
+
 def test_resize_flow_keeps_the_physical_displacement():
     from gradreg_fast.register.deformable import resize_flow
 

@@ -305,6 +305,22 @@ def _start_ops(device: torch.device, backend) -> None:
     _STARTED.add(key)
 
 
+def _check_label_names(label_names) -> dict:
+    """{positive int id: name} from a mapping of whole-number ids (ints, numpy ints, whole floats) to names."""
+    from collections.abc import Mapping
+
+    if label_names is None:
+        return {}
+    if not isinstance(label_names, Mapping):
+        raise ValueError(f"`label_names` must map label ids to names, like {{1: 'spleen'}}, got {label_names!r}")
+    ids = metrics._label_list(list(label_names), "`label_names`' ids") if label_names else []
+    if any(i <= 0 for i in ids):
+        raise ValueError(f"`label_names`' ids must be positive (0 is background), got {sorted(label_names)}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"`label_names` names one id twice: {list(label_names)}")
+    return {i: str(name) for i, name in zip(ids, label_names.values())}
+
+
 def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path=None, settings: Settings | None = None,
              label_names: dict | None = None, device=None, backend: str | None = None, progress: bool = True) -> Result:
     """Register ``moving_path`` onto ``fixed_path`` (NIfTI files) and evaluate with the label maps if given.
@@ -320,7 +336,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
 
     settings = settings or Settings()
     device = resolve_device(device, backend)
-    label_names = dict(label_names or {})
+    label_names = _check_label_names(label_names)
     label_ids = sorted(label_names) or None
     timings = {}
     start = time.perf_counter()
