@@ -342,7 +342,10 @@ def cmd_evaluate(args) -> int:
     root = Path(args.pairs)
     if not root.is_dir():
         raise FileNotFoundError(f"--pairs: not a directory: {root}")
-    cases = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = Path(args.out)
+    # --out inside --pairs (pairs/results) is this command's own output, not a case
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and p.resolve() != out.resolve())
     if not cases:
         raise FileNotFoundError(f"--pairs: no case folders in {root} (expected <pairs>/<case>/fixed.nii.gz, "
                                 "moving.nii.gz and optionally fixed_labels.nii.gz, moving_labels.nii.gz)")
@@ -352,7 +355,9 @@ def cmd_evaluate(args) -> int:
         missing = [role for role in ("fixed", "moving") if files[role] is None]
         if missing:
             failed[name] = f"no {' or '.join(m + '.nii[.gz]' for m in missing)} in {root / name}"
-    out = Path(args.out)
+        elif (files["fixed_labels"] is None) != (files["moving_labels"] is None):  # as register refuses it
+            have, lack = ("fixed", "moving") if files["moving_labels"] is None else ("moving", "fixed")
+            failed[name] = f"{have}_labels but no {lack}_labels.nii[.gz] in {root / name}: give both or neither"
     csv_path, summary_path = out / "metrics.csv", out / "summary.json"
     all_inputs = [p for files in found.values() for p in files.values() if p is not None]
     if (out / INCOMPLETE_MARKER).exists() and not args.force:

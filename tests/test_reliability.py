@@ -363,6 +363,16 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(tmp_path, entry):
 
 # ----------------------------------------------------------------------------------------------- evaluate
 
+def test_evaluate_output_inside_the_pairs_folder_is_not_a_case_on_the_next_run(tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    write_case(pairs / "a")
+    out = pairs / "results"
+    for force in ([], ["--force"]):
+        assert cli.main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--no-figure", *FAST, *force]) == 0
+        assert strict_json(out / "summary.json")["cases"] == 1
+    capsys.readouterr()
+
+
 def test_evaluate_continues_past_failing_cases(tmp_path, capsys):
     import csv
 
@@ -372,24 +382,26 @@ def test_evaluate_continues_past_failing_cases(tmp_path, capsys):
     broken["moving"].write_bytes(b"\x1f\x8b not really gzip")
     write_case(pairs / "c_no_moving")["moving"].unlink()
     write_case(pairs / "d_good", shift_mm=(-3.0, 5.0, 0.0))
+    write_case(pairs / "e_half_labelled")["moving_labels"].unlink()  # register refuses it: not silently unscored
     out = tmp_path / "eval"
     code = cli.main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--save-outputs", "--no-figure", *FAST])
     assert code == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "2 of 4 case(s) failed" in err and "b_corrupt" in err and "c_no_moving" in err
+    assert len(err.splitlines()) == 1 and "3 of 5 case(s) failed" in err and "b_corrupt" in err and "c_no_moving" in err
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     by_case = {}
     for row in rows:
         by_case.setdefault(row["case"], []).append(row)
-    assert list(by_case) == ["a_good", "b_corrupt", "c_no_moving", "d_good"]
+    assert list(by_case) == ["a_good", "b_corrupt", "c_no_moving", "d_good", "e_half_labelled"]
     assert "not a readable NIfTI" in by_case["b_corrupt"][0]["error"]
     assert "moving.nii" in by_case["c_no_moving"][0]["error"]
+    assert "fixed_labels but no moving_labels" in by_case["e_half_labelled"][0]["error"]
     for good in ("a_good", "d_good"):
         assert [r["label"] for r in by_case[good]] == ["1", "2"] and all(r["error"] == "" for r in by_case[good])
         assert 0 <= float(by_case[good][0]["dice_after"]) <= 1
         folder_state(out / good)
     summary = strict_json(out / "summary.json")
-    assert summary["cases"] == 2 and set(summary["failed"]) == {"b_corrupt", "c_no_moving"}
+    assert summary["cases"] == 2 and set(summary["failed"]) == {"b_corrupt", "c_no_moving", "e_half_labelled"}
     import hashlib  # the two files are one set: summary.json names metrics.csv with its checksum
 
     csv_entry = summary["files"]["metrics.csv"]
