@@ -338,6 +338,29 @@ def test_bad_label_names_are_refused_before_anything_is_read(names, message, tmp
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("affine_levels", (0, 0), "affine_levels"), ("affine_levels", (-2, 2), "affine_levels"),
+    ("affine_iterations", (1.5, 2), "affine_iterations"), ("affine_iterations", (-1, 2), "affine_iterations"),
+    ("affine_iterations", (5,), "one entry per level"), ("network_levels", (0, 1), "network_levels"),
+    ("network_iterations", (-1, 1), "network_iterations"), ("network_lr", 0.0, "network_lr"),
+    ("affine_rigidity", float("nan"), "affine_rigidity"), ("field", None, "`field`"), ("fit", "wrap", "`fit`"),
+    ("spacing", (1.0, 2.0), "spacing"), ("size", (4, 4), "size"), ("init", "centre", "`init`"),
+])
+def test_settings_that_cannot_run_are_refused_before_anything_is_read(field, value, message, tmp_path):
+    settings = Settings()
+    setattr(settings, field, value)
+    missing = tmp_path / "missing.nii.gz"
+    with pytest.raises(ValueError, match=message):
+        register(missing, missing, settings=settings, device="cpu", progress=False)
+
+
+def test_a_velocity_grid_of_zero_is_refused():
+    from gradreg_fast.register.deformable import check_field_settings
+
+    with pytest.raises(ValueError, match="velocity_grid"):
+        check_field_settings(FieldSettings(velocity_grid=0))
+
+
 def test_resize_flow_keeps_the_physical_displacement():
     from gradreg_fast.register.deformable import resize_flow
 

@@ -131,8 +131,11 @@ def _levels(settings: FieldSettings) -> list:
     return list(zip(grids, steps))
 
 
-def _check_settings(settings: FieldSettings, shape) -> list:
-    """Refuse settings that cannot run on a grid of ``shape``; the Adam levels of :func:`_levels` otherwise."""
+def check_field_settings(settings: FieldSettings) -> list:
+    """Refuse values no grid can run (a ValueError naming the field); the Adam levels of :func:`_levels`
+    otherwise. :func:`_check_settings` adds what depends on the grid."""
+    if not isinstance(settings, FieldSettings):
+        raise ValueError(f"`field` must be a FieldSettings, got {settings!r}")
     if settings.channels is not None and (isinstance(settings.channels, bool) or not isinstance(settings.channels, int)
                                           or settings.channels < 1):
         raise ValueError(f"FieldSettings: `channels` must be an integer >= 1 or None, got {settings.channels!r}")
@@ -149,12 +152,19 @@ def _check_settings(settings: FieldSettings, shape) -> list:
         if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
             raise ValueError(f"FieldSettings: `{name}` must be a finite number >= 0, got {value!r}")
     levels = _levels(settings)
-    grids = [("convex_grid", settings.convex_grid)] + [("adam_grid", grid) for grid, _ in levels]
     if settings.velocity_grid is not None:
         if isinstance(settings.velocity_grid, bool) or not isinstance(settings.velocity_grid, int) \
-                or any(settings.velocity_grid % grid for _, grid in grids[1:]):
-            raise ValueError(f"FieldSettings: `velocity_grid` must be None or a multiple of every adam_grid, got "
-                             f"{settings.velocity_grid!r}")
+                or settings.velocity_grid < 1 or any(settings.velocity_grid % grid for grid, _ in levels):
+            raise ValueError(f"FieldSettings: `velocity_grid` must be None or a multiple (>= 1) of every adam_grid, "
+                             f"got {settings.velocity_grid!r}")
+    return levels
+
+
+def _check_settings(settings: FieldSettings, shape) -> list:
+    """:func:`check_field_settings`, and that every grid of the settings divides ``shape``."""
+    levels = check_field_settings(settings)
+    grids = [("convex_grid", settings.convex_grid)] + [("adam_grid", grid) for grid, _ in levels]
+    if settings.velocity_grid is not None:
         grids.append(("velocity_grid", settings.velocity_grid))
     for name, grid in grids:
         if any(n % grid for n in shape):

@@ -34,7 +34,7 @@ from ..io import (CT_WINDOW, MR_PERCENTILES, Fit, Grid, Scan, _bounding_box, ava
                   check_same_space, check_writable_dir, keep_labels, normalize_intensity, pair_on_grid, read_nifti,
                   resample, sample_trilinear, write_displacement, write_nifti)
 from .affine import moments_init, optimize_affine
-from .deformable import FieldSettings, optimize_field, optimize_network
+from .deformable import FieldSettings, check_field_settings, optimize_field, optimize_network
 
 OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "flow.nii.gz", "metrics.json", "overview.png")
 STAGES = ("before", "initial", "affine", "after")
@@ -305,6 +305,46 @@ def _start_ops(device: torch.device, backend) -> None:
     _STARTED.add(key)
 
 
+def _counts(value, name: str, low: int) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"Settings: `{name}` must be a tuple of integers >= {low}, got {value!r}")
+    value = tuple(value)
+    if not value or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low for v in value):
+        raise ValueError(f"Settings: `{name}` must be a tuple of integers >= {low}, got {value!r}")
+    return value
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse, before any file is read, pipeline settings that cannot run (a ValueError naming the field)."""
+    if not isinstance(settings, Settings):
+        raise ValueError(f"`settings` must be a gradreg_fast.register.Settings, got {settings!r}")
+    choices = {"fit": ("pad", "crop"), "fixed_modality": ("auto", "ct", "mr"), "moving_modality": ("auto", "ct", "mr"),
+               "init": ("com", "com_scale", "none"), "affine_model": ("affine", "rigid_scale", "translation", "none"),
+               "affine_objective": ("descriptors", "mind"), "method": ("field", "network")}
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise ValueError(f"Settings: `{name}` must be one of {allowed}, got {getattr(settings, name)!r}")
+    for levels, iterations in (("affine_levels", "affine_iterations"), ("network_levels", "network_iterations")):
+        if len(_counts(getattr(settings, levels), levels, 1)) != len(_counts(getattr(settings, iterations),
+                                                                               iterations, 0)):
+            raise ValueError(f"Settings: `{levels}` and `{iterations}` must have one entry per level, got "
+                             f"{getattr(settings, levels)!r} and {getattr(settings, iterations)!r}")
+    for name, low, inclusive in (("affine_rigidity", 0.0, True), ("network_lr", 0.0, False)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
+                or value < low or (value == low and not inclusive):
+            raise ValueError(f"Settings: `{name}` must be a finite number {'>=' if inclusive else '>'} {low}, "
+                             f"got {value!r}")
+    if settings.spacing is not None:
+        spacing = np.asarray(settings.spacing, dtype=float) if not isinstance(settings.spacing, str) else None
+        if spacing is None or spacing.size not in (1, 3) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise ValueError(f"Settings: `spacing` must be None or one or three positive mm, got {settings.spacing!r}")
+    if settings.size is not None and len(_counts(settings.size, "size", 1)) != 3:
+        raise ValueError(f"Settings: `size` must be None or three voxel counts, got {settings.size!r}")
+    if settings.method == "field":
+        check_field_settings(settings.field)
+
+
 def _check_label_names(label_names) -> dict:
     """{positive int id: name} from a mapping of whole-number ids (ints, numpy ints, whole floats) to names."""
     from collections.abc import Mapping
@@ -335,6 +375,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     from tqdm.auto import tqdm
 
     settings = settings or Settings()
+    check_settings(settings)
     device = resolve_device(device, backend)
     label_names = _check_label_names(label_names)
     label_ids = sorted(label_names) or None
