@@ -107,8 +107,12 @@ def read_nifti(path: str | os.PathLike, what: str = "image") -> Scan:
 # ----------------------------------------------------------------------------------------------- intensity
 
 def guess_modality(data: np.ndarray) -> str:
-    """"ct" when the volume reaches air in Hounsfield units (<= -500), else "mr"."""
-    return "ct" if float(np.min(data)) <= CT_AIR_HU else "mr"
+    """"ct" when the volume reaches air in Hounsfield units (<= -500), else "mr" (non-finite voxels ignored)."""
+    data = np.asarray(data)
+    if data.size == 0:
+        raise ValueError("`data` must not be empty")
+    finite = data[np.isfinite(data)] if not np.issubdtype(data.dtype, np.integer) else data
+    return "ct" if finite.size and float(np.min(finite)) <= CT_AIR_HU else "mr"
 
 
 def _check_range(value, name: str, unit: str) -> tuple:
@@ -127,8 +131,10 @@ def normalize_intensity(data: np.ndarray, modality: str = "auto", ct_window=CT_W
 
     CT: clip to the HU window ``ct_window`` and scale it to [0, 1]. MR (arbitrary units): clip to the
     ``mr_percentiles`` percentiles of the volume and scale that range to [0, 1]. ``modality="auto"``
-    uses :func:`guess_modality`. A constant volume becomes all zeros. A window or percentile pair that is not
-    two finite numbers with low < high (percentiles within 0..100) raises ValueError naming it.
+    uses :func:`guess_modality`. A constant volume becomes all zeros. Non-finite voxels (NaN or inf, which some
+    resamplers write where they have no data) are left out of the percentiles and become 0, as air does.
+    A window or percentile pair that is not two finite numbers with low < high (percentiles within 0..100)
+    raises ValueError naming it.
     """
     ct_window = _check_range(ct_window, "ct_window", "HU")
     mr_percentiles = _check_range(mr_percentiles, "mr_percentiles", "percentiles")
@@ -137,15 +143,19 @@ def normalize_intensity(data: np.ndarray, modality: str = "auto", ct_window=CT_W
     if modality == "auto":
         modality = guess_modality(data)
     data = np.asarray(data, dtype=np.float64)
+    finite = np.isfinite(data)
+    everywhere = bool(finite.all())
     if modality == "ct":
         low, high = float(ct_window[0]), float(ct_window[1])
     elif modality == "mr":
-        low, high = (float(v) for v in np.percentile(data, mr_percentiles))
+        known = data if everywhere else data[finite]
+        low, high = (float(v) for v in np.percentile(known, mr_percentiles)) if known.size else (0.0, 0.0)
     else:
         raise ValueError(f"`modality` must be 'ct', 'mr' or 'auto', got {modality!r}")
     if not high > low:
         return np.zeros(data.shape, dtype=np.float32)
-    return ((np.clip(data, low, high) - low) / (high - low)).astype(np.float32)
+    scaled = ((np.clip(data, low, high) - low) / (high - low)).astype(np.float32)
+    return scaled if everywhere else np.where(finite, scaled, np.float32(0.0))
 
 
 # ----------------------------------------------------------------------------------------------- grids

@@ -385,3 +385,26 @@ def test_keep_labels_refuses_what_is_not_a_label_id_instead_of_wrapping_it(value
     for keep in (1, [1.5], ["2"]):
         with pytest.raises(ValueError, match="`keep`"):
             io.keep_labels(labels, keep)
+
+
+def test_non_finite_voxels_are_left_out_and_become_background():
+    mr = RNG.random((6, 5, 4)) * 700 + 5
+    holes = mr.copy()
+    holes[0, 0, :2] = np.nan
+    holes[1, 1, 1] = np.inf
+    out = io.normalize_intensity(holes, "auto")
+    assert io.guess_modality(holes) == "mr" and np.isfinite(out).all()
+    known = np.isfinite(holes)
+    low, high = np.percentile(mr[known], io.MR_PERCENTILES)
+    inside = known & (mr > low) & (mr < high)
+    np.testing.assert_allclose(out[inside], (mr[inside] - low) / (high - low), atol=1e-6)
+    assert (out[~known] == 0).all()
+    ct = np.full((4, 4, 4), -1000.0)
+    ct[1:3, 1:3, 1:3] = 50.0
+    ct[0, 0, 0] = np.nan
+    assert io.guess_modality(ct) == "ct"
+    out = io.normalize_intensity(ct, "auto")
+    assert out[0, 0, 0] == 0 and out[1, 1, 1] == pytest.approx(0.5)
+    assert (io.normalize_intensity(np.full((2, 2, 2), np.nan), "mr") == 0).all()
+    with pytest.raises(ValueError, match="`data` must not be empty"):
+        io.normalize_intensity(np.zeros((0, 3, 3)))
