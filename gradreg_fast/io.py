@@ -111,8 +111,11 @@ def guess_modality(data: np.ndarray) -> str:
     data = np.asarray(data)
     if data.size == 0:
         raise ValueError("`data` must not be empty")
-    finite = data[np.isfinite(data)] if not np.issubdtype(data.dtype, np.integer) else data
-    return "ct" if finite.size and float(np.min(finite)) <= CT_AIR_HU else "mr"
+    low = float(np.min(data))
+    if not math.isfinite(low):  # the copy only where a no-data marker is present
+        finite = data[np.isfinite(data)]
+        low = float(np.min(finite)) if finite.size else math.inf
+    return "ct" if low <= CT_AIR_HU else "mr"
 
 
 def _check_range(value, name: str, unit: str) -> tuple:
