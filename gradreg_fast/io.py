@@ -662,6 +662,21 @@ def check_writable_dir(folder, what: str = "output directory") -> Path:
     return folder
 
 
+def _nifti_storable(array: np.ndarray) -> np.ndarray:
+    """bool and 64-bit integers (the package's own label maps are int64), which NIfTI-1 writers refuse without an
+    explicit type: stored as uint8, or as the smallest of int16 / int32 that holds every value."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype in (np.int64, np.uint64):
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        for kind in (np.int16, np.int32):
+            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+                return array.astype(kind)
+        raise ValueError(f"`array` holds integers beyond int32 ({low}..{high}), which NIfTI-1 cannot store "
+                         "portably; pass dtype= to choose a type")
+    return array
+
+
 def write_nifti(path, array, affine: np.ndarray, dtype=None, intent: str | None = None, description: str = "",
                 inputs=(), force: bool = False) -> Path:
     """Write ``array`` (i, j, k[, ...]) with ``affine`` as NIfTI, atomically (temp file + os.replace).
@@ -678,6 +693,8 @@ def write_nifti(path, array, affine: np.ndarray, dtype=None, intent: str | None 
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    if dtype is None:
+        array = _nifti_storable(array)
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)

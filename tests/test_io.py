@@ -408,3 +408,19 @@ def test_non_finite_voxels_are_left_out_and_become_background():
     assert (io.normalize_intensity(np.full((2, 2, 2), np.nan), "mr") == 0).all()
     with pytest.raises(ValueError, match="`data` must not be empty"):
         io.normalize_intensity(np.zeros((0, 3, 3)))
+
+
+def test_write_nifti_stores_int64_and_bool_maps(tmp_path):
+    affine = ras_affine()
+    labels = np.zeros((4, 5, 3), np.int64)
+    labels[1, 2, 1] = 300
+    path = io.write_nifti(tmp_path / "labels.nii.gz", labels, affine)
+    back = io.read_nifti(path, "labels")
+    assert np.array_equal(back.data, labels) and np.asarray(back.data).dtype == np.int16
+    wide = labels * 1000
+    assert np.asarray(io.read_nifti(io.write_nifti(tmp_path / "w.nii", wide, affine), "w").data).dtype == np.int32
+    mask = io.write_nifti(tmp_path / "mask.nii.gz", labels > 0, affine)
+    assert np.array_equal(io.read_nifti(mask, "mask").data, (labels > 0).astype(np.uint8))
+    with pytest.raises(ValueError, match="beyond int32"):
+        io.write_nifti(tmp_path / "huge.nii.gz", labels * 2 ** 40, affine)
+    assert not (tmp_path / "huge.nii.gz").exists()
