@@ -12,7 +12,6 @@ baselines (no gradient branch) only the image terms remain: L = L_isim + gamma *
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -53,9 +52,9 @@ def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
 
 
 def _weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"RegistrationLoss: `{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
+    from .ops._common import check_number_argument
+
+    return check_number_argument("RegistrationLoss", name, value)
 
 
 class RegistrationLoss(nn.Module):

@@ -122,3 +122,12 @@ def test_presets_and_overrides():
 def test_bad_loss_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RegistrationLoss(**kwargs)
+
+
+def test_loss_weights_take_numpy_numbers_and_refuse_huge_ints():
+    import numpy as np
+
+    loss = RegistrationLoss(alpha=np.float32(0.25), beta=np.int64(1), gamma=np.float64(2.0))
+    assert (loss.alpha, loss.beta, loss.gamma) == (0.25, 1.0, 2.0)
+    with pytest.raises(ValueError, match="`alpha` must be a finite number >= 0"):
+        RegistrationLoss(alpha=10 ** 400)

@@ -71,6 +71,9 @@ def test_defaults_follow_the_paper():
     ({"backend": "opencl"}, "`backend` must be one of"),
     ({"amp": "maybe"}, "`amp` must be true or false"),
     ({"num_workers": -1}, "`num_workers` must be >= 0"),
+    ({"seed": 2 ** 70}, "`seed` must be >= 0 and below 2\\*\\*63"),
+    ({"device": "cuda:abc"}, "`device` must be auto, cpu, cuda or cuda:N"),
+    ({"lr": 10 ** 400}, "`lr` must be a finite number"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):

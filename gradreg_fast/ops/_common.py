@@ -98,7 +98,11 @@ def check_bool_argument(op: str, name: str, value) -> bool:
 def check_number_argument(op: str, name: str, value, allow_zero: bool = True) -> float:
     """``value`` as a float: a finite real number (Python or numpy; not a bool) >= 0, or > 0."""
     valid = isinstance(value, numbers.Real) and type(value).__name__ not in ("bool", "bool_")
-    if not valid or not math.isfinite(value) or value < 0 or (not allow_zero and value == 0):
+    try:
+        valid = valid and math.isfinite(value)
+    except OverflowError:  # an int beyond float, like 10**400
+        valid = False
+    if not valid or value < 0 or (not allow_zero and value == 0):
         raise ValueError(f"{op}: `{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return float(value)
 

@@ -97,11 +97,12 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"`num_workers` must be >= 0, got {self.num_workers}")
-        if self.seed < 0:
-            raise ValueError(f"`seed` must be >= 0, got {self.seed}")
-        if not self.lr > 0:
+        if not 0 <= self.seed < 2 ** 63:  # torch.manual_seed's range
+            raise ValueError(f"`seed` must be >= 0 and below 2**63, got {self.seed}")
+        if not self.lr > 0:  # finite already (_coerce)
             raise ValueError(f"`lr` must be > 0, got {self.lr}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda")
+                or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"`device` must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _choice("backend", self.backend, BACKENDS + (None,))
 
@@ -182,7 +183,7 @@ def _coerce(name: str, value, kind: str):
         try:
             number = float(value) if isinstance(value, str) or (isinstance(value, (int, float))
                                                                   and not isinstance(value, bool)) else None
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int beyond float, like 10**400
             number = None
         if number is None or not math.isfinite(number):
             raise ValueError(f"`{name}` must be a finite number, got {value!r}")
