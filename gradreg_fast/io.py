@@ -163,6 +163,19 @@ def normalize_intensity(data: np.ndarray, modality: str = "auto", ct_window=CT_W
 
 # ----------------------------------------------------------------------------------------------- grids
 
+def _check_affine(affine, what: str) -> np.ndarray:
+    """A 4x4 float64 map with a finite, invertible linear part (bottom row 0 0 0 1), or a ValueError naming it."""
+    try:
+        affine = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a 4x4 matrix of numbers, got {affine!r}") from None
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or not np.allclose(affine[3], (0, 0, 0, 1)):
+        raise ValueError(f"{what} must be a finite 4x4 affine with last row 0 0 0 1, got\n{affine}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(1.0, float(np.abs(affine[:3, :3]).max()) ** 3):
+        raise ValueError(f"{what} is singular (a zero voxel size or a degenerate direction):\n{affine}")
+    return affine
+
+
 @dataclass(frozen=True, eq=False)  # arrays inside: compare grids with np.allclose, not ==
 class Grid:
     """A voxel grid in physical space: ``shape`` (i, j, k) and the voxel -> world ``affine``."""
@@ -171,8 +184,11 @@ class Grid:
     affine: np.ndarray
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
+        shape = tuple(self.shape) if hasattr(self.shape, "__len__") else ()
+        if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+            raise ValueError(f"Grid: `shape` must be 3 positive integers, got {self.shape!r}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "affine", _check_affine(self.affine, "Grid: `affine`"))
 
     @property
     def spacing(self) -> np.ndarray:
@@ -191,6 +207,8 @@ class Grid:
         """
         old = np.asarray(scan.data.shape, dtype=np.float64)
         old_spacing = scan.spacing
+        if spacing is not None and np.asarray(spacing).size not in (1, 3):
+            raise ValueError(f"`spacing` must be one or three values in mm, got {spacing!r}")
         new_spacing = old_spacing if spacing is None else np.broadcast_to(np.asarray(spacing, float), (3,)).copy()
         if not np.all(np.isfinite(new_spacing)) or np.any(new_spacing <= 0):
             raise ValueError(f"`spacing` must be positive and finite, got {spacing!r}")
@@ -201,9 +219,10 @@ class Grid:
                                  f"memory; choose a coarser spacing")
             shape = voxels.astype(int)
         else:
-            shape = np.broadcast_to(np.asarray(size, int), (3,)).copy()
-            if np.any(shape < 1):
-                raise ValueError(f"`size` must be positive voxel counts, got {size!r}")
+            counts = np.asarray(size)
+            if counts.size not in (1, 3) or not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 1):
+                raise ValueError(f"`size` must be one or three positive voxel counts, got {size!r}")
+            shape = np.broadcast_to(counts.astype(int), (3,)).copy()
         directions = scan.affine[:3, :3] / old_spacing
         linear = directions * new_spacing
         center = scan.affine[:3, :3] @ ((old - 1) / 2.0) + scan.affine[:3, 3]
@@ -307,7 +326,12 @@ def resample(scan: Scan | np.ndarray, grid: Grid, affine: np.ndarray | None = No
         # dtypes and layout scipy's path gives (native byte order, C order; float32 for trilinear). Higher orders
         # smooth even there.
         return np.array(data, dtype=data.dtype.newbyteorder("=") if order == 0 else np.float32, order="C")
-    voxel_map = _voxel_map(affine, grid, world_transform)
+    if isinstance(order, bool) or order not in range(6):
+        raise ValueError(f"`order` must be a spline order 0..5 (0 nearest, 1 trilinear), got {order!r}")
+    if data.ndim != 3 or data.size == 0:
+        raise ValueError(f"the volume to resample must be 3D and not empty, got shape {tuple(data.shape)}")
+    voxel_map = _voxel_map(_check_affine(affine, "`affine`"), grid, None if world_transform is None else
+                           _check_affine(world_transform, "`world_transform`"))
     if order == 0:
         # Nearest neighbour without a float round trip: labels stay exact.
         return ndimage.affine_transform(data, voxel_map[:3, :3], voxel_map[:3, 3], output_shape=grid.shape,

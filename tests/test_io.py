@@ -424,3 +424,33 @@ def test_write_nifti_stores_int64_and_bool_maps(tmp_path):
     with pytest.raises(ValueError, match="beyond int32"):
         io.write_nifti(tmp_path / "huge.nii.gz", labels * 2 ** 40, affine)
     assert not (tmp_path / "huge.nii.gz").exists()
+
+
+@pytest.mark.parametrize("shape, affine, message", [
+    ((4, 4), np.eye(4), "`shape` must be 3 positive integers"), ((0, 4, 4), np.eye(4), "`shape`"),
+    ((-3, 4, 4), np.eye(4), "`shape`"), ((2.5, 4, 4), np.eye(4), "`shape`"),
+    ((4, 4, 4), np.eye(3), "4x4"), ((4, 4, 4), np.full((4, 4), np.nan), "4x4"),
+    ((4, 4, 4), np.diag([1.0, 0.0, 1.0, 1.0]), "singular"),
+])
+def test_a_grid_that_cannot_hold_voxels_is_refused(shape, affine, message):
+    with pytest.raises(ValueError, match=message):
+        io.Grid(shape, affine)
+
+
+def test_resample_names_what_it_cannot_use():
+    scan = io.Scan(RNG.random((5, 6, 7)).astype(np.float32), ras_affine())
+    grid = io.Grid((4, 4, 4), ras_affine())
+    for kwargs, message in (({"order": 7}, "spline order"), ({"world_transform": np.zeros((4, 4))}, "world_transform"),
+                            ({"world_transform": np.full((4, 4), np.nan)}, "world_transform")):
+        with pytest.raises(ValueError, match=message):
+            io.resample(scan, grid, **kwargs)
+    for data in (np.zeros((5, 6)), np.zeros((0, 6, 7))):
+        with pytest.raises(ValueError, match="3D and not empty"):
+            io.resample(data, grid, ras_affine())
+    with pytest.raises(ValueError, match="singular"):
+        io.resample(scan.data, grid, np.diag([1.0, 1.0, 0.0, 1.0]))
+    for size in (np.nan, 2.5, (4, 4), 0):
+        with pytest.raises(ValueError, match="`size`"):
+            io.Grid.of_scan(scan, size=size)
+    with pytest.raises(ValueError, match="`spacing` must be one or three"):
+        io.Grid.of_scan(scan, spacing=(1.0, 2.0))
