@@ -111,6 +111,8 @@ def dice(a, b, labels=None) -> dict:
 
 
 def _check_spacing(spacing, ndim: int) -> np.ndarray:
+    if np.asarray(spacing).size not in (1, ndim):
+        raise ValueError(f"`spacing` must be one value or {ndim} (one per axis), got {spacing!r}")
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy()
     if not np.all(spacing > 0) or not np.all(np.isfinite(spacing)):
         raise ValueError(f"`spacing` must be positive and finite, got {spacing.tolist()}")
@@ -166,6 +168,17 @@ def surface_metrics(a, b, spacing=1.0, labels=None) -> dict:
     return {label: {"asd": v["asd"], "hd95": v["hd95"]} for label, v in table.items()}
 
 
+def _whole_offsets(values, name: str) -> np.ndarray:
+    """Voxel offsets as int64: whole numbers only (a fractional offset would be truncated, not placed)."""
+    try:
+        offsets = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must hold whole voxel offsets, got {values!r}") from None
+    if not np.all(np.isfinite(offsets)) or np.any(offsets != np.rint(offsets)):
+        raise ValueError(f"`{name}` must hold whole voxel offsets, got {values!r}")
+    return offsets.astype(np.int64)
+
+
 class LabelSurfaces:
     """One label map, prepared for scoring: per scored label its voxel count and its surface voxels.
 
@@ -182,12 +195,13 @@ class LabelSurfaces:
             beyond a map everything is background.
     """
 
-    def __init__(self, labels_map, labels, origin=(0, 0, 0)):
+    def __init__(self, labels_map, labels, origin=None, origin_name: str = "origin"):
         array = _label_map(_spatial(_numpy(labels_map, "labels_map")), "`labels_map`")
         self.shape = array.shape
-        self.origin = np.asarray(origin, dtype=np.int64).reshape(-1)
+        self.origin = np.zeros(array.ndim, np.int64) if origin is None else _whole_offsets(origin, origin_name)
         if self.origin.shape != (array.ndim,):
-            raise ValueError(f"`origin` must hold {array.ndim} integers, got {origin!r}")
+            raise ValueError(f"`{origin_name}` must hold {array.ndim} integers (one per axis of the map), got "
+                             f"{origin!r}")
         self.labels = np.asarray(_label_list(labels), dtype=np.int64)
         self.index = _label_index(array, self.labels)  # 0: not scored, k + 1: labels[k]
         count = len(self.labels) + 1
@@ -329,7 +343,7 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, 
             raise ValueError(f"`a` and `b` must have the same number of spatial dims, got {a.shape} and {b.shape}")
         scored = np.asarray(list(dict.fromkeys(_labels(a, b, labels))), dtype=np.int64)
         a = LabelSurfaces(a, scored)
-        b = LabelSurfaces(b, scored, np.zeros(a.origin.shape, np.int64) if b_origin is None else b_origin)
+        b = LabelSurfaces(b, scored, b_origin, origin_name="b_origin")
     elif not np.array_equal(a.labels, b.labels):
         raise ValueError("`a` and `b` were prepared with different label lists")
     spacing = _check_spacing(spacing, len(a.shape))

@@ -428,3 +428,19 @@ def test_a_non_finite_flow_has_no_regularity(value):
             call(flow)
     low = torch.zeros(1, 3, 4, 5, 6, dtype=torch.bfloat16)
     assert metrics.regularity(low) == {"folding_percent": 0.0, "sd_log_jacobian": 0.0}
+
+
+def test_label_metrics_name_their_placement_and_spacing_arguments():
+    a, b = _blobs()
+    with pytest.raises(ValueError, match="`b_origin` must hold whole voxel offsets"):
+        metrics.label_metrics(a, b, b_origin=(0.7, 0, 0))
+    with pytest.raises(ValueError, match="`b_origin` must hold 3 integers"):
+        metrics.label_metrics(a, b, b_origin=(0, 0))
+    with pytest.raises(ValueError, match="`spacing` must be one value or 3"):
+        metrics.label_metrics(a, b, spacing=(1.0, 2.0))
+    assert metrics.label_metrics(a, b, b_origin=np.array([0.0, 0.0, 0.0])) == metrics.label_metrics(a, b)
+    # a 2D pair is scored as 2D (no 3D origin is assumed)
+    flat_a, flat_b = a[:, :, 0], b[:, :, 0]
+    table = metrics.label_metrics(flat_a, flat_b, spacing=(1.0, 2.0))
+    assert table[1]["dice"] == pytest.approx(metrics.dice(flat_a, flat_b)[1])
+    assert table[1]["asd"] == pytest.approx(metrics.average_surface_distance(flat_a == 1, flat_b == 1, (1.0, 2.0)))
