@@ -42,8 +42,11 @@ def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(flow, torch.Tensor):
         raise TypeError(f"flow_smoothness: `flow` must be a torch.Tensor, got {type(flow).__name__}")
-    if flow.dim() != 5 or flow.shape[1] != 3:
-        raise ValueError(f"flow_smoothness: `flow` must have shape (N, 3, D, H, W), got {tuple(flow.shape)}")
+    if flow.dim() != 5 or flow.shape[1] != 3 or flow.numel() == 0:
+        raise ValueError(f"flow_smoothness: `flow` must have shape (N, 3, D, H, W) and not be empty, got "
+                         f"{tuple(flow.shape)}")
+    if not flow.is_floating_point():
+        raise ValueError(f"flow_smoothness: `flow` must be a floating-point tensor, got {flow.dtype}")
     total = flow.new_zeros(())
     for axis in (2, 3, 4):
         if flow.shape[axis] > 1:
@@ -96,6 +99,9 @@ class RegistrationLoss(nn.Module):
 
     def forward(self, output, moving: torch.Tensor, fixed: torch.Tensor):
         # ``moving`` is not needed: the output already holds its warped image and gradient map.
+        if not all(hasattr(output, name) for name in ("warped", "flow", "flow_gradient")):
+            raise TypeError("RegistrationLoss: `output` must be a model's RegistrationOutput (with warped, flow, "
+                            f"flow_gradient, ...), got {type(output).__name__}")
         isim = self.similarity(output.warped, fixed)
         igreg = flow_smoothness(output.flow)
         total = isim + self.gamma * igreg

@@ -131,3 +131,14 @@ def test_loss_weights_take_numpy_numbers_and_refuse_huge_ints():
     assert (loss.alpha, loss.beta, loss.gamma) == (0.25, 1.0, 2.0)
     with pytest.raises(ValueError, match="`alpha` must be a finite number >= 0"):
         RegistrationLoss(alpha=10 ** 400)
+
+
+def test_bad_flows_and_outputs_are_named():
+    with pytest.raises(ValueError, match="floating-point"):
+        flow_smoothness(torch.zeros(1, 3, 4, 4, 4, dtype=torch.int64))
+    for shape in ((0, 3, 4, 4, 4), (1, 3, 0, 4, 4)):
+        with pytest.raises(ValueError, match="not be empty"):
+            flow_smoothness(torch.zeros(shape))
+    flow = torch.zeros(1, 3, 4, 4, 4)
+    with pytest.raises(TypeError, match="RegistrationOutput"):
+        RegistrationLoss()(flow, flow[:, :1], flow[:, :1])
