@@ -187,6 +187,76 @@ def test_refuses_to_overwrite_a_run_and_resume_auto(tmp_path):
     assert Trainer(_config(tmp_path, name="fresh", steps=4, resume="auto")).step == 0
 
 
+def _digests(folder: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_folder_is_never_given_two_runs(tmp_path, capsys):
+    train(_config(tmp_path, name="one", steps=2, seed=3))
+    train(_config(tmp_path, name="two", steps=2, seed=4))
+    before = _digests(tmp_path / "one")
+    # another run's checkpoint resumed into a folder that holds a run: refused, nothing written
+    with pytest.raises(FileExistsError, match="holds another run"):
+        Trainer(_config(tmp_path, name="one", steps=4, resume=str(tmp_path / "two" / "last.pt")))
+    # a run's files without last.pt still make a run: a fresh run there is refused
+    (tmp_path / "one" / "last.pt").unlink()
+    with pytest.raises(FileExistsError, match="no last.pt to continue from"):
+        Trainer(_config(tmp_path, name="one", steps=2))
+    assert _digests(tmp_path / "one") == {k: v for k, v in before.items() if k != "last.pt"}
+    # through the CLI: one line, exit status 1
+    args = ["--out-dir", str(tmp_path / "one"), "--steps", "2", "--no-progress"]
+    flags = [f"--{key.replace('_', '-')}={','.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+             for key, value in QUICK.items() if not isinstance(value, bool)]
+    assert cli_main(flags + args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gradreg train: error:") and "already holds a run" in err
+
+
+def test_resuming_a_finished_checkpoint_elsewhere_has_nothing_to_do(tmp_path):
+    train(_config(tmp_path, name="done", steps=2))
+    with pytest.raises(ValueError, match="nothing to do"):
+        Trainer(_config(tmp_path, name="elsewhere", steps=2, resume=str(tmp_path / "done" / "last.pt")))
+    assert not (tmp_path / "elsewhere").exists()
+    # in its own folder it is a finished run, found again
+    assert Trainer(_config(tmp_path, name="done", steps=2, resume="auto")).step == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("optimizer"), "no optimizer"), (lambda c: c.pop("rng"), "no rng"),
+    (lambda c: c.update(step="abc"), "step must be an integer"), (lambda c: c.update(step=-5), "step must be"),
+    (lambda c: c.update(best={"metric": "dice"}), "its best must be"),
+    (lambda c: c.update(optimizer={"foo": 1}), "cannot be restored"),
+    (lambda c: c.update(rng={"torch": "state"}), "cannot be restored"),
+    (lambda c: c.update(log_window={"count": 3, "sums": None, "seconds": 1.0}), "log_window"),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_named(change, message, tmp_path):
+    train(_config(tmp_path, name="source", steps=2))
+    checkpoint = checkpoint_module.read_checkpoint(tmp_path / "source" / "last.pt")
+    checkpoint.pop("format")
+    change(checkpoint)
+    bad = tmp_path / "bad.pt"
+    checkpoint_module.save_checkpoint(checkpoint, bad)
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(tmp_path, name="target", steps=4, resume=str(bad)))
+
+
+def test_checkpoint_files_that_are_not_checkpoints_are_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        checkpoint_module.read_checkpoint(tmp_path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match="not a readable checkpoint") as refused:
+        checkpoint_module.read_checkpoint(junk)
+    assert "weights_only` set to `False" not in str(refused.value) and "Re-running" not in str(refused.value)
+    train(_config(tmp_path, name="source", steps=1))
+    checkpoint = checkpoint_module.read_checkpoint(tmp_path / "source" / "last.pt")
+    checkpoint["model"] = {1: torch.ones(1)}
+    with pytest.raises(ValueError, match="must map parameter names to tensors"):
+        checkpoint_module.check_checkpoint(checkpoint)
+
+
 def test_resume_continues_exactly(tmp_path):
     """3 steps, stop, resume to 7 == 7 uninterrupted steps, bit for bit. Step 3 falls inside an epoch of
     4 pairs, so the resumed run must also skip the samples already seen."""

@@ -29,5 +29,9 @@ def cli_main(argv: list[str]) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"gradreg train: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130  # 128 + the signal's number, as a shell reports it
+    except (OSError, ValueError, MemoryError) as exc:  # a refused folder, checkpoint or data file: its message
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"gradreg train: error: {message}", file=sys.stderr)
+        return 1
     print(f"best checkpoint: {best}")
     return 0

@@ -41,13 +41,18 @@ def save_checkpoint(payload: dict, path) -> None:
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint dict, read with ``weights_only=True``; a clear error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        # torch's own text goes on to suggest weights_only=False: never advice for a file of unknown origin
         first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint: {first_line.strip()}") from exc
+        first_line = first_line.split(" Re-running `torch.load`")[0].strip()
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint (it was read with weights_only=True, as "
+                         f"every checkpoint here is): {first_line}") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a gradreg_fast training checkpoint (format {FORMAT!r})")
     return checkpoint
@@ -100,7 +105,8 @@ def check_checkpoint(checkpoint: dict, source: str = "checkpoint") -> dict:
             raise ValueError(f"{source}: the checkpoint has no {key!r} entry")
     config = check_model_config(checkpoint["model_config"], source)
     state = checkpoint["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"{source}: the checkpoint's 'model' entry must map parameter names to tensors")
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in build_model(**config).state_dict().items()}

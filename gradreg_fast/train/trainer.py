@@ -47,6 +47,9 @@ TERMS = ("isim", "gsim", "igreg", "greg")
 VAL_COLUMNS = ("step", "loss", "dice", "dice_before", "folding_pct")
 
 
+RUN_FILES = ("last.pt", "best.pt", "train_log.csv", "val_log.csv")  # what a run writes into its out_dir
+
+
 class CsvLog:
     """Append-only CSV file with a header; on resume, rows after the resumed step are dropped."""
 
@@ -104,11 +107,20 @@ class Trainer:
         self.step, self.best, self.metrics = 0, None, {}
         self.log_window = None  # a resumed run's partly filled log interval (see _loop)
         resume_from = self._resume_path()
+        held = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if resume_from is None and held:
+            how = ("pass resume='auto' (--resume auto) to continue it, or choose another out_dir" if "last.pt" in held
+                   else "it has no last.pt to continue from: choose another out_dir, or move those files away")
+            raise FileExistsError(f"{str(self.out_dir)!r} already holds a run ({', '.join(held)}): {how}")
+        if resume_from is not None and held and resume_from.resolve().parent != self.out_dir.resolve():
+            # resuming writes last.pt and the logs here: they would mix two runs
+            raise FileExistsError(f"{str(self.out_dir)!r} holds another run ({', '.join(held)}) than the checkpoint "
+                                  f"{str(resume_from)!r}: resume into the checkpoint's own folder or an empty one")
         if resume_from is not None:
             self._restore(read_checkpoint(resume_from), str(resume_from))
-        elif (self.out_dir / "last.pt").exists():
-            raise FileExistsError(f"{str(self.out_dir)!r} already holds a run (last.pt): pass resume='auto' "
-                                  f"(--resume auto) to continue it, or choose another out_dir")
+            if self.step >= config.steps and not (self.out_dir / "last.pt").exists():
+                raise ValueError(f"the checkpoint {str(resume_from)!r} has trained {self.step} steps, all of the "
+                                 f"{config.steps} asked for: nothing to do (raise steps to train on)")
         self.resumed_step = self.step if resume_from is not None else None
 
     # -- setup -----------------------------------------------------------------------------------------
@@ -159,15 +171,35 @@ class Trainer:
         if checkpoint["model_config"] != self.model.config:
             raise ValueError(f"the checkpoint holds model {checkpoint['model_config']}, but the configuration asks "
                              f"for {self.model.config}")
+        missing = [key for key in ("optimizer", "scaler", "step", "best", "metrics", "rng") if key not in checkpoint]
+        if missing:
+            raise ValueError(f"{source}: not a training checkpoint to resume from: no {', '.join(missing)}")
+        step, best, window = checkpoint["step"], checkpoint["best"], checkpoint.get("log_window")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{source}: its step must be an integer >= 0, got {step!r}")
+        if best is not None and not (isinstance(best, dict) and best.get("metric") in ("dice", "loss")
+                                     and isinstance(best.get("value"), (int, float))):
+            raise ValueError(f"{source}: its best must be None or {{'metric': 'dice' or 'loss', 'value': a number, "
+                             f"...}}, got {best!r}")
+        count = window.get("count") if isinstance(window, dict) else None
+        if window is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 0
+                                       and isinstance(window.get("seconds"), (int, float))
+                                       and (count == 0 or isinstance(window.get("sums"), torch.Tensor))):
+            raise ValueError(f"{source}: its log_window must be None or an interval's count, seconds and sums, got "
+                             f"{window!r}")
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] is not None and self.config.amp:
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        try:  # the optimiser's, scaler's and random states are torch's own formats: their errors, named
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["scaler"] is not None and self.config.amp:
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise ValueError(f"{source}: its optimiser, scaler or random state cannot be restored "
+                             f"({type(exc).__name__}: {exc})") from None
         for group in self.optimizer.param_groups:  # the configured lr wins, e.g. to fine-tune
             group["lr"] = self.config.lr
-        self.step, self.best, self.metrics = checkpoint["step"], checkpoint["best"], checkpoint["metrics"]
-        self.log_window = checkpoint.get("log_window")  # absent from checkpoints of earlier versions
-        set_rng_state(checkpoint["rng"])
+        self.step, self.best, self.metrics = step, best, checkpoint["metrics"]
+        self.log_window = window  # absent from checkpoints of earlier versions
 
     # -- training ------------------------------------------------------------------------------------
     def _batches(self, epoch: int, skip: int):
@@ -297,7 +329,7 @@ class Trainer:
         """Hidden temporaries of this run's files that a killed process (SIGKILL, power loss) could not
         remove; any other process would have its own out_dir."""
         for entry in self.out_dir.iterdir():
-            if any(is_temp_of(name, entry.name) for name in ("last.pt", "best.pt", "train_log.csv", "val_log.csv")):
+            if any(is_temp_of(name, entry.name) for name in RUN_FILES):
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
 
