@@ -217,3 +217,36 @@ def test_nifti_pairs_with_the_real_loader(tmp_path):
     assert callable(io.load_pair)
     assert item["fixed"].dtype == torch.float32 and item["fixed"].shape == item["moving"].shape
     assert item["fixed"].min() >= 0 and item["fixed"].max() <= 1
+
+
+def test_nifti_pairs_check_finds_bad_cases_before_any_is_drawn(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+    from test_cli import write_case
+
+    from gradreg_fast.io import Grid
+
+    write_case(tmp_path / "a")
+    write_case(tmp_path / "b", shift_mm=(3.0, 0.0, 0.0))
+    data = NiftiPairs(tmp_path)
+    data.check(batch_size=2)
+    fixed = nib.load(str(tmp_path / "a" / "fixed.nii.gz"))
+    assert tuple(data[0]["fixed"].shape[1:]) == Grid(fixed.shape, fixed.affine).fit(16).grid.shape  # load_pair's
+    # another size: fine one pair at a time, refused for batches, naming the cases
+    small = write_case(tmp_path / "c")
+    for role in ("fixed", "fixed_labels"):
+        image = nib.load(str(small[role]))
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:10], image.affine), str(small[role]))
+    NiftiPairs(tmp_path).check(batch_size=1)
+    with pytest.raises(ValueError, match="one working-grid size") as refused:
+        NiftiPairs(tmp_path).check(batch_size=2)
+    assert "a (32, 32, 16)" in str(refused.value) and "c (16, 32, 16)" in str(refused.value)
+    # labels off their image's grid
+    labels = nib.load(str(small["moving_labels"]))
+    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj)[:-1], labels.affine), str(small["moving_labels"]))
+    with pytest.raises(ValueError, match="case 'c': moving_labels do not lie on the moving image's grid"):
+        NiftiPairs(tmp_path).check()
+    # a file that is not NIfTI
+    small["moving_labels"].write_bytes(b"\x1f\x8b not a nifti")
+    with pytest.raises(ValueError, match="case 'c': .*moving_labels.nii.gz is not a readable NIfTI"):
+        NiftiPairs(tmp_path).check()

@@ -454,3 +454,20 @@ def test_a_resumed_run_removes_temporaries_a_killed_one_left(tmp_path):
         path.write_bytes(b"half")
     train(_config(tmp_path, steps=2, resume="auto"))
     assert [p.exists() for p in debris] == [False] * 3 and all(p.exists() for p in keep)
+
+
+def test_nifti_data_is_checked_before_the_first_step(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from test_cli import write_case
+
+    for name in ("a", "b"):
+        write_case(tmp_path / "train" / name)
+    bad = write_case(tmp_path / "val" / "v")
+    labels = nib.load(str(bad["fixed_labels"]))
+    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj)[:-2], labels.affine), str(bad["fixed_labels"]))
+    config = _config(tmp_path, data="nifti", train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"),
+                     steps=4, val_every=4)
+    with pytest.raises(ValueError, match="case 'v': fixed_labels do not lie on the fixed image's grid"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()

@@ -61,6 +61,42 @@ class NiftiPairs(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def check(self, batch_size: int = 1) -> None:
+        """Read every case's headers once (not its voxels), so that a trainer fails before its first step, not
+        when a bad case is drawn: an unreadable or non-3D file, a label map off its image's grid, and, for
+        batches of more than one pair, cases whose working grids (:func:`gradreg_fast.io.load_pair`'s: the
+        fixed image's grid padded to multiples of 16) differ. Each raises a ValueError naming the case."""
+        import nibabel as nib
+        import numpy as np
+
+        from ..io import Grid
+
+        grids = {}
+        for name, files in self.cases:
+            headers = {}
+            for role, path in files.items():
+                if path is None:
+                    continue
+                try:
+                    image = nib.load(str(path))
+                    shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+                except Exception as exc:  # noqa: BLE001  nibabel's errors have no common base
+                    raise ValueError(f"NiftiPairs: case {name!r}: {path} is not a readable NIfTI ({exc})") from None
+                if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+                    raise ValueError(f"NiftiPairs: case {name!r}: {path} is not a 3D volume (shape {shape})")
+                headers[role] = shape[:3], affine
+            for image_role in ("fixed", "moving"):
+                if f"{image_role}_labels" in headers:
+                    (shape, affine), (label_shape, label_affine) = headers[image_role], headers[f"{image_role}_labels"]
+                    if shape != label_shape or not np.allclose(affine, label_affine, atol=1e-3):
+                        raise ValueError(f"NiftiPairs: case {name!r}: {image_role}_labels do not lie on the "
+                                         f"{image_role} image's grid (shape {label_shape} vs {shape})")
+            grids[name] = Grid(*headers["fixed"]).fit(16).grid.shape
+        if batch_size > 1 and len(set(grids.values())) > 1:
+            sizes = ", ".join(f"{name} {shape}" for name, shape in grids.items())
+            raise ValueError(f"NiftiPairs: batches of {batch_size} pairs need cases of one working-grid size, got "
+                             f"{sizes}")
+
     def __getitem__(self, index: int) -> dict:
         from ..io import load_pair  # imported on use: reading NIfTI is only needed for this dataset
 

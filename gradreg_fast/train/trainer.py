@@ -155,7 +155,10 @@ class Trainer:
             options = {"displacement": config.displacement}
             return (SyntheticPairs(config.train_pairs, config.shape, seed=config.seed, **options),
                     SyntheticPairs(config.val_pairs, config.shape, seed=config.seed + 1, **options))
-        return NiftiPairs(config.train_dir), NiftiPairs(config.val_dir)
+        train_set, val_set = NiftiPairs(config.train_dir), NiftiPairs(config.val_dir)
+        train_set.check(config.batch_size)  # headers only: a bad case fails here, not when it is drawn
+        val_set.check(1)
+        return train_set, val_set
 
     def _resume_path(self) -> Path | None:
         resume = self.config.resume
