@@ -430,3 +430,14 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)  # tiny tensors: no OpenMP team per small op
     triton_checks(sys.argv[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"window": 4}, "`window` must be odd"), ({"window": 0}, "`window`"),
+                                             ({"eps": float("nan")}, "`eps` must be a finite number"),
+                                             ({"reduction": "max"}, "`reduction` must be one of"),
+                                             ({"convention": "ants"}, "`convention` must be one of"),
+                                             ({"smooth_nr": 0.1}, "`smooth_nr` is MONAI's option"),
+                                             ({"backend": "opencl"}, "`backend` must be one of")])
+def test_module_refuses_bad_options_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gradreg_fast.LNCCLoss(**kwargs)

@@ -223,9 +223,14 @@ class TestBadInput:
         with pytest.raises(ValueError, match=f"`{argument}` must be one of"):
             gradreg_fast.mind_loss(self.vol, self.vol, **{argument: value})
 
-    def test_module_checks_on_call(self):
-        with pytest.raises(ValueError, match="`penalty` must be one of"):
-            gradreg_fast.MINDLoss(penalty="huber")(self.vol, self.vol)
+    @pytest.mark.parametrize("argument, value, message", [
+        ("penalty", "huber", "`penalty` must be one of"), ("descriptor", "foo", "`descriptor` must be one of"),
+        ("reduction", "max", "`reduction` must be one of"), ("radius", -1, "`radius` must be an int"),
+        ("dilation", 0, "`dilation` must be an int"), ("per_item", "yes", "`per_item` must be a bool"),
+        ("backend", "opencl", "`backend` must be one of")])
+    def test_module_checks_when_built(self, argument, value, message):
+        with pytest.raises((ValueError, TypeError), match=message):
+            gradreg_fast.MINDLoss(**{argument: value})
 
 
 @pytest.mark.parametrize("descriptor", ["ssc", "mind"])

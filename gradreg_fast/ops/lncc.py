@@ -156,6 +156,25 @@ def _needs_grad(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
 
+def _check_options(window, eps, reduction, convention, smooth_nr, backend) -> tuple:
+    """(window, eps, smooth_nr) checked, with the other options: by the function at each call and by
+    :class:`LNCCLoss` when it is built."""
+    window = c.check_int_argument(OP, "window", window, 1, MAX_WINDOW)
+    if window % 2 == 0:
+        raise ValueError(f"{OP}: `window` must be odd (the box is centred on each voxel), got {window}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{OP}: `convention` must be one of {CONVENTIONS}, got {convention!r}")
+    monai = convention == "monai"
+    eps = c.check_number_argument(OP, "eps", eps, allow_zero=not monai)
+    smooth_nr = c.check_number_argument(OP, "smooth_nr", smooth_nr)
+    if smooth_nr and not monai:
+        raise ValueError(f"{OP}: `smooth_nr` is MONAI's option; with convention='voxelmorph' it must be 0")
+    c.check_backend(backend)
+    return window, eps, smooth_nr
+
+
 def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5, reduction: str = "mean",
               convention: str = "voxelmorph", smooth_nr: float = 0.0, backend: str | None = None) -> torch.Tensor:
     """Local normalised cross-correlation loss, ``-mean(cc)`` over every voxel, fused.
@@ -201,18 +220,8 @@ def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: f
     if warped.shape[2:] != fixed.shape[2:] or not (n == m or n == 1 or m == 1):
         raise ValueError(f"{OP}: `warped` and `fixed` must have the same spatial shape and equal batch sizes (or "
                          f"one of them 1), got {tuple(warped.shape)} and {tuple(fixed.shape)}")
-    window = c.check_int_argument(OP, "window", window, 1, MAX_WINDOW)
-    if window % 2 == 0:
-        raise ValueError(f"{OP}: `window` must be odd (the box is centred on each voxel), got {window}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"{OP}: `convention` must be one of {CONVENTIONS}, got {convention!r}")
+    window, eps, smooth_nr = _check_options(window, eps, reduction, convention, smooth_nr, backend)
     monai = convention == "monai"
-    eps = c.check_number_argument(OP, "eps", eps, allow_zero=not monai)
-    smooth_nr = c.check_number_argument(OP, "smooth_nr", smooth_nr)
-    if smooth_nr and not monai:
-        raise ValueError(f"{OP}: `smooth_nr` is MONAI's option; with convention='voxelmorph' it must be 0")
     backend = c.backend_for(backend, warped, KERNEL)
     result_dtype = torch.promote_types(warped.dtype, fixed.dtype)
     dtype = c.compute_dtype(warped.new_empty((), dtype=result_dtype))
@@ -265,6 +274,7 @@ class LNCCLoss(torch.nn.Module):
     def __init__(self, window: int = 9, eps: float = 1e-5, reduction: str = "mean", convention: str = "voxelmorph",
                  smooth_nr: float = 0.0, backend: str | None = None):
         super().__init__()
+        _check_options(window, eps, reduction, convention, smooth_nr, backend)  # refused when built, not at a call
         self.window, self.eps, self.reduction, self.convention = window, eps, reduction, convention
         self.smooth_nr, self.backend = smooth_nr, backend
 

@@ -187,12 +187,7 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
     Returns:
         A scalar, or the (max(N, M), K, D, H, W) map for ``reduction="none"``.
     """
-    if descriptor not in KINDS:
-        raise ValueError(f"{OP}: `descriptor` must be one of {tuple(KINDS)}, got {descriptor!r}")
-    if penalty not in _PENALTIES:
-        raise ValueError(f"{OP}: `penalty` must be one of {_PENALTIES}, got {penalty!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{OP}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_options(descriptor, penalty, reduction, radius, dilation, per_item, backend)
     if (fixed is None) == (fixed_descriptor is None):
         raise ValueError(f"{OP}: give `fixed` or `fixed_descriptor`, exactly one of them")
     radius = _DEFAULTS[descriptor][0] if radius is None else radius
@@ -220,6 +215,22 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
         loss = _loss(warped.to(dtype), None if fixed is None else fixed.to(dtype),
                      None if fixed_descriptor is None else fixed_descriptor.to(dtype), reduction, *settings)
     return loss.to(result_dtype)
+
+
+def _check_options(descriptor, penalty, reduction, radius, dilation, per_item, backend) -> None:
+    """The options that need no volume: by the function at each call and by :class:`MINDLoss` when built."""
+    if descriptor not in KINDS:
+        raise ValueError(f"{OP}: `descriptor` must be one of {tuple(KINDS)}, got {descriptor!r}")
+    if penalty not in _PENALTIES:
+        raise ValueError(f"{OP}: `penalty` must be one of {_PENALTIES}, got {penalty!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{OP}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    if radius is not None:
+        c.check_int_argument(OP, "radius", radius, 0, c.MAX_RADIUS)
+    if dilation is not None:
+        c.check_int_argument(OP, "dilation", dilation, 1, c.MAX_DILATION)
+    c.check_bool_argument(OP, "per_item", per_item)
+    c.check_backend(backend)
 
 
 def _check_pair(names, warped, other):
@@ -287,6 +298,7 @@ class MINDLoss(torch.nn.Module):
                  dilation: int | None = None, reduction: str = "mean", per_item: bool = False,
                  backend: str | None = None):
         super().__init__()
+        _check_options(descriptor, penalty, reduction, radius, dilation, per_item, backend)  # refused when built
         self.descriptor, self.penalty, self.radius, self.dilation = descriptor, penalty, radius, dilation
         self.reduction, self.per_item, self.backend = reduction, per_item, backend
 
