@@ -203,3 +203,14 @@ def test_bad_names_and_inputs():
         model(torch.rand(1, 2, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="same shape"):
         model(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 9))
+
+
+@pytest.mark.parametrize("name", ["vm", "vm_concat", "gated", "average"])
+def test_images_must_match_the_network_dtype_and_each_other(name):
+    model = build_model(name, enc=(4, 4, 4, 4), dec=4, refine=())
+    x = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="the images are torch.float64 but the network's weights are torch.float32"):
+        model(x.double(), x.double())
+    with pytest.raises(ValueError, match="same dtype"):
+        model(x, x.double())
+    assert model.double()(x.double(), x.double()).flow.dtype == torch.float64

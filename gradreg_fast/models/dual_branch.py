@@ -39,15 +39,23 @@ class RegistrationOutput(NamedTuple):
     gates: Optional[torch.Tensor]
 
 
-def _check_pair(moving, fixed) -> None:
+def _check_pair(moving, fixed, weight: torch.Tensor) -> None:
     for name, t in (("moving", moving), ("fixed", fixed)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 5 or t.shape[1] != 1:
             raise ValueError(f"`{name}` must have shape (N, 1, D, H, W), got {tuple(t.shape)}")
+        if t.device != weight.device:
+            raise ValueError(f"`{name}` is on {t.device} but the network is on {weight.device}")
     if moving.shape != fixed.shape:
         raise ValueError(f"`moving` and `fixed` must have the same shape, got {tuple(moving.shape)} and "
                          f"{tuple(fixed.shape)}")
+    if moving.dtype != fixed.dtype:
+        raise ValueError(f"`moving` and `fixed` must have the same dtype, got {moving.dtype} and {fixed.dtype}")
+    # Under autocast the convs cast their inputs themselves; otherwise the images must match the weights.
+    if moving.dtype != weight.dtype and not torch.is_autocast_enabled(moving.device.type):
+        raise ValueError(f"the images are {moving.dtype} but the network's weights are {weight.dtype}: convert "
+                         f"one to the other (e.g. model.double(), or the images .float())")
 
 
 def _unet_config(enc, dec, refine) -> dict:
@@ -69,7 +77,7 @@ class VoxelMorph(nn.Module):
         self.config = {"name": "vm_concat" if self.concat_gradients else "vm", **_unet_config(enc, dec, refine)}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
-        _check_pair(moving, fixed)
+        _check_pair(moving, fixed, self.unet.flow_head.weight)
         fixed_gradient = None
         if self.concat_gradients:
             fixed_gradient = gradient_magnitude(fixed)
@@ -120,7 +128,7 @@ class DualBranchNet(nn.Module):
         self.config = {"name": fusion, **_unet_config(enc, dec, refine)}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
-        _check_pair(moving, fixed)
+        _check_pair(moving, fixed, self.image_branch.flow_head.weight)
         moving_gradient, fixed_gradient = gradient_magnitude(moving), gradient_magnitude(fixed)
         flow_image = self.image_branch(torch.cat([moving, fixed], dim=1)).to(moving.dtype)
         flow_gradient = self.gradient_branch(torch.cat([moving_gradient, fixed_gradient], dim=1)).to(moving.dtype)
