@@ -28,6 +28,7 @@ import argparse
 import csv
 import io as _io
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def cmd_register(args) -> int:
 def fresh_demo_dir(base: str = DEMO_OUT) -> Path:
     """./gradreg_demo_out, or the first of ./gradreg_demo_out-2, -3, ... that does not exist."""
     candidate, n = Path(base), 1
-    while candidate.exists():
+    while os.path.lexists(candidate):  # a dangling symbolic link is in the way too
         n += 1
         candidate = Path(f"{base}-{n}")
     return candidate

@@ -674,6 +674,9 @@ def check_writable_dir(folder, what: str = "output directory") -> Path:
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing.parent != existing:
+        if existing.is_symlink():  # exists() follows links: one that points nowhere cannot become the folder
+            raise FileExistsError(f"{what} {folder}: {existing} is a symbolic link to a path that does not exist "
+                                  f"({os.readlink(existing)})")
         existing = existing.parent
     if not existing.is_dir():
         raise FileExistsError(f"{what} {folder}: {existing} is a file, not a directory")

@@ -556,3 +556,16 @@ def test_each_stage_is_scored_once(case, monkeypatch):
     result = register(case["fixed"], case["moving"], case["fixed_labels"], case["moving_labels"], quick(),
                       device="cpu", progress=False)
     assert len(calls) == len(result.metrics["stages"]) == 4
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_refused_before_the_work(case, tmp_path, capsys, no_registration,
+                                                                             monkeypatch):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere" / "x")
+    assert register_cli(case, link) == cli.EXIT_ERROR
+    assert "symbolic link to a path that does not exist" in one_line_error(capsys)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+    # the demo's default folder steps past such a link, as past any existing path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / cli.DEMO_OUT).symlink_to(tmp_path / "nowhere" / "y")
+    assert cli.fresh_demo_dir() == Path(f"{cli.DEMO_OUT}-2")
