@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import box_mean, gradient_magnitude, integrate_velocity, mind_ssc, warped_sq_diff
 from ..losses import flow_smoothness
+from ..ops._common import check_number_argument
 from .affine import coarse_box, downsample, record_step
 from .convex import COUPLING, convex_field
 
@@ -148,9 +149,7 @@ def check_field_settings(settings: FieldSettings) -> list:
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"FieldSettings: `{name}` must be True or False, got {getattr(settings, name)!r}")
     for name in ("alpha", "lr", "smoothness"):
-        value = getattr(settings, name)
-        if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"FieldSettings: `{name}` must be a finite number >= 0, got {value!r}")
+        check_number_argument("FieldSettings", name, getattr(settings, name))
     levels = _levels(settings)
     if settings.velocity_grid is not None:
         if isinstance(settings.velocity_grid, bool) or not isinstance(settings.velocity_grid, int) \

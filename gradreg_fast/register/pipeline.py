@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from .. import metrics
 from .._atomic import INCOMPLETE_MARKER, FileSet, atomic_write
+from ..ops._common import check_number_argument
 from ..io import (CT_WINDOW, MR_PERCENTILES, Fit, Grid, Scan, _bounding_box, available_memory, check_output_path,
                   check_same_space, check_writable_dir, keep_labels, normalize_intensity, pair_on_grid, read_nifti,
                   resample, sample_trilinear, write_displacement, write_nifti)
@@ -156,9 +157,7 @@ def resolve_device(device: str | torch.device | None, backend: str | None = None
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
                              f"device(s) are present")
-    name = _backend.get_backend() if backend is None else backend
-    if name not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {name!r}")
+    name = _backend.get_backend() if backend is None else _backend._validate_name(backend, "backend")
     if name not in ("auto", "reference"):
         why = _backend.problem(name, device, "warp")
         if why:
@@ -329,12 +328,8 @@ def check_settings(settings: Settings) -> None:
                                                                                iterations, 0)):
             raise ValueError(f"Settings: `{levels}` and `{iterations}` must have one entry per level, got "
                              f"{getattr(settings, levels)!r} and {getattr(settings, iterations)!r}")
-    for name, low, inclusive in (("affine_rigidity", 0.0, True), ("network_lr", 0.0, False)):
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-                or value < low or (value == low and not inclusive):
-            raise ValueError(f"Settings: `{name}` must be a finite number {'>=' if inclusive else '>'} {low}, "
-                             f"got {value!r}")
+    check_number_argument("Settings", "affine_rigidity", settings.affine_rigidity)
+    check_number_argument("Settings", "network_lr", settings.network_lr, allow_zero=False)
     if settings.spacing is not None:
         spacing = np.asarray(settings.spacing, dtype=float) if not isinstance(settings.spacing, str) else None
         if spacing is None or spacing.size not in (1, 3) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
@@ -430,12 +425,10 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
 
     # 2. initial alignment
     tick = time.perf_counter()
-    if settings.init == "none":
+    if settings.init == "none":  # check_settings has refused anything but "none", "com" and "com_scale"
         initial = np.eye(4)
-    elif settings.init in ("com", "com_scale"):
-        initial = moments_init(fixed, moving, scale=settings.init == "com_scale")
     else:
-        raise ValueError(f"`init` must be 'com', 'com_scale' or 'none', got {settings.init!r}")
+        initial = moments_init(fixed, moving, scale=settings.init == "com_scale")
     timings["initial_s"] = time.perf_counter() - tick
 
     # 3. affine
@@ -467,14 +460,12 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
             field_result = optimize_field(fixed_t, moving_t, settings.field, loss_box=box, progress=bar,
                                           backend=backend)
             flow, objectives = field_result.flow, field_result.level_objectives
-    elif settings.method == "network":
+    else:  # "network" (check_settings has refused any other method)
         steps = sum(settings.network_iterations)
         with tqdm(total=steps, desc="network", disable=not progress, leave=False) as bar:
             flow = optimize_network(fixed_t, moving_t, checkpoint=settings.checkpoint, name=settings.network,
                                     levels=settings.network_levels, iterations=settings.network_iterations,
                                     lr=settings.network_lr, loss_box=box, progress=bar, backend=backend)
-    else:
-        raise ValueError(f"`method` must be 'field' or 'network', got {settings.method!r}")
     flow = flow.detach().float().cpu()
     timings["deformable_s"] = time.perf_counter() - tick
     timings["registration_s"] = timings["initial_s"] + timings["affine_s"] + timings["deformable_s"]
