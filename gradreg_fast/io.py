@@ -436,12 +436,12 @@ def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
     if isinstance(labels, Scan):
         what = f"{what} ({labels.path})" if labels.path else what
         labels = labels.data
-    from .metrics import _label_list, label_ids
+    from .metrics import label_ids, label_list
 
     if keep is not None:
-        keep = _label_list(keep, "`keep`")
+        keep = label_list(keep, "`keep`")
+    what = what if what == "label map" else f"{what}: a label map"
     try:
-        what = what if what == "label map" else f"{what}: a label map"
         labels = label_ids(labels, what).astype(np.int64)  # floats: whole numbers up to round-off
     except ValueError as exc:
         raise NiftiError(str(exc)) from None

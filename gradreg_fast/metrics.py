@@ -61,7 +61,8 @@ def label_ids(values, what: str = "`labels`") -> np.ndarray:
     return rounded.astype(np.int64)
 
 
-def _label_list(labels, what: str = "`labels`") -> list:
+def label_list(labels, what: str = "`labels`") -> list:
+    """A sequence of label ids as a list of ints (see :func:`label_ids`); anything else is named."""
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
         raise ValueError(f"{what} must be a sequence of label ids, got {labels!r}")
     return label_ids(list(labels), what).reshape(-1).tolist()
@@ -92,7 +93,7 @@ def _labels(a: np.ndarray, b: np.ndarray, labels) -> list:
     if labels is None:
         found = np.union1d(np.unique(a), np.unique(b))
         return [int(v) for v in found if v != 0]
-    return _label_list(labels)
+    return label_list(labels)
 
 
 def dice(a, b, labels=None) -> dict:
@@ -202,7 +203,7 @@ class LabelSurfaces:
         if self.origin.shape != (array.ndim,):
             raise ValueError(f"`{origin_name}` must hold {array.ndim} integers (one per axis of the map), got "
                              f"{origin!r}")
-        self.labels = np.asarray(_label_list(labels), dtype=np.int64)
+        self.labels = np.asarray(label_list(labels), dtype=np.int64)
         self.index = _label_index(array, self.labels)  # 0: not scored, k + 1: labels[k]
         count = len(self.labels) + 1
         self.counts = np.bincount(self.index.ravel(), minlength=count)

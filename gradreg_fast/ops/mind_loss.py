@@ -209,7 +209,7 @@ def mind_loss(warped: torch.Tensor, fixed: torch.Tensor | None = None, descripto
     # are computed in the wider dtype, float16/bfloat16 in float32, and the loss comes in the wider dtype.
     result_dtype = torch.promote_types(warped.dtype, other.dtype)
     dtype = c.compute_dtype(warped.new_empty((), dtype=result_dtype))
-    settings = (descriptor, radius, dilation, penalty == "l2", c.check_bool_argument(OP, "per_item", per_item), backend)
+    settings = (descriptor, radius, dilation, penalty == "l2", bool(per_item), backend)  # per_item: _check_options
     # Autocast would otherwise run the composed path's arithmetic (and the reference's) in low precision.
     with c.without_autocast(warped.device):
         loss = _loss(warped.to(dtype), None if fixed is None else fixed.to(dtype),

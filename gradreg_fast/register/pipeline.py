@@ -348,7 +348,7 @@ def _check_label_names(label_names) -> dict:
         return {}
     if not isinstance(label_names, Mapping):
         raise ValueError(f"`label_names` must map label ids to names, like {{1: 'spleen'}}, got {label_names!r}")
-    ids = metrics._label_list(list(label_names), "`label_names`' ids") if label_names else []
+    ids = metrics.label_list(list(label_names), "`label_names`' ids") if label_names else []
     if any(i <= 0 for i in ids):
         raise ValueError(f"`label_names`' ids must be positive (0 is background), got {sorted(label_names)}")
     if len(set(ids)) != len(ids):
