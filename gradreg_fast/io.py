@@ -450,9 +450,14 @@ def keep_labels(labels, keep=None, what: str = "label map") -> np.ndarray:
     return labels
 
 
+def same_grid(shape, affine, other_shape, other_affine) -> bool:
+    """Whether two volumes share one grid: the same shape, affines equal to 1e-3 (writers' round-off)."""
+    return tuple(shape) == tuple(other_shape) and np.allclose(affine, other_affine, atol=1e-3)
+
+
 def check_same_space(image: Scan, labels: Scan, what: str) -> None:
     """Labels must share the image's grid (shape and affine), as segmentations do."""
-    if image.data.shape != labels.data.shape or not np.allclose(image.affine, labels.affine, atol=1e-3):
+    if not same_grid(image.data.shape, image.affine, labels.data.shape, labels.affine):
         raise NiftiError(f"{what} ({labels.path}) do not lie on the image's grid: shape {labels.data.shape} vs "
                          f"{image.data.shape}, affines\n{labels.affine}\nvs\n{image.affine}")
 
