@@ -207,11 +207,9 @@ class Grid:
         """
         old = np.asarray(scan.data.shape, dtype=np.float64)
         old_spacing = scan.spacing
-        if spacing is not None and np.asarray(spacing).size not in (1, 3):
-            raise ValueError(f"`spacing` must be one or three values in mm, got {spacing!r}")
-        new_spacing = old_spacing if spacing is None else np.broadcast_to(np.asarray(spacing, float), (3,)).copy()
-        if not np.all(np.isfinite(new_spacing)) or np.any(new_spacing <= 0):
-            raise ValueError(f"`spacing` must be positive and finite, got {spacing!r}")
+        from .metrics import check_spacing
+
+        new_spacing = old_spacing if spacing is None else check_spacing(spacing)
         if size is None:
             voxels = np.maximum(1, np.round(old * old_spacing / new_spacing))
             if np.prod(voxels) > 2.0 ** 40:  # before the cast to int, which would wrap around

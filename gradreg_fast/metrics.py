@@ -111,10 +111,16 @@ def dice(a, b, labels=None) -> dict:
     return scores
 
 
-def _check_spacing(spacing, ndim: int) -> np.ndarray:
-    if np.asarray(spacing).size not in (1, ndim):
+def check_spacing(spacing, ndim: int = 3) -> np.ndarray:
+    """Voxel sizes in mm as a float64 array of ``ndim`` (one value is every axis's); a ValueError naming
+    ``spacing`` unless they are positive finite numbers, one or one per axis."""
+    try:
+        values = np.asarray(spacing, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"`spacing` must be numbers of mm, got {spacing!r}") from None
+    if values.size not in (1, ndim):
         raise ValueError(f"`spacing` must be one value or {ndim} (one per axis), got {spacing!r}")
-    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy()
+    spacing = np.broadcast_to(values.reshape(-1), (ndim,)).copy()
     if not np.all(spacing > 0) or not np.all(np.isfinite(spacing)):
         raise ValueError(f"`spacing` must be positive and finite, got {spacing.tolist()}")
     return spacing
@@ -136,7 +142,7 @@ def surface_distances(a, b, spacing=1.0):
     """
     a, b = _pair(a, b)
     a, b = _spatial(a).astype(bool), _spatial(b).astype(bool)
-    spacing = _check_spacing(spacing, a.ndim)
+    spacing = check_spacing(spacing, a.ndim)
     if not a.any() or not b.any():
         return None, None
     surface_a, surface_b = surface(a), surface(b)
@@ -347,7 +353,7 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, 
         b = LabelSurfaces(b, scored, b_origin, origin_name="b_origin")
     elif not np.array_equal(a.labels, b.labels):
         raise ValueError("`a` and `b` were prepared with different label lists")
-    spacing = _check_spacing(spacing, len(a.shape))
+    spacing = check_spacing(spacing, len(a.shape))
     workers = torch.get_num_threads() if workers is None else int(workers)
     overlap = _overlap_counts(a, b)
     ab, ba = np.zeros(len(a._points)), np.zeros(len(b._points))  # each surface voxel's distance to the other

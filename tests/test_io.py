@@ -452,5 +452,5 @@ def test_resample_names_what_it_cannot_use():
     for size in (np.nan, 2.5, (4, 4), 0):
         with pytest.raises(ValueError, match="`size`"):
             io.Grid.of_scan(scan, size=size)
-    with pytest.raises(ValueError, match="`spacing` must be one or three"):
+    with pytest.raises(ValueError, match="`spacing` must be one value or 3"):
         io.Grid.of_scan(scan, spacing=(1.0, 2.0))

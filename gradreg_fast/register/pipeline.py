@@ -331,9 +331,7 @@ def check_settings(settings: Settings) -> None:
     check_number_argument("Settings", "affine_rigidity", settings.affine_rigidity)
     check_number_argument("Settings", "network_lr", settings.network_lr, allow_zero=False)
     if settings.spacing is not None:
-        spacing = np.asarray(settings.spacing, dtype=float) if not isinstance(settings.spacing, str) else None
-        if spacing is None or spacing.size not in (1, 3) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-            raise ValueError(f"Settings: `spacing` must be None or one or three positive mm, got {settings.spacing!r}")
+        metrics.check_spacing(settings.spacing)
     if settings.size is not None and len(_counts(settings.size, "size", 1)) != 3:
         raise ValueError(f"Settings: `size` must be None or three voxel counts, got {settings.size!r}")
     if settings.method == "field":
