@@ -34,6 +34,8 @@ from ..ops._common import check_number_argument
 from ..io import (CT_WINDOW, MR_PERCENTILES, Fit, Grid, Scan, _bounding_box, available_memory, check_output_path,
                   check_same_space, check_writable_dir, keep_labels, normalize_intensity, pair_on_grid, read_nifti,
                   resample, sample_trilinear, write_displacement, write_nifti)
+from .affine import MODELS as AFFINE_MODELS
+from .affine import OBJECTIVES as AFFINE_OBJECTIVES
 from .affine import moments_init, optimize_affine
 from .deformable import FieldSettings, check_field_settings, optimize_field, optimize_network
 
@@ -318,8 +320,8 @@ def check_settings(settings: Settings) -> None:
     if not isinstance(settings, Settings):
         raise ValueError(f"`settings` must be a gradreg_fast.register.Settings, got {settings!r}")
     choices = {"fit": ("pad", "crop"), "fixed_modality": ("auto", "ct", "mr"), "moving_modality": ("auto", "ct", "mr"),
-               "init": ("com", "com_scale", "none"), "affine_model": ("affine", "rigid_scale", "translation", "none"),
-               "affine_objective": ("descriptors", "mind"), "method": ("field", "network")}
+               "init": ("com", "com_scale", "none"), "affine_model": AFFINE_MODELS + ("none",),
+               "affine_objective": AFFINE_OBJECTIVES, "method": ("field", "network")}
     for name, allowed in choices.items():
         if getattr(settings, name) not in allowed:
             raise ValueError(f"Settings: `{name}` must be one of {allowed}, got {getattr(settings, name)!r}")
