@@ -88,8 +88,14 @@ extensions = [
 ]
 
 cuda_home = find_cuda_home()
+# The CUDA core links cudart statically (one binary for any driver); packaged toolkits often ship it apart.
+lib_dir = None if cuda_home is None else next(
+    (d for d in (cuda_home / "lib64", cuda_home / "lib") if (d / "libcudart_static.a").exists()), None)
+if cuda_home is not None and lib_dir is None:
+    print(f"gradreg_fast: {cuda_home} has nvcc but no lib64/libcudart_static.a (the static CUDA runtime): building the "
+          f"CPU core only", file=sys.stderr)
+    cuda_home = None
 if cuda_home is not None:
-    lib_dir = next(d for d in (cuda_home / "lib64", cuda_home / "lib") if (d / "libcudart_static.a").exists())
     cuda_ext = Pybind11Extension(
         "gradreg_fast._cuda",
         rel((ROOT / "csrc" / "cuda").glob("*.cpp")),
@@ -102,7 +108,7 @@ if cuda_home is not None:
     cuda_ext.cuda_sources = rel((ROOT / "csrc" / "cuda").glob("*.cu"))
     extensions.append(cuda_ext)
     print(f"gradreg_fast: building the CUDA core with {cuda_home}", file=sys.stderr)
-else:
+elif lib_dir is None:
     print("gradreg_fast: nvcc not found (or GRADREG_NO_CUDA=1): building the CPU core only", file=sys.stderr)
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

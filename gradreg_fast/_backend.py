@@ -109,7 +109,7 @@ def problem(backend: str, device: torch.device, op: str) -> str | None:
             return f"the CPU core takes CPU tensors, got a {device.type} tensor"
         module, why = _import("gradreg_fast._C")
         if module is None:
-            return f"the CPU core (gradreg_fast._C) is not importable ({why}); reinstall with `pip install .`"
+            return f"the CPU core (gradreg_fast._C) is not importable ({why}); reinstall gradreg_fast"
         return None
     if backend == "cuda":
         if device.type != "cuda":

@@ -6,7 +6,7 @@
     gradreg train ...                                # the trainer (gradreg_fast.train.cli_main)
 
 Every subcommand takes ``--device`` and ``--backend`` and shows tqdm progress bars (``--quiet`` hides
-them). Outputs never overwrite inputs, and existing outputs are only replaced with ``--force``, as a
+them; ``--no-progress`` for ``train``). Outputs never overwrite inputs, and existing outputs are only replaced with ``--force``, as a
 whole set (:func:`gradreg_fast.register.pipeline.save_result`: metrics.json comes last and names each
 file of its run with a checksum; a folder caught mid-swap holds ``gradreg_incomplete.json``); the
 demo, when no ``--out`` is given, writes to a fresh folder (./gradreg_demo_out, else

@@ -11,6 +11,12 @@ import torch
 
 from .. import _backend
 
+# A torch without the custom-op API would fail at the first op definition with an AttributeError naming neither
+# gradreg_fast nor the version it needs.
+if not (hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_vmap")):
+    raise ImportError(f"gradreg_fast needs torch >= 2.5 (torch.library.custom_op and register_vmap); this is torch "
+                      f"{torch.__version__}")
+
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 
