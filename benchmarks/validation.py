@@ -106,6 +106,18 @@ INTER_SUBJECT = (
 # much of the pair's one Dice figure is its starting position (benchmarks/pair_starts.py).
 PAIR_STARTS = tuple(InterSpec(f"bundled-s{i}", "ct-a", "mr-b", 200 + i, offset=True) for i in range(1, 11))
 
+# Held out (2026-12-01, after the defaults were fixed): the same recipes with seeds that no sweep, ablation or test ran,
+# never used to choose anything. bench_peers.py --held-out compares gradreg with the peers on them, out of the sample
+# that chose gradreg's defaults (the peers run at their own defaults everywhere). They draw new deformations, contrasts
+# and starting positions from the same scans and people as the choosing cases: not new subjects.
+HELD_OUT_SAME = tuple(CaseSpec(f"{base}-h{i}", base, 300 + i, 10.0 + i, 15.0 + 1.4 * i)
+                      for i, base in enumerate(("mr", "ct", "mr", "ct", "mr", "ct"), start=1))
+HELD_OUT_INTER = tuple(InterSpec(f"{pair}-h{i}", moving, fixed, 400 + 2 * k + i, offset=True)
+                       for k, (pair, moving, fixed) in enumerate((("inter-cb", "ct-c", "mr-b"), ("inter-ca", "ct-c", "ct-a"),
+                                                                  ("inter-ac", "ct-a", "ct-c"), ("inter-bc", "mr-b", "ct-c")))
+                       for i in (1, 2))
+HELD_OUT = tuple(spec.name for spec in HELD_OUT_SAME + HELD_OUT_INTER)
+
 # The cases that choose the defaults (benchmarks/sweep.py, column "mean of choosing": (2 x the same-subject
 # mean + the inter-subject mean) / 3, which is the plain mean of sweep 10's nine cases): every validation case
 # but the bundled pair.
@@ -361,9 +373,10 @@ def make_inter_case(spec: InterSpec, out_dir: Path = CASE_DIR) -> dict:
 def all_cases(names=None, extra: int = 0) -> dict:
     """{name: files} for the same-subject cases, the inter-subject cases and ``bundled`` (all when ``names`` is
     None), plus ``extra`` cases of :func:`extra_cases` when asked for by name or when ``names`` is None, and the
-    pair's other starts (:data:`PAIR_STARTS`) only when asked for by name."""
+    pair's other starts (:data:`PAIR_STARTS`) and the held-out cases (:data:`HELD_OUT`) only when asked for by
+    name."""
     default = {spec.name: spec for spec in SAME_SUBJECT + INTER_SUBJECT + extra_cases(extra)}
-    cases = {**default, **{spec.name: spec for spec in PAIR_STARTS}}  # the pair's other starts only by name
+    cases = {**default, **{spec.name: spec for spec in PAIR_STARTS + HELD_OUT_SAME + HELD_OUT_INTER}}
     chosen = list(default) + ["bundled"] if names is None else list(names)
     out = {}
     for name in chosen:

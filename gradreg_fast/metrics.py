@@ -425,7 +425,10 @@ def folding_percent(flow, mask=None) -> float:
 
 def sd_log_jacobian(flow, mask=None) -> float:
     """Standard deviation of log(det J) over voxels (inside ``mask`` if given); determinants are clipped at
-    1e-9 first so that folded voxels count as a large deviation instead of NaN (the usual convention)."""
+    1e-9 first so that folded voxels count as a large deviation instead of NaN (the usual convention).
+
+    Read it with the folding percentage: a map that reverses orientation almost everywhere (a mirror) has its
+    determinants clipped to nearly one value, so its SDlogJ is near 0."""
     return _sd_log(_determinants(flow, mask))
 
 

@@ -242,6 +242,47 @@ def test_pair_starts_summary_pairs_each_start(validation):
     assert text.count("| bundled") == 2 * 5
 
 
+def test_held_out_cases_share_no_seed_or_name_with_any_other_case_and_come_only_when_named(validation, monkeypatch):
+    held = validation.HELD_OUT_SAME + validation.HELD_OUT_INTER
+    others = validation.SAME_SUBJECT + validation.INTER_SUBJECT + validation.PAIR_STARTS + validation.extra_cases(12)
+    assert len({spec.name for spec in held}) == len(held) == len(validation.HELD_OUT)
+    assert not {spec.name for spec in held} & {spec.name for spec in others}
+    assert not {spec.seed for spec in held} & {spec.seed for spec in others}
+    assert not set(validation.HELD_OUT) & set(validation.CHOOSING)
+    with pytest.raises(ValueError, match="choosing cases only"):
+        validation.choosing_mean({"mr-h1": 0.9})
+    made = lambda spec, out_dir=None: spec  # noqa: E731  (no files: only which cases are chosen)
+    monkeypatch.setattr(validation, "make_case", made)
+    monkeypatch.setattr(validation, "make_inter_case", made)
+    assert not set(validation.all_cases()) & set(validation.HELD_OUT)
+    chosen = validation.all_cases(validation.HELD_OUT)
+    assert [spec.name for spec in chosen.values()] == list(validation.HELD_OUT)
+    # each of the four inter-subject pairs twice, from another start
+    pairs = [(spec.moving_subject, spec.fixed_subject) for spec in validation.HELD_OUT_INTER]
+    assert all(pairs.count(pair) == 2 for pair in pairs) and all(s.offset for s in validation.HELD_OUT_INTER)
+
+
+def test_peer_table_leaves_the_sdlogj_of_an_orientation_reversing_map_out(validation):
+    spec = importlib.util.spec_from_file_location("gradreg_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = lambda dice, folding, sd: {"dice": dice, "folding_percent": folding, "sd_log_jacobian": sd,  # noqa: E731
+                                     "core_s": 1.0, "wall_s": 2.0}
+    inter = sorted(validation.INTER_NAMES)[:3]
+    rows = {inter[0]: {"ANTs SyN": row(0.5, 99.99, 0.0), "gradreg": row(0.6, 0.0, 0.4)},
+            inter[1]: {"ANTs SyN": row(0.7, 0.01, 0.3), "gradreg": row(0.6, 0.0, 0.5)},
+            inter[2]: {"ANTs SyN": row(0.4, 0.2, 0.5), "gradreg": row(0.6, 0.0, 0.6)}}
+    text = module.table(rows)
+    line = next(l for l in text.splitlines() if l.startswith(f"| {inter[0]} | ANTs SyN"))
+    assert "| reversed |" in line and "| 99.990 |" in line
+    ants_mean = next(l for l in text.splitlines() if l.startswith("| mean of 3 inter-subject | ANTs SyN"))
+    assert "| 0.400 (2) |" in ants_mean  # (0.3 + 0.5) / 2, not (0 + 0.3 + 0.5) / 3
+    assert f"{np.mean([0.5, 0.7, 0.4]):.3f}" in ants_mean  # Dice keeps every case
+    gradreg_mean = next(l for l in text.splitlines() if l.startswith("| mean of 3 inter-subject | gradreg"))
+    assert "| 0.500 |" in gradreg_mean
+    assert f"({inter[0]} (ANTs SyN))" in text
+
+
 def test_an_inter_subject_case_without_a_shared_organ_is_refused(validation, tmp_path, monkeypatch):
     monkeypatch.setattr(validation, "ORGANS", {2: "right kidney"})  # not in the third subject's slab
     spec = next(s for s in validation.INTER_SUBJECT if s.name == "inter-cb")
