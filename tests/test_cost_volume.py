@@ -95,6 +95,17 @@ def test_cpu_larger_volume(grid, gen):
     _check_against_reference("cpu", (1, 4, 10, 13, 37), 2, 1, grid, torch.float32, False, gen)
 
 
+@pytest.mark.parametrize("shape, grid", [((2, 1, 1, 4, 3), 4096), ((1, 2, 3, 7, 5), 6)])
+def test_a_grid_beyond_the_volume_is_one_block_along_that_axis(shape, grid, gen):
+    # The reference once padded every axis up to the grid (4096**3 voxels here: an allocation error).
+    _check_against_reference("cpu", shape, 1, 2, grid, torch.float64, False, gen)
+    fixed, moving = _inputs(shape, torch.float64, False, gen)
+    whole = ((fixed - moving) ** 2).sum(dim=1).mean(dim=(1, 2, 3)) if grid >= max(shape[2:]) else None
+    if whole is not None:  # the zero displacement of one block over the whole volume: the plain mean
+        centre = reference.mind_cost_volume(fixed, moving, 1, 2, grid)[:, 13].flatten()
+        torch.testing.assert_close(centre, whole)
+
+
 def test_reference_backend_is_the_reference(gen):
     fixed, moving = _inputs((1, 2, 4, 3, 5), torch.float64, False, gen)
     torch.testing.assert_close(gradreg_fast.mind_cost_volume(fixed, moving, 1, backend="reference"),

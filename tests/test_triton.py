@@ -376,6 +376,71 @@ def size_limits(device):
             raise AssertionError(f"no error for {needle!r}")
 
 
+@group
+def cost_volume_grid_beyond_the_volume(device):
+    """A control grid larger than the volume (one partial block per axis) gives the reference's cost; the kernel's
+    block loops stop at the volume's size (before, grid**3 masked steps: minutes in the interpreter at grid 40)."""
+    import gradreg_fast as gr
+
+    gen = _gen("cost_volume_grid_beyond_the_volume")
+    for shape, radius, spacing, grid in (((1, 2, 3, 2, 5), 1, 1, 40), ((2, 1, 1, 4, 3), 1, 2, 4096)):
+        fixed = _volume(shape, torch.float64, device, gen)
+        moving = _volume(shape, torch.float64, device, gen)
+        what = f"mind_cost_volume {shape} r={radius} s={spacing} grid={grid}"
+        expected = _vjp(lambda f, m: gr.mind_cost_volume(f, m, radius, spacing, grid, backend="reference"),
+                        [fixed, moving], torch.ones((2 * radius + 1) ** 3, device=device, dtype=torch.float64)
+                        .view(1, -1, 1, 1, 1).expand(shape[0], -1, 1, 1, 1).contiguous())
+        actual = _vjp(lambda f, m: gr.mind_cost_volume(f, m, radius, spacing, grid, backend="triton"),
+                      [fixed, moving], torch.ones_like(expected[0]))
+        _close(actual[0], expected[0], torch.float64, what)
+        for a, e, name in zip(actual[1], expected[1], ("fixed", "moving")):
+            _close(a, e, torch.float64, f"{what} grad {name}")
+
+
+@group
+def channel_offsets_past_int32(device):
+    """Volumes of 2**29 and 2**30 voxels (accepted) put their channel offsets k * D*H*W past 2**31. One program of
+    the real kernel runs over the first 256 voxels; its output or flow is a view 2**31 elements into a larger,
+    lazily allocated buffer (only written pages are backed), so an offset wrapped in int32 would land in front of
+    it, where a marker shows it. CPU only: a CUDA buffer is not allocated lazily."""
+    if device != "cpu":
+        return
+    import triton
+
+    from gradreg_fast.triton_kernels import lncc, warp
+
+    # LNCC's five product channels, 512 x 1024 x 1024 voxels: channel 4 (fixed * warped) at out + 4 * D*H*W.
+    d, h, w = 512, 1024, 1024
+    voxels = d * h * w
+    buffer = torch.empty(2**31 + 5 * voxels, dtype=torch.float16)
+    buffer[:256] = -1.0
+    out = buffer[2**31:]
+    out[4 * voxels:4 * voxels + 256] = -1.0
+    warped = torch.full((256,), 2.0, dtype=torch.float16)
+    fixed = torch.full((256,), 3.0, dtype=torch.float16)
+    lncc._products_kernel[(1,)](warped, fixed, 0, out, d, h, w, triton.cdiv(voxels, 256), BLOCK=256)
+    assert out[4 * voxels:4 * voxels + 256].eq(6.0).all(), "lncc: channel 4 not where it belongs"
+    assert buffer[:256].eq(-1.0).all(), "lncc: channel 4 written 2**31 elements before its buffer"
+    del buffer, out
+
+    # warp, 1024**3 voxels: the x displacement is read at flow + 2 * D*H*W.
+    d = h = w = 1024
+    voxels = d * h * w
+    buffer = torch.empty(2**31 + 3 * voxels, dtype=torch.float32)
+    buffer[:256] = 1.0  # a marker: read as the x displacement if the offset wraps
+    flow = buffer[2**31:]
+    for channel in range(3):
+        flow[channel * voxels:channel * voxels + 256] = 0.0
+    image = torch.zeros(2 * h * w, dtype=torch.float32)  # the rows z, y in {0, 1} hold the image x
+    for z in (0, 1):
+        for y in (0, 1):
+            image[(z * h + y) * w:(z * h + y + 1) * w] = torch.arange(w, dtype=torch.float32)
+    out = torch.full((256,), -1.0, dtype=torch.float32)
+    warp._forward_kernel[(1,)](image, flow, out, 1, d, h, w, triton.cdiv(voxels, 256), NEAREST=False, BORDER=False,
+                               BLOCK=256)
+    assert torch.equal(out, torch.arange(256, dtype=torch.float32)), f"warp: {out[:4].tolist()} for zero flow"
+
+
 # ------------------------------------------------------------------------------------------------ runners
 
 

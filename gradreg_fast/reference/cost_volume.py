@@ -26,10 +26,13 @@ def _block_mean(values: torch.Tensor, grid: int) -> torch.Tensor:
     """Mean of ``values`` over each grid x grid x grid block, counting only the voxels that exist."""
     n, k, d, h, w = values.shape
     dq, hq, wq = (-(-size // grid) for size in (d, h, w))
-    pad = (0, wq * grid - w, 0, hq * grid - h, 0, dq * grid - d)
-    sums = F.pad(values, pad).reshape(n, k, dq, grid, hq, grid, wq, grid).sum(dim=(3, 5, 7))
+    # Along an axis with one control point the block is the whole axis: no padding up to a grid that may be far
+    # larger than the volume (grid 4096 on a few voxels would pad to 4096**3).
+    bd, bh, bw = (grid if count > 1 else size for count, size in ((dq, d), (hq, h), (wq, w)))
+    pad = (0, wq * bw - w, 0, hq * bh - h, 0, dq * bd - d)
+    sums = F.pad(values, pad).reshape(n, k, dq, bd, hq, bh, wq, bw).sum(dim=(3, 5, 7))
     ones = torch.ones((1, 1, d, h, w), dtype=values.dtype, device=values.device)
-    counts = F.pad(ones, pad).reshape(1, 1, dq, grid, hq, grid, wq, grid).sum(dim=(3, 5, 7))
+    counts = F.pad(ones, pad).reshape(1, 1, dq, bd, hq, bh, wq, bw).sum(dim=(3, 5, 7))
     return sums / counts
 
 

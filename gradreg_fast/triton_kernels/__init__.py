@@ -57,6 +57,13 @@ def volume_grid(op: str, voxels: int, volumes: int, block: int) -> tuple[tuple[i
 
 
 @triton.jit
+def voxel_count(D, H, W):
+    """D*H*W as an int64 scalar: a volume of up to MAX_VOXELS fits int32, but the channel offsets built from it
+    (k * D*H*W for the 3 flow or 5 LNCC channels) pass 2**31 from 2**29 voxels on."""
+    return tl.cast(D, tl.int64) * H * W
+
+
+@triton.jit
 def voxel_coordinates(pid, blocks_per_volume, D, H, W, BLOCK: tl.constexpr):
     """(volume index as an int64 scalar, voxel index p, z, y, x, in-bounds mask) of program ``pid``
     of a grid made by :func:`volume_grid`."""

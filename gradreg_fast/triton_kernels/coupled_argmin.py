@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates, voxel_count
 
 OP = "coupled_argmin"
 BLOCK = 256
@@ -32,7 +32,7 @@ def _clamp(i, n):
 def _kernel(cost_ptr, field_ptr, coupling_ptr, index_ptr, D, H, W, K, radius, blocks_per_volume,
             MIRRORED: tl.constexpr, BLOCK: tl.constexpr):
     n, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    voxels = D * H * W
+    voxels = voxel_count(D, H, W)
     u = field_ptr + n * 3 * voxels + p
     uz = tl.load(u, mask=mask, other=0.0)
     uy = tl.load(u + voxels, mask=mask, other=0.0)

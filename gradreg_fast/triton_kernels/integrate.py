@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates, voxel_count
 from .warp import _linear_axis, _sample_points, _scatter_trilinear, _trilinear
 
 OP = "integrate_velocity"
@@ -21,7 +21,7 @@ BLOCK = 256
 def _step_kernel(u_ptr, next_ptr, D, H, W, blocks_per_item, BORDER: tl.constexpr, BLOCK: tl.constexpr):
     """next = u + u sampled at x + u(x), three channels."""
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     cz, cy, cx = _sample_points(u_ptr, item, p, z, y, x, mask, DHW)
     lz, fz, lz_in, hz_in, _ = _linear_axis(cz, D, BORDER)
     ly, fy, ly_in, hy_in, _ = _linear_axis(cy, H, BORDER)
@@ -39,7 +39,7 @@ def _step_kernel(u_ptr, next_ptr, D, H, W, blocks_per_item, BORDER: tl.constexpr
 def _grad_kernel(u_ptr, g_ptr, dst_ptr, D, H, W, blocks_per_item, BORDER: tl.constexpr, BLOCK: tl.constexpr):
     """dst (zeroed) += this step's d/du from G: the scatter onto the corners, and the direct part at p."""
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     cz, cy, cx = _sample_points(u_ptr, item, p, z, y, x, mask, DHW)
     lz, fz, lz_in, hz_in, moves_z = _linear_axis(cz, D, BORDER)
     ly, fy, ly_in, hy_in, moves_y = _linear_axis(cy, H, BORDER)

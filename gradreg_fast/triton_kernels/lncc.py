@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates, voxel_count
 
 OP = "lncc_loss"
 BLOCK = 256
@@ -21,7 +21,7 @@ BLOCK = 256
 def _products_kernel(warped_ptr, fixed_ptr, fixed_batch_stride, out_ptr, D, H, W, blocks_per_item,
                      BLOCK: tl.constexpr):
     item, p, _, _, _, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     i = tl.load(fixed_ptr + item * fixed_batch_stride + p, mask=mask, other=0.0)
     j = tl.load(warped_ptr + item * DHW + p, mask=mask, other=0.0)
     out = out_ptr + item * 5 * DHW + p
@@ -36,7 +36,7 @@ def _products_kernel(warped_ptr, fixed_ptr, fixed_batch_stride, out_ptr, D, H, W
 def _box_axis_kernel(in_ptr, out_ptr, D, H, W, R, blocks_per_volume, AXIS: tl.constexpr, BLOCK: tl.constexpr):
     """out = in summed over [-R, R] along AXIS (0 z, 1 y, 2 x), zeros outside."""
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     coord, size, stride = axis_line(z, y, x, D, H, W, AXIS)
     base = in_ptr + volume * DHW
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
@@ -51,7 +51,7 @@ def _box_axis_kernel(in_ptr, out_ptr, D, H, W, R, blocks_per_volume, AXIS: tl.co
 def _finish_kernel(sums_ptr, constants_ptr, map_ptr, coef_ptr, D, H, W, blocks_per_item, MONAI: tl.constexpr,
                    COUNT: tl.constexpr, BLOCK: tl.constexpr):
     item, p, _, _, _, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     n = tl.load(constants_ptr)
     eps = tl.load(constants_ptr + 1)
     smooth_nr = tl.load(constants_ptr + 2)
@@ -104,7 +104,7 @@ def _finish_kernel(sums_ptr, constants_ptr, map_ptr, coef_ptr, D, H, W, blocks_p
 def _scale_kernel(coef_ptr, grad_ptr, out_ptr, COUNT, D, H, W, blocks_per_volume, GRAD_IS_MAP: tl.constexpr,
                   BLOCK: tl.constexpr):
     volume, p, _, _, _, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     if GRAD_IS_MAP:
         g = tl.load(grad_ptr + (volume // COUNT) * DHW + p, mask=mask, other=0.0)
     else:
@@ -117,7 +117,7 @@ def _scale_kernel(coef_ptr, grad_ptr, out_ptr, COUNT, D, H, W, blocks_per_volume
 def _combine_kernel(box_ptr, warped_ptr, fixed_ptr, fixed_batch_stride, grad_warped_ptr, grad_fixed_ptr, COUNT, D, H,
                     W, blocks_per_item, NEED_WARPED: tl.constexpr, NEED_FIXED: tl.constexpr, BLOCK: tl.constexpr):
     item, p, _, _, _, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     box = box_ptr + item * COUNT * DHW + p
     i = tl.load(fixed_ptr + item * fixed_batch_stride + p, mask=mask, other=0.0)
     j = tl.load(warped_ptr + item * DHW + p, mask=mask, other=0.0)

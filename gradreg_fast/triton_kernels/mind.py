@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, axis_line, check_voxels, volume_grid, voxel_coordinates, voxel_count
 
 OP = "mind"
 BLOCK = 256  # voxels per program of the one-channel passes
@@ -91,7 +91,7 @@ def _shifted_index(z, y, x, dz, dy, dx, D, H, W):
 def _box_x_squared_difference_kernel(vol_ptr, pair_ptr, dst_ptr, K, D, H, W, dilation, blocks_per_volume,
                                      R: tl.constexpr, BLOCK: tl.constexpr):
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     item = volume // K
     pair = pair_ptr + (volume % K) * 6
     az, ay, ax = _load_offset(pair, dilation)
@@ -129,7 +129,7 @@ def _channel_tile(item, p, mask, D, H, W, K: tl.constexpr, KP: tl.constexpr):
     """Element offsets (KP, TILE) of channels 0..K-1 of item's voxels p, the tile's mask, and k (KP, 1).
     Voxels run along the last, fastest axis so that every channel row is a coalesced access."""
     k = tl.arange(0, KP)[:, None]
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     offsets = item * K * DHW + k.to(tl.int64) * DHW + p[None, :]
     return offsets, (k < K) & mask[None, :], k
 
@@ -234,7 +234,7 @@ def _box_adjoint_x_kernel(src_ptr, vol_ptr, pair_ptr, dst_ptr, K, D, H, W, dilat
                           R: tl.constexpr, BLOCK: tl.constexpr):
     """E_k(p) = 2 (I[a_k(p)] - I[b_k(p)]) * (x-adjoint of the box filter of the gradient)(p)."""
     volume, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     base = volume * DHW
     grad = _box_sum_adjoint(src_ptr + base, p, x, W, 1, mask, R)
     vol = vol_ptr + (volume // K) * DHW
@@ -284,7 +284,7 @@ def _shift_adjoint_kernel(e_ptr, pair_ptr, grad_ptr, D, H, W, dilation, blocks_p
                           BLOCK: tl.constexpr):
     """grad[q] = sum_k (sum_{p: a_k(p) = q} E_k[p] - sum_{p: b_k(p) = q} E_k[p]), a deterministic gather."""
     item, q, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     acc = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
     for k in tl.static_range(K):
         e = e_ptr + (item * K + k) * DHW

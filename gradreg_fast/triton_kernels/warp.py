@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates, voxel_count
 
 OP = "warp"
 BLOCK = 256
@@ -134,7 +134,7 @@ def _sample_points(flow_ptr, item, p, z, y, x, mask, DHW):
 def _forward_kernel(image_ptr, flow_ptr, out_ptr, C, D, H, W, blocks_per_item, NEAREST: tl.constexpr,
                     BORDER: tl.constexpr, BLOCK: tl.constexpr):
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     cz, cy, cx = _sample_points(flow_ptr, item, p, z, y, x, mask, DHW)
     if NEAREST:
         iz, in_z = _nearest_axis(cz, D, BORDER)
@@ -165,7 +165,7 @@ def _backward_kernel(grad_out_ptr, image_ptr, flow_ptr, grad_image_ptr, grad_flo
                      BORDER: tl.constexpr, ATOMIC_IMAGE: tl.constexpr, NEED_FLOW: tl.constexpr,
                      BLOCK: tl.constexpr):
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     cz, cy, cx = _sample_points(flow_ptr, item, p, z, y, x, mask, DHW)
     lz, fz, lz_in, hz_in, moves_z = _linear_axis(cz, D, BORDER)
     ly, fy, ly_in, hy_in, moves_y = _linear_axis(cy, H, BORDER)
@@ -198,7 +198,7 @@ def _corner_pairs_kernel(flow_ptr, key_ptr, weight_ptr, D, H, W, total_voxels: t
     """Entry corner * total_voxels + source: the destination voxel (over the batch) and trilinear weight
     of one corner of one source voxel; corners outside the volume get the key total_voxels."""
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     cz, cy, cx = _sample_points(flow_ptr, item, p, z, y, x, mask, DHW)
     lz, fz, lz_in, hz_in, _ = _linear_axis(cz, D, BORDER)
     ly, fy, ly_in, hy_in, _ = _linear_axis(cy, H, BORDER)
@@ -222,7 +222,7 @@ def _segment_sum_kernel(grad_out_ptr, order_ptr, weight_ptr, run_start_ptr, grad
                         total_voxels: tl.int64, blocks_per_volume, BLOCK: tl.constexpr):
     """grad_image[n, c, q] = sum over the sorted entries whose destination is (n, q), in sorted order."""
     volume, q, _, _, _, mask = voxel_coordinates(tl.program_id(0), blocks_per_volume, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     item = volume // C
     destination = item * DHW + q
     start = tl.load(run_start_ptr + destination, mask=mask, other=0)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates
+from . import LAUNCH_OPTIONS, check_voxels, volume_grid, voxel_coordinates, voxel_count
 from .warp import _linear_axis, _sample_points, _trilinear
 
 OP = "warped_sq_diff"
@@ -26,7 +26,7 @@ BLOCK = 256
 def _kernel(moving_ptr, fixed_ptr, flow_ptr, weight_ptr, grad_flow_ptr, partial_ptr, C, D, H, W, blocks_per_item,
             HAS_WEIGHT: tl.constexpr, NEED_FLOW: tl.constexpr, BORDER: tl.constexpr, BLOCK: tl.constexpr):
     item, p, z, y, x, mask = voxel_coordinates(tl.program_id(0), blocks_per_item, D, H, W, BLOCK)
-    DHW = D * H * W
+    DHW = voxel_count(D, H, W)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + item * DHW + p, mask=mask, other=0.0)
     else:
