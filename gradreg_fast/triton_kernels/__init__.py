@@ -12,6 +12,9 @@ Conventions shared by every kernel:
 * Every load and store is masked; no output buffer is assumed to be zero.
 * Constants of the computation (eps, 0.001 m, ...) are formed in the tensor's own dtype: a Python
   float passed as a kernel argument would arrive as float32 and lose precision in float64.
+* Compiled for a GPU, float32 ``/``, ``tl.exp`` and ``tl.log`` are the hardware's approximate ones (a few
+  ulp; only box_mean divides with ``div_rn``), so float32 results agree with the CPU and CUDA cores to
+  rounding, not bit for bit; the tests compare with tolerances. The interpreter computes them exactly.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly), which is how the test
 suite checks them on a machine without a GPU.
