@@ -23,17 +23,24 @@ def rel(paths):
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
-def find_cuda_home():
+def find_cuda():
+    """(toolkit home, folder of its static runtime, None), or (None, None, why the CUDA core is skipped).
+
+    The CUDA core links cudart statically (one binary for any driver); packaged toolkits often ship it apart."""
     if os.environ.get("GRADREG_NO_CUDA", "0") not in ("", "0"):
-        return None
+        return None, None, "GRADREG_NO_CUDA is set"
     nvcc = shutil.which("nvcc")
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     if nvcc:
         candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
     for home in filter(None, candidates):
-        if (Path(home) / "include" / "cuda_runtime.h").exists() and (Path(home) / "bin" / "nvcc").exists():
-            return Path(home)
-    return None
+        home = Path(home)
+        if (home / "include" / "cuda_runtime.h").exists() and (home / "bin" / "nvcc").exists():
+            lib_dir = next((d for d in (home / "lib64", home / "lib") if (d / "libcudart_static.a").exists()), None)
+            if lib_dir is None:
+                return None, None, f"{home} has nvcc but no lib64/libcudart_static.a (the static CUDA runtime)"
+            return home, lib_dir, None
+    return None, None, "nvcc not found"
 
 
 class BuildExt(build_ext):
@@ -87,14 +94,7 @@ extensions = [
     )
 ]
 
-cuda_home = find_cuda_home()
-# The CUDA core links cudart statically (one binary for any driver); packaged toolkits often ship it apart.
-lib_dir = None if cuda_home is None else next(
-    (d for d in (cuda_home / "lib64", cuda_home / "lib") if (d / "libcudart_static.a").exists()), None)
-if cuda_home is not None and lib_dir is None:
-    print(f"gradreg_fast: {cuda_home} has nvcc but no lib64/libcudart_static.a (the static CUDA runtime): building the "
-          f"CPU core only", file=sys.stderr)
-    cuda_home = None
+cuda_home, lib_dir, no_cuda = find_cuda()
 if cuda_home is not None:
     cuda_ext = Pybind11Extension(
         "gradreg_fast._cuda",
@@ -108,7 +108,7 @@ if cuda_home is not None:
     cuda_ext.cuda_sources = rel((ROOT / "csrc" / "cuda").glob("*.cu"))
     extensions.append(cuda_ext)
     print(f"gradreg_fast: building the CUDA core with {cuda_home}", file=sys.stderr)
-elif lib_dir is None:
-    print("gradreg_fast: nvcc not found (or GRADREG_NO_CUDA=1): building the CPU core only", file=sys.stderr)
+else:
+    print(f"gradreg_fast: {no_cuda}: building the CPU core only", file=sys.stderr)
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
