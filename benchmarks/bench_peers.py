@@ -193,7 +193,7 @@ def table(rows: dict) -> str:
     reversed_rows = []
     for case, methods in rows.items():
         for method, row in methods.items():
-            cells = [f"{_shown(row, k):.3f}" if _shown(row, k) is not None else "-" for k in KEYS]
+            cells = ["-" if value is None else f"{value:.3f}" for value in (_shown(row, k) for k in KEYS)]
             if reversed_map(row):
                 cells[KEYS.index("sd_log_jacobian")] = "reversed"
                 reversed_rows.append(f"{case} ({method})")
@@ -207,7 +207,7 @@ def table(rows: dict) -> str:
             values = [rows[c][method] for c in cases if method in rows[c]]
             cells = []
             for k in KEYS:
-                shown = [_shown(v, k) for v in values if _shown(v, k) is not None]
+                shown = [value for value in (_shown(v, k) for v in values) if value is not None]
                 cells.append(f"{np.mean(shown):.3f}" + (f" ({len(shown)})" if len(shown) < len(values) else "")
                              if shown else "-")
             lines.append(f"| mean of {len(values)} {group} | {method} | " + " | ".join(cells) + " |")

@@ -112,9 +112,9 @@ PAIR_STARTS = tuple(InterSpec(f"bundled-s{i}", "ct-a", "mr-b", 200 + i, offset=T
 # and starting positions from the same scans and people as the choosing cases: not new subjects.
 HELD_OUT_SAME = tuple(CaseSpec(f"{base}-h{i}", base, 300 + i, 10.0 + i, 15.0 + 1.4 * i)
                       for i, base in enumerate(("mr", "ct", "mr", "ct", "mr", "ct"), start=1))
-HELD_OUT_INTER = tuple(InterSpec(f"{pair}-h{i}", moving, fixed, 400 + 2 * k + i, offset=True)
-                       for k, (pair, moving, fixed) in enumerate((("inter-cb", "ct-c", "mr-b"), ("inter-ca", "ct-c", "ct-a"),
-                                                                  ("inter-ac", "ct-a", "ct-c"), ("inter-bc", "mr-b", "ct-c")))
+HELD_OUT_INTER = tuple(InterSpec(f"{pair.name}-h{i}", pair.moving_subject, pair.fixed_subject, 400 + 2 * k + i,
+                                 offset=True)
+                       for k, pair in enumerate(spec for spec in INTER_SUBJECT if not spec.offset)  # the four pairs
                        for i in (1, 2))
 HELD_OUT = tuple(spec.name for spec in HELD_OUT_SAME + HELD_OUT_INTER)
 
