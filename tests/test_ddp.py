@@ -16,11 +16,14 @@ import gradreg_fast
 REPO = Path(gradreg_fast.__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     import torch
     from gradreg_fast.train import TrainConfig, Trainer
 
     out = sys.argv[1]
+    if os.environ["RANK"] == "1":  # a slow process: rank 0 must not start writing the run while rank 1 checks it
+        datasets = Trainer._datasets
+        Trainer._datasets = lambda self: (time.sleep(1.0), datasets(self))[1]
     config = TrainConfig(model="gated", enc=(4, 4, 4, 4), dec=4, refine=(), shape=(16, 16, 16), train_pairs=2,
                          val_pairs=2, descriptor="mind", lr=1e-2, steps=24, log_every=1, val_every=12,
                          checkpoint_every=12, num_workers=0, progress=False, device="cpu", out_dir=out + "/run")
@@ -42,7 +45,8 @@ def test_two_cpu_processes_train_one_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The failing rank's traceback comes first in stderr, torchrun's summary of it last.
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:4000] + "\n...\n" + result.stderr[-1500:]
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

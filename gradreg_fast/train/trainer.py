@@ -122,6 +122,10 @@ class Trainer:
                 raise ValueError(f"the checkpoint {str(resume_from)!r} has trained {self.step} steps, all of the "
                                  f"{config.steps} asked for: nothing to do (raise steps to train on)")
         self.resumed_step = self.step if resume_from is not None else None
+        if self.world_size > 1:
+            # Rank 0 creates the logs as soon as fit starts: a rank still checking out_dir above would find them
+            # and refuse the run as someone else's. Every rank checks before any rank writes.
+            dist.barrier()
 
     # -- setup -----------------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
