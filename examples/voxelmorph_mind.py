@@ -29,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
     parser.add_argument("--spacing", type=float, default=4.0, help="working grid spacing in mm (default 4)")
     parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="working grid size in voxels (default: the MR's field of view)")
+                        help="working grid size in voxels, each rounded up to a multiple of 16 as the network's four "
+                             "halvings need (default: the MR's field of view)")
     parser.add_argument("--features", type=int, default=16, help="UNet features per level (default 16)")
     parser.add_argument("--penalty", choices=("l1", "l2"), default="l1",
                         help="MIND penalty: l1 (MINDLoss's default) or l2 (TransMorph's)")
@@ -44,7 +45,8 @@ def main(argv=None) -> dict:
     """Train, print one line per step, and return the losses (for tests/test_examples.py)."""
     try:
         import voxelmorph as vxm
-    except ImportError as exc:
+        vxm.nn.models.VxmPairwise  # noqa: B018  (older releases import but lack the torch models)
+    except (ImportError, AttributeError) as exc:
         raise SystemExit(f"this example needs voxelmorph >= 0.3.4 (pip install voxelmorph): {exc}") from exc
     args = parse_args(argv)
     torch.manual_seed(args.seed)
