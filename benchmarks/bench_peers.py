@@ -103,22 +103,21 @@ def score(prep: dict, flow: np.ndarray, files: dict) -> dict:
 
     from gradreg_fast import metrics
     from gradreg_fast.io import keep_labels
-    from gradreg_fast.register.pipeline import _apply_world, _sample, _world_points
+    from gradreg_fast.register.pipeline import _sample, _scan_coords, _world_displacement
 
     grid_fit = prep["grid_fit"]
     out_grid = grid_fit.original
-    flow_out = grid_fit.to_original(flow, fill="edge").astype(np.float64)
-    points = _world_points(out_grid)
-    registered = _apply_world(prep["initial"], _world_points(out_grid, flow_out))
+    flow_out = grid_fit.to_original(flow, fill="edge")
     ids = sorted(files.get("organs", validation.ORGANS))
     fixed_seg, moving_seg = prep["fixed_labels"], prep["moving_labels"]
-    fixed_labels = _sample(keep_labels(fixed_seg.data, ids), fixed_seg.affine, points, 0, 0)
-    warped = _sample(keep_labels(moving_seg.data, ids), moving_seg.affine, registered, 0, 0)
+    fixed_labels = _sample(keep_labels(fixed_seg.data, ids), _scan_coords(fixed_seg.affine, np.eye(4), out_grid), 0, 0)
+    warped = _sample(keep_labels(moving_seg.data, ids),
+                     _scan_coords(moving_seg.affine, prep["initial"], out_grid, flow_out), 0, 0)
     table = metrics.label_metrics(fixed_labels, warped, out_grid.spacing, ids)
     dice = [v["dice"] for v in table.values() if not math.isnan(v["dice"])]
     box = (slice(None), slice(None)) + tuple(prep["box"])
     field = torch.from_numpy(np.ascontiguousarray(flow)).float().unsqueeze(0)[box]
-    displacement = np.moveaxis(registered - points, 0, -1)
+    displacement = _world_displacement(prep["initial"], out_grid, flow_out)
     return {"dice": float(np.mean(dice)), **validation.endpoint_error(displacement, files, fixed_labels),
             "folding_percent": metrics.folding_percent(field), "sd_log_jacobian": metrics.sd_log_jacobian(field)}
 

@@ -1,6 +1,7 @@
 """Registration: known deformations and affines are recovered; the pipeline's outputs are consistent."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -308,24 +309,59 @@ def test_the_intensity_windows_of_the_settings_reach_the_images(synthetic_pair):
                  progress=False)
 
 
-def test_sampling_at_world_points_is_scipys_nearest_or_trilinear():
+def test_sampling_at_voxel_coordinates_is_scipys_nearest_or_trilinear():
     from gradreg_fast.register.pipeline import _sample
 
     rng = np.random.default_rng(8)
     labels = rng.integers(0, 5, (9, 7, 5)).astype(np.uint8)
     image = rng.normal(size=(9, 7, 5)).astype(np.float32)
-    affine = np.diag([2.0, 1.5, 3.0, 1.0])
-    affine[:3, 3] = (4.0, -2.0, 1.0)
     voxels = rng.uniform(-1.5, np.array([10, 8, 6])[:, None, None], (3, 6, 11))  # some outside the volume
-    world = np.einsum("ij,j...->i...", affine[:3, :3], voxels) + affine[:3, 3].reshape(3, 1, 1)
-    nearest = _sample(labels, affine, world, 0, 0)
+    nearest = _sample(labels, voxels, 0, 0)
     assert nearest.dtype == np.uint8
     np.testing.assert_array_equal(nearest, ndimage.map_coordinates(labels, voxels, order=0, mode="grid-constant"))
-    np.testing.assert_allclose(_sample(image, affine, world, 1, -7.0),
+    np.testing.assert_allclose(_sample(image, voxels, 1, -7.0),
                                ndimage.map_coordinates(image, voxels, order=1, mode="grid-constant", cval=-7.0),
                                rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="order"):
-        _sample(image, affine, world, 3, 0.0)
+        _sample(image, voxels, 3, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (1, 6, 4), (4, 1, 1)])
+def test_stage_coordinates_equal_the_explicit_maps(shape):
+    """The evaluation's voxel coordinates and world displacement, built from per-axis ramps, against the maps
+    written out: indices (plus the field) through the grid's affine, the world transform and the scan's inverse."""
+    from gradreg_fast.io import Grid
+    from gradreg_fast.register.pipeline import _scan_coords, _world_displacement
+
+    rng = np.random.default_rng(sum(shape))
+
+    def random_affine():
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.diag(rng.uniform(0.5, 3.0, 3)) + rng.normal(0, 0.2, (3, 3))
+        matrix[:3, 3] = rng.uniform(-50, 50, 3)
+        return matrix
+
+    grid, scan_affine, transform = Grid(shape, random_affine()), random_affine(), random_affine()
+    flow = rng.normal(0, 2, (3, *shape)).astype(np.float32)
+    index = np.indices(shape, dtype=np.float64)
+
+    def through(matrix, points):
+        return np.einsum("ij,j...->i...", matrix[:3, :3], points) + matrix[:3, 3].reshape(3, 1, 1, 1)
+
+    world = through(grid.affine, index)
+    moved_world = through(transform, through(grid.affine, index + flow))
+    inverse = np.linalg.inv(scan_affine)
+    np.testing.assert_allclose(_scan_coords(scan_affine, transform, grid), through(inverse, through(transform, world)),
+                               rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(_scan_coords(scan_affine, transform, grid, flow), through(inverse, moved_world),
+                               rtol=1e-12, atol=1e-9)
+    displacement = _world_displacement(transform, grid, flow)
+    assert displacement.shape == (*shape, 3) and displacement.dtype == np.float64
+    np.testing.assert_allclose(displacement, np.moveaxis(moved_world - world, 0, -1), rtol=1e-12, atol=1e-9)
+    # a non-contiguous field (a view of a larger one) is read as its values
+    wide = rng.normal(0, 2, (3, *shape[:2], 2 * shape[2])).astype(np.float32)
+    np.testing.assert_array_equal(_scan_coords(scan_affine, transform, grid, wide[..., ::2]),
+                                  _scan_coords(scan_affine, transform, grid, np.ascontiguousarray(wide[..., ::2])))
 
 
 @pytest.mark.parametrize("names, message", [({1.5: "a"}, "whole numbers"), ({"1": "a"}, "whole-number"),
@@ -383,3 +419,23 @@ def test_working_grid_multiples():
     assert working_multiples((20, 91, 117), Settings()) == (16, 4, 4)
     assert working_multiples((64, 64, 64), Settings()) == (16, 4, 4)  # a tie: the first axis
     assert working_multiples((117, 91, 20), Settings(method="network")) == (16, 16, 16)
+
+
+def test_inputs_read_together_fail_on_the_first_bad_file_in_order(synthetic_pair, tmp_path):
+    """The four files are read on threads: a failure still names the first bad file in the order fixed image,
+    moving image, fixed labels, moving labels, whichever thread finished first."""
+    from gradreg_fast.io import NiftiError
+    from gradreg_fast.register.pipeline import _read_inputs
+
+    files = synthetic_pair
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(Path(files["moving_labels"]).read_bytes()[:200])
+    missing = tmp_path / "missing.nii.gz"
+    scans = _read_inputs(((files["fixed"], "fixed image"), (files["moving"], "moving image"), (None, "fixed labels"),
+                          (files["moving_labels"], "moving labels")))
+    assert scans[2] is None and scans[0].path == str(files["fixed"]) and scans[3].path == str(files["moving_labels"])
+    with pytest.raises(FileNotFoundError, match="moving image"):
+        _read_inputs(((files["fixed"], "fixed image"), (missing, "moving image"), (corrupt, "fixed labels")))
+    with pytest.raises(NiftiError, match="fixed labels"):
+        _read_inputs(((files["fixed"], "fixed image"), (files["moving"], "moving image"), (corrupt, "fixed labels"),
+                      (missing, "moving labels")))

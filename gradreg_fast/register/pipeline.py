@@ -167,31 +167,56 @@ def resolve_device(device: str | torch.device | None, backend: str | None = None
     return device
 
 
-def _world_points(grid: Grid, displacement_voxels: np.ndarray | None = None) -> np.ndarray:
-    """(3, d, h, w) world positions of ``grid``'s voxels, optionally displaced by a voxel field."""
-    index = np.indices(grid.shape, dtype=np.float64)
-    if displacement_voxels is not None:
-        index = index + displacement_voxels
-    return _apply_world(grid.affine, index)
+def _lattice_map(matrix: np.ndarray, shape, flow: np.ndarray | None = None,
+                 flow_matrix: np.ndarray | None = None) -> np.ndarray:
+    """(3, *shape) float64: ``matrix`` (4x4) applied to the voxel indices of a grid of ``shape``, plus the linear
+    part of ``flow_matrix`` (default ``matrix``) applied to the voxel field ``flow`` (3, *shape) when given: for
+    ``flow_matrix == matrix``, the map of the displaced voxels.
+
+    The lattice of indices is never stored: each channel is a broadcast sum of per-axis ramps, one pass over the
+    volume, and the field adds one matrix product (on torch's threads). Every stage of the evaluation needs such a
+    map; storing indices and world points for each cost more than the label metrics (first-touch pages of
+    ~20 MB arrays in a fresh process)."""
+    matrix = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float64))
+    ramps = [torch.arange(n, dtype=torch.float64) for n in shape]
+    out = torch.empty((3, *shape), dtype=torch.float64)
+    if flow is not None:
+        linear = matrix if flow_matrix is None else torch.from_numpy(np.ascontiguousarray(flow_matrix,
+                                                                                          dtype=np.float64))
+        moved = torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float64)).reshape(3, -1)
+        torch.mm(linear[:3, :3], moved, out=out.view(3, -1))
+    for c in range(3):
+        plane = ((matrix[c, 0] * ramps[0]).view(-1, 1) + (matrix[c, 1] * ramps[1] + matrix[c, 3]).view(1, -1))
+        ramp = matrix[c, 2] * ramps[2]
+        if flow is None:
+            torch.add(plane.unsqueeze(-1), ramp, out=out[c])
+        else:
+            out[c] += plane.unsqueeze(-1)
+            out[c] += ramp
+    return out.numpy()
 
 
-def _voxel_coords(scan_affine: np.ndarray, world: np.ndarray) -> np.ndarray:
-    """(3, ...) voxel coordinates in a scan of world points (3, ...)."""
-    inverse = np.linalg.inv(scan_affine)
-    return _apply_world(inverse, world)
+def _scan_coords(scan_affine: np.ndarray, transform: np.ndarray, grid: Grid, flow: np.ndarray | None = None):
+    """(3, *grid.shape) voxel coordinates in a scan of ``grid``'s voxels (displaced by the voxel field ``flow``)
+    carried by the world transform ``transform`` (4x4, fixed to moving world)."""
+    return _lattice_map(np.linalg.inv(scan_affine) @ transform @ grid.affine, grid.shape, flow)
 
 
-def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, order: int, cval: float,
-            coords: np.ndarray | None = None):
-    """Values of a volume at world points (3, ...) (``order`` 1: trilinear, 0: nearest; ``cval`` outside);
-    ``coords``: their :func:`_voxel_coords` in the scan, when already at hand. Trilinear runs on grid_sample
-    (:func:`gradreg_fast.io.sample_trilinear`); nearest on scipy, whose rounding of a coordinate halfway between
-    two voxels every label map of the package shares."""
+def _world_displacement(transform: np.ndarray, grid: Grid, flow: np.ndarray) -> np.ndarray:
+    """(*grid.shape, 3) float64 world displacement (mm) of ``grid``'s voxels: each voxel moved by the voxel field
+    ``flow`` (3, *grid.shape) and then by the world transform ``transform``, minus where it lay."""
+    to_world = transform @ grid.affine
+    return np.moveaxis(_lattice_map(to_world - grid.affine, grid.shape, flow, to_world), 0, -1)
+
+
+def _sample(scan_data: np.ndarray, coords: np.ndarray, order: int, cval: float):
+    """Values of a volume at voxel coordinates (3, ...) (``order`` 1: trilinear, 0: nearest; ``cval`` outside).
+    Trilinear runs on grid_sample (:func:`gradreg_fast.io.sample_trilinear`); nearest on scipy, whose rounding of
+    a coordinate halfway between two voxels every label map of the package shares."""
     from concurrent.futures import ThreadPoolExecutor
 
     if order not in (0, 1):
         raise ValueError(f"`order` must be 0 (nearest) or 1 (trilinear), got {order!r}")
-    coords = _voxel_coords(scan_affine, world) if coords is None else coords
     if order == 1:
         return sample_trilinear(scan_data, coords, cval)
     out = np.empty(coords.shape[1:], scan_data.dtype)  # map_coordinates' own output type
@@ -207,14 +232,6 @@ def _sample(scan_data: np.ndarray, scan_affine: np.ndarray, world: np.ndarray, o
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(slab, range(len(bounds) - 1)))
     return out
-
-
-def _apply_world(transform: np.ndarray, world: np.ndarray) -> np.ndarray:
-    """A 4x4 transform applied to points (3, ...), float64: one matrix product on torch's threads (2-3x einsum's
-    speed on a whole grid; numpy's BLAS would leave its own threads spinning against the samplers that follow)."""
-    points = torch.from_numpy(np.ascontiguousarray(world, dtype=np.float64)).reshape(3, -1)
-    matrix = torch.from_numpy(np.ascontiguousarray(transform, dtype=np.float64))
-    return torch.addmm(matrix[:3, 3:], matrix[:3, :3], points).numpy().reshape(world.shape)
 
 
 def _lattice_box(grid: Grid, scan_shape, scan_affine, index_box) -> tuple:
@@ -356,6 +373,20 @@ def _check_label_names(label_names) -> dict:
     return {i: str(name) for i, name in zip(ids, label_names.values())}
 
 
+def _read_inputs(files) -> list:
+    """:func:`read_nifti` of every (path, what) in ``files`` (None for a path not given), on threads: gzip
+    inflates without the GIL, and the files are independent. An error names the first failing file in the
+    order given, as reading them one by one would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(entry):
+        path, what = entry
+        return None if path is None else read_nifti(path, what)
+
+    with ThreadPoolExecutor(max(1, min(len(files), torch.get_num_threads()))) as pool:
+        return list(pool.map(read, files))
+
+
 def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path=None, settings: Settings | None = None,
              label_names: dict | None = None, device=None, backend: str | None = None, progress: bool = True) -> Result:
     """Register ``moving_path`` onto ``fixed_path`` (NIfTI files) and evaluate with the label maps if given.
@@ -378,10 +409,9 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
     start = time.perf_counter()
 
     # 1. read, normalise, choose the grid
-    fixed_raw = read_nifti(fixed_path, "fixed image")
-    moving_raw = read_nifti(moving_path, "moving image")
-    fixed_seg = read_nifti(fixed_labels_path, "fixed labels") if fixed_labels_path is not None else None
-    moving_seg = read_nifti(moving_labels_path, "moving labels") if moving_labels_path is not None else None
+    fixed_raw, moving_raw, fixed_seg, moving_seg = _read_inputs(
+        ((fixed_path, "fixed image"), (moving_path, "moving image"), (fixed_labels_path, "fixed labels"),
+         (moving_labels_path, "moving labels")))
     if (fixed_seg is None) != (moving_seg is None):
         raise ValueError("give both --fixed-labels and --moving-labels, or neither")
     if fixed_seg is not None:
@@ -472,28 +502,29 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
 
     # 5. apply once on the output grid, evaluate
     tick = time.perf_counter()
-    flow_out = grid_fit.to_original(flow[0].numpy(), fill="edge").astype(np.float64)
-    points = _world_points(out_grid)
-    registered = _apply_world(affine_world, _world_points(out_grid, flow_out))
-    displacement = np.moveaxis(registered - points, 0, -1).astype(np.float32)
+    flow_out = grid_fit.to_original(flow[0].numpy(), fill="edge")
+    displacement = _world_displacement(affine_world, out_grid, flow_out).astype(np.float32)
     background = float(moving_raw.data.min())
-    stage_points = {"before": points, "initial": _apply_world(initial, points),
-                    "affine": _apply_world(affine_world, points), "after": registered}
+    transforms = {"before": np.eye(4), "initial": initial, "affine": affine_world, "after": affine_world}
     # Per stage, the moving scan's voxel coordinates serve its image, its original intensities (the same
     # affine) and its labels (when on exactly that affine): computed once, one stage at a time (24 bytes
     # per output voxel).
     same_affine = fixed_seg is not None and np.array_equal(moving_seg.affine, moving.affine)
     volumes = {"fixed": resample(fixed, out_grid)}
     label_maps = {}
-    for stage, where in stage_points.items():
-        coords = None if stage == "before" else _voxel_coords(moving.affine, where)
+    for stage, transform in transforms.items():
+        moved = flow_out if stage == "after" else None
+        coords = None if stage == "before" else _scan_coords(moving.affine, transform, out_grid, moved)
         if stage != "before":
             name = {"initial": "moving_initial", "affine": "moving_affine", "after": "warped"}[stage]
-            volumes[name] = _sample(moving.data, moving.affine, where, 1, 0.0, coords)
+            volumes[name] = _sample(moving.data, coords, 1, 0.0)
         if stage == "after":
-            volumes["warped_original"] = _sample(moving_raw.data, moving_raw.affine, where, 1, background, coords)
+            volumes["warped_original"] = _sample(moving_raw.data, coords, 1, background)
         if fixed_seg is not None:
-            label_maps[stage] = _sample(moving_ids, moving_seg.affine, where, 0, 0, coords if same_affine else None)
+            label_coords = (coords if same_affine and coords is not None
+                            else _scan_coords(moving_seg.affine, transform, out_grid, moved))
+            label_maps[stage] = _sample(moving_ids, label_coords, 0, 0)
+            del label_coords
         del coords
     warped_labels = None
     if fixed_seg is not None:
