@@ -75,8 +75,8 @@ def parse_labels(text: str | None) -> dict:
     return names
 
 
-def parse_ints(text: str | None, what: str, count: int | None = None):
-    """"100,50" -> (100, 50); one number is repeated ``count`` times; None -> None."""
+def parse_ints(text: str | None, what: str, count: int | None = None, each: str = "pyramid level"):
+    """"100,50" -> (100, 50); one number is repeated ``count`` times (one per ``each``); None -> None."""
     if text is None:
         return None
     try:
@@ -84,11 +84,11 @@ def parse_ints(text: str | None, what: str, count: int | None = None):
     except ValueError:
         raise UsageError(f"{what}: expected integers separated by commas, got {text!r}") from None
     if any(v < 0 for v in values):
-        raise UsageError(f"{what}: iteration counts must be >= 0, got {text!r}")
+        raise UsageError(f"{what}: expected counts >= 0, got {text!r}")
     if count is not None and len(values) == 1:
         values = values * count
     if count is not None and len(values) != count:
-        raise UsageError(f"{what}: expected 1 or {count} numbers (one per pyramid level), got {text!r}")
+        raise UsageError(f"{what}: expected 1 or {count} numbers (one per {each}), got {text!r}")
     return values
 
 
@@ -116,7 +116,7 @@ def settings_from_args(args):
             raise UsageError(f"--spacing must be a finite number of mm > 0, got {args.spacing}")
         settings.spacing = args.spacing
     if flag("size"):
-        settings.size = parse_ints(args.size, "--size", 3)
+        settings.size = parse_ints(args.size, "--size", 3, each="axis")
         if any(v < 1 for v in settings.size):
             raise UsageError(f"--size must be positive voxel counts, got {args.size!r}")
     settings.init = flag("init", settings.init)

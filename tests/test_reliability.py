@@ -569,3 +569,25 @@ def test_an_output_folder_that_is_a_dangling_link_is_refused_before_the_work(cas
     monkeypatch.chdir(tmp_path)
     (tmp_path / cli.DEMO_OUT).symlink_to(tmp_path / "nowhere" / "y")
     assert cli.fresh_demo_dir() == Path(f"{cli.DEMO_OUT}-2")
+
+
+@pytest.mark.parametrize("size, message", [("-5", "counts >= 0"), ("0", "positive voxel counts"),
+                                           ("20,20", "1 or 3 numbers (one per axis)"), ("a,b,c", "integers")])
+def test_bad_size_is_refused_naming_it(case, tmp_path, capsys, no_registration, size, message):
+    assert register_cli(case, tmp_path / "out", f"--size={size}") == cli.EXIT_ERROR
+    line = one_line_error(capsys)
+    assert "--size" in line and message in line
+
+
+def test_settings_size_takes_one_count_for_a_cube_or_three(case):
+    from gradreg_fast.register import Settings, register
+    from gradreg_fast.register.pipeline import check_settings
+
+    for size in ((20,), (20, 18, 16)):
+        settings = Settings(size=size, affine_model="none")
+        settings.field.iterations = (0,)
+        result = register(case["fixed"], case["moving"], settings=settings, device="cpu", progress=False)
+        assert result.metrics["grid"]["shape"] == list(np.broadcast_to(size, 3))
+    for size in ((20, 20), (0,), (20.5,)):
+        with pytest.raises(ValueError, match="size"):
+            check_settings(Settings(size=size))

@@ -48,7 +48,7 @@ class Settings:
     """Everything that shapes a registration (stored in metrics.json)."""
 
     spacing: float | None = None  # mm; None: the fixed image's own
-    size: tuple | None = None  # working grid voxels; None: the fixed image's field of view
+    size: tuple | None = None  # working grid voxels (one count: a cube; or three); None: the fixed field of view
     fit: str = "pad"  # "pad" or "crop" to the multiples of working_multiples
     fixed_modality: str = "auto"
     moving_modality: str = "auto"
@@ -351,8 +351,9 @@ def check_settings(settings: Settings) -> None:
     check_number_argument("Settings", "network_lr", settings.network_lr, allow_zero=False)
     if settings.spacing is not None:
         metrics.check_spacing(settings.spacing)
-    if settings.size is not None and len(_counts(settings.size, "size", 1)) != 3:
-        raise ValueError(f"Settings: `size` must be None or three voxel counts, got {settings.size!r}")
+    if settings.size is not None and len(_counts(settings.size, "size", 1)) not in (1, 3):
+        raise ValueError(f"Settings: `size` must be None, or one (a cube) or three voxel counts, got "
+                         f"{settings.size!r}")
     if settings.method == "field":
         check_field_settings(settings.field)
 
