@@ -324,3 +324,32 @@ def test_the_engine_lowers_its_objective_and_raises_dice_on_validation_cases(val
     stages = result.metrics["stages"]
     assert stages["after"]["mean_dice"] > stages["affine"]["mean_dice"] + 0.02, stages
     assert result.metrics["folding_percent"] < 0.1
+
+
+def test_many_label_benchmark_times_and_scores_its_case(tmp_path, capsys):
+    """benchmarks/bench_many_labels.py end to end at 12 labels: the case (Voronoi cells, the moving one shifted by
+    whole voxels), one JSON line of timings and, with --accuracy, the stages' Dice and the peer's."""
+    import json
+
+    pytest.importorskip("convexAdam")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("gradreg_many_labels", ROOT / "benchmarks" / "bench_many_labels.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.main(["--labels", "12", "--out", str(tmp_path), "--accuracy"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import nibabel as nib
+
+    fixed = np.asarray(nib.load(str(tmp_path / "case" / "fixed_labels.nii.gz")).dataobj)
+    moving = np.asarray(nib.load(str(tmp_path / "case" / "moving_labels.nii.gz")).dataobj)
+    assert set(np.unique(fixed).tolist()) == set(range(13))
+    np.testing.assert_array_equal(moving[2:, :-3, 1:], fixed[:-2, 3:, :-1])  # shifted by (2, -3, 1)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    timing, scores = lines
+    assert timing["labels"] == 12 and 0 < timing["core_s"] < timing["total_s"]
+    assert timing["total_over_core"] == pytest.approx(timing["total_s"] / timing["core_s"], abs=2e-3)
+    assert set(scores["gradreg"]) >= {"before", "initial", "affine", "after"}
+    for row in (scores["gradreg"], scores["gradreg_convex_only"], scores["convexadam_own_grid"]):
+        assert 0 < row.get("after", row.get("dice")) <= 1 and row["folding_percent"] >= 0
