@@ -334,7 +334,8 @@ def test_many_label_benchmark_times_and_scores_its_case(tmp_path, capsys):
     pytest.importorskip("convexAdam")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("gradreg_many_labels", ROOT / "benchmarks" / "bench_many_labels.py")
+        script = ROOT / "benchmarks" / "bench_many_labels.py"
+        spec = importlib.util.spec_from_file_location("gradreg_many_labels", script)
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         assert bench.main(["--labels", "12", "--out", str(tmp_path), "--accuracy"]) == 0
