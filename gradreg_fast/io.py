@@ -30,6 +30,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CT_WINDOW = (-200.0, 300.0)  # HU; an abdominal soft-tissue window (fat, organs and vessels keep contrast)
 MR_PERCENTILES = (0.5, 99.5)  # clip MR intensities to these percentiles before scaling to [0, 1]
 CT_AIR_HU = -500.0  # a scan whose minimum is at or below this is taken for CT (air is about -1000 HU)
+PAIR_MULTIPLE = 16  # load_pair's working grid: a multiple of 2**4 along each axis, for four halvings of a U-Net
 
 
 class NiftiError(ValueError):
@@ -461,9 +462,9 @@ def check_same_space(image: Scan, labels: Scan, what: str) -> None:
 
 
 def load_pair(fixed_path, moving_path, fixed_labels=None, moving_labels=None, *, spacing=None, size=None,
-              multiple: int = 16, fit: str = "pad", fixed_modality: str = "auto", moving_modality: str = "auto",
-              label_ids=None, init: str = "none", moving_to_fixed: np.ndarray | None = None,
-              details: bool = False) -> dict:
+              multiple: int = PAIR_MULTIPLE, fit: str = "pad", fixed_modality: str = "auto",
+              moving_modality: str = "auto", label_ids=None, init: str = "none",
+              moving_to_fixed: np.ndarray | None = None, details: bool = False) -> dict:
     """Read a fixed and a moving scan (and optional label maps) onto one physical grid.
 
     The grid is the fixed image's at ``spacing`` (its own spacing by default), or ``size`` voxels at
@@ -513,7 +514,7 @@ def load_pair(fixed_path, moving_path, fixed_labels=None, moving_labels=None, *,
 
 
 def pair_on_grid(fixed: Scan, moving: Scan, fixed_labels: Scan | None = None, moving_labels: Scan | None = None, *,
-                 spacing=None, size=None, multiple: int = 16, fit: str = "pad", label_ids=None,
+                 spacing=None, size=None, multiple: int = PAIR_MULTIPLE, fit: str = "pad", label_ids=None,
                  moving_to_fixed: np.ndarray | None = None, grid_fit: Fit | None = None) -> dict:
     """:func:`load_pair` (with ``details``) for scans already read and normalised; ``grid_fit`` reuses a grid."""
     if grid_fit is None:

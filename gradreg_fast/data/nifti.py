@@ -69,7 +69,7 @@ class NiftiPairs(Dataset):
         import nibabel as nib
         import numpy as np
 
-        from ..io import Grid, same_grid
+        from ..io import PAIR_MULTIPLE, Grid, same_grid
 
         grids = {}
         for name, files in self.cases:
@@ -91,7 +91,7 @@ class NiftiPairs(Dataset):
                     if not same_grid(shape, affine, label_shape, label_affine):  # as load_pair checks the volumes
                         raise ValueError(f"NiftiPairs: case {name!r}: {image_role}_labels do not lie on the "
                                          f"{image_role} image's grid (shape {label_shape} vs {shape})")
-            grids[name] = Grid(*headers["fixed"]).fit(16).grid.shape
+            grids[name] = Grid(*headers["fixed"]).fit(PAIR_MULTIPLE).grid.shape  # load_pair's default
         if batch_size > 1 and len(set(grids.values())) > 1:
             sizes = ", ".join(f"{name} {shape}" for name, shape in grids.items())
             raise ValueError(f"NiftiPairs: batches of {batch_size} pairs need cases of one working-grid size, got "
