@@ -107,7 +107,9 @@ def accuracy(files: dict, default: dict, convex_only: dict, count: int) -> dict:
     if importlib.util.find_spec("convexAdam") is None:
         out["convexadam"] = "not installed"
         return out
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # run as a script it is there already
+        sys.path.insert(0, here)
     import bench_peers
 
     case = {key: str(value) for key, value in files.items()} | {"organs": list(range(1, count + 1))}

@@ -5,6 +5,7 @@ nothing is learnt in two steps.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +69,13 @@ def test_results_and_figures_are_written(smoke_run):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_report_only_marks_missing_results(smoke_run):
-    (smoke_run / "raw" / "synthetic_gated_seed0.json").unlink()
-    result = run_script("--out", str(smoke_run), "--report-only")
+def test_report_only_marks_missing_results(smoke_run, tmp_path):
+    run = tmp_path / "run"  # a copy: the other tests read the shared run whatever their order
+    shutil.copytree(smoke_run, run)
+    (run / "raw" / "synthetic_gated_seed0.json").unlink()
+    result = run_script("--out", str(run), "--report-only")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = table_rows((smoke_run / "table.md").read_text())
+    rows = table_rows((run / "table.md").read_text())
     assert rows["Ours(gated)"][0] == "not finished"
     assert rows["VM"][0] not in ("", "not finished")
 

@@ -350,7 +350,8 @@ def test_many_label_benchmark_times_and_scores_its_case(tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     timing, scores = lines
     assert timing["labels"] == 12 and 0 < timing["core_s"] < timing["total_s"]
-    assert timing["total_over_core"] == pytest.approx(timing["total_s"] / timing["core_s"], abs=2e-3)
+    total, core, half = timing["total_s"], timing["core_s"], 5e-4  # each printed to 0.001
+    assert (total - half) / (core + half) - half <= timing["total_over_core"] <= (total + half) / (core - half) + half
     assert set(scores["gradreg"]) >= {"before", "initial", "affine", "after"}
     for row in (scores["gradreg"], scores["gradreg_convex_only"], scores["convexadam_own_grid"]):
         assert 0 < row.get("after", row.get("dice")) <= 1 and row["folding_percent"] >= 0
