@@ -1,5 +1,6 @@
 """gradreg_fast.metrics against hand-computed cases and brute-force references."""
 
+import ctypes
 import math
 
 import numpy as np
@@ -305,10 +306,30 @@ def many_label_pair(shape, count, seed):
     return a, b
 
 
+@pytest.fixture
+def transformed(monkeypatch):
+    """The labels (per call, as a sorted list) whose distances the CPU core's box transform computed."""
+    import gradreg_fast._C as core
+
+    calls, original = [], core.label_surface_distances
+
+    def spy(points_a, starts_a, points_b, starts_b, labels, boxes, count, *rest):
+        calls.append(sorted(np.frombuffer(ctypes.string_at(labels, 8 * count), np.int64).tolist()))
+        return original(points_a, starts_a, points_b, starts_b, labels, boxes, count, *rest)
+
+    monkeypatch.setattr(core, "label_surface_distances", spy)
+    return calls
+
+
 @pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (1.3, 0.7, 2.1)])
-def test_label_metrics_with_many_labels_equal_a_per_label_search(spacing):
-    """Bit for bit the distances of one KD-tree per label over each whole surface (the shared-voxel
-    shortcut, the threads and the tree settings change nothing)."""
+@pytest.mark.parametrize("path", ["both", "trees"])
+def test_label_metrics_with_many_labels_equal_a_per_label_search(spacing, path, transformed, monkeypatch):
+    """The distances of one KD-tree per label over each whole surface: bit for bit by the trees alone (the
+    shared-voxel shortcut, the threads and the tree settings change nothing), to rounding by default, where
+    the box transform takes the labels whose two surfaces lie close and the trees the rest."""
+    if path == "trees":
+        monkeypatch.setattr(metrics, "BOX_VOXELS_PER_POINT", 0)
+    same = assert_identical_table if path == "trees" else assert_same_table
     a, b = many_label_pair((26, 30, 22), 120, seed=1)
     labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0}) + [4000]  # 4000: in neither map
     expected = per_label_table(a, b, spacing, labels)
@@ -316,17 +337,72 @@ def test_label_metrics_with_many_labels_equal_a_per_label_search(spacing):
     assert expected[129]["dice"] == 0.0 and expected[129]["asd"] > 0  # the single voxels
     assert expected[125]["dice"] == 0.0 and math.isnan(expected[125]["hd95"])  # only in b
     for workers in (1, 2, 4):
-        assert_identical_table(metrics.label_metrics(a, b, spacing, labels=labels, workers=workers), expected)
+        same(metrics.label_metrics(a, b, spacing, labels=labels, workers=workers), expected)
+    if path == "trees":
+        assert transformed == []
+    else:  # both ways ran: the speckle spreads some labels' surfaces over the map, the single voxels lie apart
+        assert transformed[0] == transformed[1] == transformed[2]
+        boxed = {labels[k - 1] for k in transformed[0]}
+        assert 20 <= len(boxed) <= len(labels) - 20 and not boxed & {7, 125, 129, 4000}
     # A prepared fixed map keeps its trees between calls, per spacing.
     fixed = metrics.LabelSurfaces(a, labels)
     for scale in (1.0, 1.7, 1.0):
         scaled = tuple(scale * s for s in spacing)
         for moving in (b, np.roll(b, 3, axis=1), a):
             got = metrics.label_metrics(fixed, metrics.LabelSurfaces(moving, labels), scaled)
-            assert_identical_table(got, per_label_table(a, moving, scaled, labels))
+            same(got, per_label_table(a, moving, scaled, labels))
 
 
-def test_label_metrics_with_many_labels_placed_apart_equal_a_per_label_search():
+def test_box_transform_writes_every_row_of_its_labels_and_no_other():
+    """The CPU core's label_surface_distances on outputs full of NaN: each chosen label's rows in both
+    directions hold the nearest-point distances of a brute-force search (zero where the surfaces share a
+    voxel), the rows of other labels keep their NaN."""
+    import gradreg_fast._C as core
+
+    rng = np.random.default_rng(8)
+    spacing = np.array([0.7, 1.9, 1.3])
+    # Three labels' point sets, grouped by label as LabelSurfaces keeps them; label 2 is shared in part.
+    groups_a = [rng.integers(-3, 9, (n, 3)) for n in (5, 17, 1)]
+    groups_b = [rng.integers(-1, 12, (n, 3)) for n in (9, 4, 6)]
+    groups_b[1][:2] = groups_a[1][:2]
+    points_a = np.ascontiguousarray(np.concatenate(groups_a), dtype=np.int64)
+    points_b = np.ascontiguousarray(np.concatenate(groups_b), dtype=np.int64)
+    starts_a = np.array([0, 0] + np.cumsum([len(g) for g in groups_a]).tolist(), np.int64)  # index 0: background
+    starts_b = np.array([0, 0] + np.cumsum([len(g) for g in groups_b]).tolist(), np.int64)
+    chosen = np.array([3, 2], np.int64)  # label index 1 is left out
+    boxes = []
+    for k in chosen:
+        both = np.concatenate([groups_a[k - 1], groups_b[k - 1]])
+        low = both.min(0) - np.array([1, 0, 2])  # a box larger than the points needs is fine
+        boxes.append(np.concatenate([low, both.max(0) - low + 1]))
+    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+    out_ab, out_ba = np.full(len(points_a), np.nan), np.full(len(points_b), np.nan)
+    core.label_surface_distances(points_a.ctypes.data, starts_a.ctypes.data, points_b.ctypes.data,
+                                 starts_b.ctypes.data, chosen.ctypes.data, boxes.ctypes.data, len(chosen),
+                                 spacing.tolist(), out_ab.ctypes.data, out_ba.ctypes.data, 2)
+    for k in (2, 3):
+        pa, pb = groups_a[k - 1] * spacing, groups_b[k - 1] * spacing
+        pairwise = np.linalg.norm(pa[:, None] - pb[None], axis=-1)
+        np.testing.assert_allclose(out_ab[starts_a[k]:starts_a[k + 1]], pairwise.min(1), rtol=1e-13, atol=0)
+        np.testing.assert_allclose(out_ba[starts_b[k]:starts_b[k + 1]], pairwise.min(0), rtol=1e-13, atol=0)
+    assert (out_ab[starts_a[2]:starts_a[2] + 2] == 0).all() and (out_ba[:2 + len(groups_b[0])] >= 0).any()
+    assert np.isnan(out_ab[:starts_a[2]]).all() and np.isnan(out_ba[:starts_b[2]]).all()
+
+
+@pytest.mark.parametrize("shape, spacing", [((17, 13), (0.6, 1.7)), ((1, 19, 11), (2.0, 0.9, 1.4))])
+def test_box_transform_on_flat_maps_equals_the_whole_volume_computation(shape, spacing, transformed):
+    """2D maps (padded to one slice for the core) and maps one voxel thick, with anisotropic voxels."""
+    rng = np.random.default_rng(len(shape))
+    a, b = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    for label in (1, 2, 3):
+        for m in (a, b):
+            start = [int(rng.integers(0, max(1, n - 4))) for n in shape]
+            m[tuple(slice(s, s + int(rng.integers(2, 7))) for s in start)] = label
+    assert_same_table(metrics.label_metrics(a, b, spacing), whole_volume_table(a, b, spacing, [1, 2, 3]))
+    assert transformed and transformed[0]
+
+
+def test_label_metrics_with_many_labels_placed_apart_equal_a_per_label_search(monkeypatch):
     a, b = many_label_pair((20, 24, 18), 110, seed=2)
     b = b[2:, :-3, 1:]  # another shape too
     labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0})
@@ -335,7 +411,10 @@ def test_label_metrics_with_many_labels_placed_apart_equal_a_per_label_search():
         expected = per_label_table(a, b, spacing, labels, origin)
         for workers in (1, 3):
             got = metrics.label_metrics(a, b, spacing, labels=labels, b_origin=origin, workers=workers)
-            assert_identical_table(got, expected)
+            assert_same_table(got, expected)
+        with monkeypatch.context() as trees_only:
+            trees_only.setattr(metrics, "BOX_VOXELS_PER_POINT", 0)
+            assert_identical_table(metrics.label_metrics(a, b, spacing, labels=labels, b_origin=origin), expected)
     # And against the distance transform of the whole embedding, to rounding.
     low = np.minimum(0, (-5, 4, 9))
     high = np.maximum(a.shape, np.add((-5, 4, 9), b.shape))

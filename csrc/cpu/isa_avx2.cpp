@@ -34,6 +34,7 @@ namespace gradreg_avx2 {
 #include "lncc.cpp"
 #include "integrate.cpp"
 #include "warped_sq_diff.cpp"
+#include "surface_distance.cpp"
 }  // namespace gradreg_avx2
 
 #endif

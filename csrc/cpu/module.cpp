@@ -336,4 +336,18 @@ PYBIND11_MODULE(_C, m) {
                        steps, padding, threads);
       },
       nogil);
+  m.def(
+      "label_surface_distances",
+      [](uintptr_t points_a, uintptr_t starts_a, uintptr_t points_b, uintptr_t starts_b, uintptr_t labels,
+         uintptr_t boxes, int64_t count, const std::vector<double>& spacing, uintptr_t out_ab, uintptr_t out_ba,
+         int threads) {
+        if (spacing.size() != 3 || count < 0)
+          throw std::invalid_argument("gradreg_fast._C.label_surface_distances: `spacing` must hold 3 values and "
+                                      "`count` must be >= 0");
+        GRADREG_CALL(label_surface_distances, ptr<const int64_t>(points_a), ptr<const int64_t>(starts_a),
+                     ptr<const int64_t>(points_b), ptr<const int64_t>(starts_b), ptr<const int64_t>(labels),
+                     ptr<const int64_t>(boxes), count, spacing.data(), ptr<double>(out_ab), ptr<double>(out_ba),
+                     threads);
+      },
+      nogil);
 }

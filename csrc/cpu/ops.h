@@ -104,5 +104,14 @@ template <typename T>
 void integrate_backward(const T* velocity, const T* checkpoints, int interval, const T* grad_out, T* grad_velocity,
                         T* scratch, int64_t N, int64_t D, int64_t H, int64_t W, int steps, int padding, int threads);
 
+// label_surface_distances: for each of the `count` labels (an index k of labels[], with its box in boxes[]: low
+// corner, then sizes, 6 ints per label, holding every point of both), the distance (mm) from each of a's
+// surface points of k (rows starts_a[k] .. starts_a[k + 1] of points_a, 3 lattice coordinates each) to the
+// nearest of b's, into out_ab at the same rows, and from b's to a's into out_ba: an exact squared distance
+// transform over the box (gradreg/distance_transform.h). Distances of other rows are not written.
+void label_surface_distances(const int64_t* points_a, const int64_t* starts_a, const int64_t* points_b,
+                             const int64_t* starts_b, const int64_t* labels, const int64_t* boxes, int64_t count,
+                             const double* spacing, double* out_ab, double* out_ba, int threads);
+
 }  // namespace cpu
 }  // namespace gradreg
