@@ -91,6 +91,19 @@ def test_gradient_magnitude_and_warp(isa, shape, gen):
         torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-4 * r.abs().max().item())
 
 
+def test_label_surface_distances(isa):
+    """The box distance transforms of metrics.label_metrics against the whole-volume transform."""
+    import numpy as np
+    from test_metrics import assert_same_table, random_atlas, whole_volume_table
+
+    from gradreg_fast import metrics
+
+    rng = np.random.default_rng(21)
+    a, b = random_atlas((19, 23, 17), [1, 2, 3, 4], rng), random_atlas((19, 23, 17), [1, 2, 3, 4], rng)
+    spacing = (1.1, 0.6, 2.3)
+    assert_same_table(metrics.label_metrics(a, b, spacing), whole_volume_table(a, b, spacing, [1, 2, 3, 4]))
+
+
 def test_the_two_copies_agree(gen):
     if len(ISAS) < 2:
         pytest.skip(f"this CPU runs only {ISAS}")
