@@ -317,6 +317,8 @@ def _searches(a: LabelSurfaces, b: LabelSurfaces, out: np.ndarray) -> list:
 # (its tree included); on the stages of bench_many_labels.py's 108-label case any bound from 16 to 64 gave the
 # same time, 1.5-2.4x faster than trees alone on the stages that move the labels.
 BOX_VOXELS_PER_POINT = 32
+# Each thread holds one box of float64 at a time, as large as the largest: larger labels' boxes go to the trees.
+BOX_VOXELS_LIMIT = 1 << 21
 
 
 def _label_boxes(s: LabelSurfaces) -> tuple:
@@ -344,15 +346,17 @@ def _transform_labels(a: LabelSurfaces, b: LabelSurfaces, searches: list, spacin
     BOX_VOXELS_PER_POINT), in both directions, with the CPU core; returns the searches of the other labels."""
     from ._backend import cpu_core
 
-    core = cpu_core()
-    if core is None or not searches or len(a.shape) > 3:
+    transform = getattr(cpu_core(), "label_surface_distances", None)  # absent from a core built before it
+    # Squared voxel sizes and squared box extents must be normal, finite doubles for the transform's arithmetic.
+    if transform is None or not searches or len(a.shape) > 3 or not np.all((spacing > 1e-100) & (spacing < 1e100)):
         return searches
     ks = np.unique([task[0] for task in searches])
     (low_a, high_a), (low_b, high_b) = _label_boxes(a), _label_boxes(b)
     low = np.minimum(low_a[ks], low_b[ks])
     size = np.maximum(high_a[ks], high_b[ks]) - low + 1
     volume = np.prod(size.astype(np.float64), axis=1)
-    small = volume <= BOX_VOXELS_PER_POINT * (np.diff(a._starts)[ks] + np.diff(b._starts)[ks])
+    small = (volume <= BOX_VOXELS_PER_POINT * (np.diff(a._starts)[ks] + np.diff(b._starts)[ks])) \
+        & (volume <= BOX_VOXELS_LIMIT)
     if not small.any():
         return searches
     order = np.argsort(-volume[small], kind="stable")  # largest first, so that the threads finish together
@@ -365,9 +369,12 @@ def _transform_labels(a: LabelSurfaces, b: LabelSurfaces, searches: list, spacin
     starts_b = np.ascontiguousarray(b._starts, dtype=np.int64)
     chosen = np.ascontiguousarray(chosen, dtype=np.int64)
     full_spacing = [1.0] * (3 - len(a.shape)) + [float(v) for v in spacing]
-    core.label_surface_distances(points_a.ctypes.data, starts_a.ctypes.data, points_b.ctypes.data,
-                                 starts_b.ctypes.data, chosen.ctypes.data, boxes.ctypes.data, len(chosen),
-                                 full_spacing, ab.ctypes.data, ba.ctypes.data, max(1, workers))
+    try:
+        transform(points_a.ctypes.data, starts_a.ctypes.data, points_b.ctypes.data, starts_b.ctypes.data,
+                  chosen.ctypes.data, boxes.ctypes.data, len(chosen), full_spacing, ab.ctypes.data, ba.ctypes.data,
+                  max(1, workers))
+    except MemoryError:  # its scratch (one box per thread) did not fit: the trees need none
+        return searches
     done = set(chosen.tolist())
     return [task for task in searches if task[0] not in done]
 
@@ -393,8 +400,9 @@ def label_metrics(a, b, spacing=1.0, labels=None, b_origin=None, progress=None, 
     between the two labels' surface voxels (the Euclidean distances of a distance transform of the whole
     volume, to rounding), label by label on ``workers`` threads: by an exact distance transform over the
     box holding both surfaces (the CPU core's ``label_surface_distances``), or, where that box holds more
-    than ``BOX_VOXELS_PER_POINT`` voxels per surface point (two surfaces far apart) or the core is
-    missing, by nearest-neighbour search of the voxels on one surface and not the other (KD-trees).
+    than ``BOX_VOXELS_PER_POINT`` voxels per surface point (two surfaces far apart) or more than
+    ``BOX_VOXELS_LIMIT`` voxels, for maps of more than three axes, or when the core is missing, by
+    nearest-neighbour search of the voxels on one surface and not the other (KD-trees).
 
     Args:
         a, b: label maps (arrays, tensors, or :class:`LabelSurfaces` prepared with the same labels).

@@ -353,6 +353,32 @@ def test_label_metrics_with_many_labels_equal_a_per_label_search(spacing, path, 
             same(got, per_label_table(a, moving, scaled, labels))
 
 
+def test_labels_the_box_transform_cannot_take_go_to_the_trees(transformed, monkeypatch):
+    """Boxes over BOX_VOXELS_LIMIT, voxel sizes whose squares a double cannot hold, and a transform whose
+    scratch does not fit (MemoryError) all leave the labels to the trees, with the same distances."""
+    import gradreg_fast._C as core
+
+    rng = np.random.default_rng(13)
+    a, b = random_atlas((15, 12, 10), [1, 2, 3], rng), random_atlas((15, 12, 10), [1, 2, 3], rng)
+    spacing = (0.8, 1.4, 1.1)
+    expected = whole_volume_table(a, b, spacing, [1, 2, 3])
+    assert_same_table(metrics.label_metrics(a, b, spacing), expected)
+    assert transformed == [[1, 2, 3]]
+    with monkeypatch.context() as small:
+        small.setattr(metrics, "BOX_VOXELS_LIMIT", 1)
+        assert_same_table(metrics.label_metrics(a, b, spacing), expected)
+    tiny = tuple(1e-120 * s for s in spacing)
+    for label, values in metrics.label_metrics(a, b, tiny).items():
+        assert values["asd"] == pytest.approx(1e-120 * expected[label]["asd"], rel=1e-12)
+    assert len(transformed) == 1
+
+    def no_memory(*args):
+        raise MemoryError("scratch")
+
+    monkeypatch.setattr(core, "label_surface_distances", no_memory)
+    assert_same_table(metrics.label_metrics(a, b, spacing), expected)
+
+
 def test_box_transform_writes_every_row_of_its_labels_and_no_other():
     """The CPU core's label_surface_distances on outputs full of NaN: each chosen label's rows in both
     directions hold the nearest-point distances of a brute-force search (zero where the surfaces share a
@@ -385,7 +411,7 @@ def test_box_transform_writes_every_row_of_its_labels_and_no_other():
         pairwise = np.linalg.norm(pa[:, None] - pb[None], axis=-1)
         np.testing.assert_allclose(out_ab[starts_a[k]:starts_a[k + 1]], pairwise.min(1), rtol=1e-13, atol=0)
         np.testing.assert_allclose(out_ba[starts_b[k]:starts_b[k + 1]], pairwise.min(0), rtol=1e-13, atol=0)
-    assert (out_ab[starts_a[2]:starts_a[2] + 2] == 0).all() and (out_ba[:2 + len(groups_b[0])] >= 0).any()
+    assert (out_ab[starts_a[2]:starts_a[2] + 2] == 0).all() and (out_ba[starts_b[2]:starts_b[2] + 2] == 0).all()
     assert np.isnan(out_ab[:starts_a[2]]).all() and np.isnan(out_ba[:starts_b[2]]).all()
 
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <memory>
 
 #include "ops.h"
 #include "parallel.h"
@@ -90,19 +90,20 @@ void label_surface_distances(const int64_t* points_a, const int64_t* starts_a, c
   }
   const int team = std::max<int>(1, std::min<int64_t>(threads, count));
   // Scratch for every thread, allocated here: a std::bad_alloc inside the parallel region would abort.
-  std::vector<double> box_scratch(checked_count({team, largest_box}));
-  std::vector<double> line_scratch(checked_count({team, 3, longest_line + 1}));
-  std::vector<int64_t> site_scratch(checked_count({team, longest_line}));
+  // Not zero-filled: each label fills its box before use.
+  std::unique_ptr<double[]> box_scratch(new double[checked_count({team, largest_box})]);
+  std::unique_ptr<double[]> line_scratch(new double[checked_count({team, 3, longest_line + 1})]);
+  std::unique_ptr<int64_t[]> site_scratch(new int64_t[checked_count({team, longest_line})]);
   const double weight[3] = {spacing[0] * spacing[0], spacing[1] * spacing[1], spacing[2] * spacing[2]};
 
 #pragma omp parallel num_threads(team)
   {
     const int id = thread_id();
-    double* box = box_scratch.data() + size_t(id) * size_t(largest_box);
-    double* line = line_scratch.data() + size_t(id) * 3 * size_t(longest_line + 1);
+    double* box = box_scratch.get() + size_t(id) * size_t(largest_box);
+    double* line = line_scratch.get() + size_t(id) * 3 * size_t(longest_line + 1);
     double* result = line + (longest_line + 1);
     double* bound = result + (longest_line + 1);
-    int64_t* site = site_scratch.data() + size_t(id) * size_t(longest_line);
+    int64_t* site = site_scratch.get() + size_t(id) * size_t(longest_line);
     // Labels differ widely in size: handed out one at a time (each label's distances depend on it alone, so
     // the result is the same whichever thread takes it).
 #pragma omp for schedule(dynamic, 1)
