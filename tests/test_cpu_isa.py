@@ -104,6 +104,15 @@ def test_label_surface_distances(isa):
     assert_same_table(metrics.label_metrics(a, b, spacing), whole_volume_table(a, b, spacing, [1, 2, 3, 4]))
 
 
+def test_jacobian_determinant(isa):
+    import numpy as np
+
+    from gradreg_fast import metrics
+
+    flow = np.random.default_rng(3).normal(0.0, 0.4, (3, 11, 2, 600))
+    assert np.array_equal(metrics.jacobian_determinant(flow), metrics._jacobian_determinant_numpy(flow))
+
+
 def test_the_two_copies_agree(gen):
     if len(ISAS) < 2:
         pytest.skip(f"this CPU runs only {ISAS}")

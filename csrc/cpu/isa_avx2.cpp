@@ -35,6 +35,7 @@ namespace gradreg_avx2 {
 #include "integrate.cpp"
 #include "warped_sq_diff.cpp"
 #include "surface_distance.cpp"
+#include "jacobian.cpp"
 }  // namespace gradreg_avx2
 
 #endif

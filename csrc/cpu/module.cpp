@@ -350,4 +350,12 @@ PYBIND11_MODULE(_C, m) {
                      threads);
       },
       nogil);
+  m.def(
+      "jacobian_determinant",
+      [](uintptr_t u, uintptr_t out, int64_t D, int64_t H, int64_t W, int threads) {
+        if (D < 2 || H < 2 || W < 2)
+          throw std::invalid_argument("gradreg_fast._C.jacobian_determinant: every axis needs at least 2 voxels");
+        GRADREG_CALL(jacobian_determinant, ptr<const double>(u), ptr<double>(out), D, H, W, threads);
+      },
+      nogil);
 }

@@ -113,5 +113,8 @@ void label_surface_distances(const int64_t* points_a, const int64_t* starts_a, c
                              const int64_t* starts_b, const int64_t* labels, const int64_t* boxes, int64_t count,
                              const double* spacing, double* out_ab, double* out_ba, int threads);
 
+// jacobian_determinant (gradreg/jacobian.h): u (3, D, H, W), out (D, H, W); every axis of at least 2 voxels.
+void jacobian_determinant(const double* u, double* out, int64_t D, int64_t H, int64_t W, int threads);
+
 }  // namespace cpu
 }  // namespace gradreg
