@@ -362,8 +362,7 @@ def _transform_labels(a: LabelSurfaces, b: LabelSurfaces, searches: list, spacin
     order = np.argsort(-volume[small], kind="stable")  # largest first, so that the threads finish together
     chosen = ks[small][order]
     boxes = np.ascontiguousarray(np.concatenate([_as_3d(low[small][order]), _as_3d(size[small][order])], axis=1))
-    boxes[:, :3 - len(a.shape)] = 0
-    boxes[:, 3:6 - len(a.shape)] = 1
+    boxes[:, 3:6 - len(a.shape)] = 1  # the size of each padded axis (_as_3d pads with 0)
     points_a, points_b = _as_3d(a._points), _as_3d(b._points)
     starts_a = np.ascontiguousarray(a._starts, dtype=np.int64)
     starts_b = np.ascontiguousarray(b._starts, dtype=np.int64)

@@ -14,43 +14,18 @@ namespace cpu {
 namespace surface_distance_detail {
 
 // The squared distance transform of `box` (sizes n, C order) in place, where every voxel holds 0 (a site) or
-// +inf. Along W the nearest site of each row is found by two sweeps (the weight times the squared gap; the
-// same value lower_envelope gives with 0-or-inf input); then lower_envelope runs along every line of H and of D.
-// Lines are copied out and back, so the envelope never reads what it has written; lines without a site are
-// left as they are (all +inf).
+// +inf: lower_envelope along every line of W, then H, then D. Lines are copied out and back, so the envelope
+// never reads what it has written; lines without a site are left as they are (all +inf).
 inline void transform_box(double* box, const int64_t* n, const double* weight, double* line, double* result,
                           int64_t* site, double* bound) {
   const double inf = std::numeric_limits<double>::infinity();
-  const int64_t rows = n[0] * n[1], width = n[2];
-  for (int64_t r = 0; r < rows; ++r) {
-    double* row = box + r * width;
-    int64_t last = -1;
-    for (int64_t x = 0; x < width; ++x) {
-      if (row[x] == 0.0) {
-        last = x;
-      } else if (last >= 0) {
-        const double gap = double(x - last);
-        row[x] = weight[2] * gap * gap;
-      }
-    }
-    if (last < 0) continue;  // no site in the row
-    last = -1;
-    for (int64_t x = width - 1; x >= 0; --x) {
-      if (row[x] == 0.0) {
-        last = x;
-      } else if (last >= 0) {
-        const double gap = double(last - x);
-        row[x] = std::min(row[x], weight[2] * gap * gap);
-      }
-    }
-  }
-  const int64_t plane = n[1] * n[2];
-  for (int axis = 1; axis >= 0; --axis) {
-    const int64_t length = n[axis], stride = axis == 1 ? n[2] : plane;
-    const int64_t lines = n[0] * n[1] * n[2] / length;
+  const int64_t volume = n[0] * n[1] * n[2];
+  int64_t stride = 1;
+  for (int axis = 2; axis >= 0; stride *= n[axis--]) {
+    const int64_t length = n[axis], lines = volume / length;
     for (int64_t l = 0; l < lines; ++l) {
       // Line l's first voxel: l enumerates the other two axes in C order.
-      double* first = box + (axis == 1 ? (l / n[2]) * plane + l % n[2] : l);
+      double* first = box + (l / stride) * stride * length + l % stride;
       bool any = false;
       for (int64_t i = 0; i < length; ++i) {
         line[i] = first[i * stride];
