@@ -471,3 +471,20 @@ def test_nifti_data_is_checked_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="case 'v': fixed_labels do not lie on the fixed image's grid"):
         Trainer(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_folding_counts_folded_voxels_per_item():
+    from gradreg_fast.train.evaluation import folding_percentage
+
+    shape = (3, 5, 7, 6)
+    smooth = 0.05 * torch.randn(*shape)
+    mirror = torch.zeros(shape)  # u_0 = -2 x_0: x_0 -> -x_0, det J = -1 at every voxel
+    mirror[0] = -2 * torch.arange(5.0).view(5, 1, 1)
+    broken = smooth.clone()
+    broken[1, 2, 3, 4] = float("nan")
+    flows = torch.stack([smooth, mirror, broken]).transpose(3, 4).contiguous().transpose(3, 4)  # non-contiguous
+    assert not flows.is_contiguous()
+    folded = folding_percentage(flows)
+    assert folded.shape == (3,) and folded[0] == 0 and folded[1] == 100 and torch.isnan(folded[2])
+    with pytest.raises(ValueError, match="flow"):
+        folding_percentage(flows[0])

@@ -1,12 +1,16 @@
-"""Validation measures of the trainer: label overlap and folding of a displacement field.
+"""Validation measures of the trainer: label overlap and folding of a displacement field, batched.
 
-(Kept small and local to the trainer; the package's public evaluation metrics live elsewhere.)
+Folding is :mod:`gradreg_fast.metrics`' own, item by item; Dice is a batched torch form for label maps already on
+the training device.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..metrics import folding_percent
 from ..ops import warp
 
 
@@ -37,22 +41,18 @@ def mean_dice(warped_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.
     return torch.stack(scores)
 
 
-def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
-    """det(I + grad u) of the transform x -> x + u(x), (N, 3, D, H, W) -> (N, D, H, W).
+def folding_percentage(flow: torch.Tensor) -> torch.Tensor:
+    """(N,) percentage of voxels whose Jacobian determinant is <= 0 (where the transform folds); NaN for an item
+    whose flow holds NaN or inf (a NaN determinant is not <= 0, so it would read as no folding).
 
-    Derivatives by ``torch.gradient``: central differences inside, one-sided at the edges (as
-    ``numpy.gradient``); along an axis of size 1 the derivative is 0.
+    Each item goes through :func:`gradreg_fast.metrics.folding_percent` on the CPU, so training validation and
+    the package's reported folding share one Jacobian.
+
+    Args:
+        flow: (N, 3, D, H, W) displacement in voxels, at least 2 voxels along each spatial axis.
     """
     if flow.dim() != 5 or flow.shape[1] != 3:
         raise ValueError(f"`flow` must have shape (N, 3, D, H, W), got {tuple(flow.shape)}")
-    flow = flow.double()
-    derivatives = [torch.gradient(flow, dim=axis)[0] if flow.shape[axis] > 1 else torch.zeros_like(flow)
-                   for axis in (2, 3, 4)]
-    # jacobian[..., k, a] = d(x_k + u_k) / d x_a
-    jacobian = torch.stack(derivatives, dim=-1).movedim(1, -2) + torch.eye(3, dtype=flow.dtype, device=flow.device)
-    return torch.linalg.det(jacobian)
-
-
-def folding_percentage(flow: torch.Tensor) -> torch.Tensor:
-    """(N,) percentage of voxels whose Jacobian determinant is <= 0 (where the transform folds)."""
-    return (jacobian_determinant(flow) <= 0).double().mean(dim=(1, 2, 3)) * 100
+    flow = flow.detach().cpu()
+    values = [folding_percent(item) if torch.isfinite(item).all() else math.nan for item in flow]
+    return torch.tensor(values, dtype=torch.float64)

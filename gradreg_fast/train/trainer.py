@@ -250,7 +250,7 @@ class Trainer:
             moving, fixed = item["moving"][None].to(self.device), item["fixed"][None].to(self.device)
             output, loss, _ = self._forward(self.model, moving, fixed)
             sums[0] += loss.double()
-            sums[1] += folding_percentage(output.flow).sum()
+            sums[1] += float(folding_percentage(output.flow).sum())
             sums[2] += 1
             if "moving_labels" in item and "fixed_labels" in item:
                 moving_labels = item["moving_labels"][None].to(self.device)
