@@ -86,26 +86,38 @@ def test_mirrored_is_the_opposite_search(gen):
         assert torch.equal(mirrored[inner], direct[inner])
 
 
-def test_ties_go_to_the_lowest_displacement(gen):
+def test_ties_go_to_the_displacement_nearest_the_field(gen):
     cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64)
     zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64)
     for mirrored in (False, True):
-        assert (gradreg_fast.coupled_argmin(cost, zero, 0.0, mirrored) == 0).all()
-        # With coupling, the zero displacement (k = 13) is the only minimum; two equal costs below it tie.
-        assert (gradreg_fast.coupled_argmin(cost, zero, 0.5, mirrored) == 13).all()
-    cost[:, 20], cost[:, 7] = 0.25, 0.25
+        for coupling in (0.0, 0.5):  # flat costs: the zero displacement (k = 13), with or without coupling
+            assert (gradreg_fast.coupled_argmin(cost, zero, coupling, mirrored) == 13).all()
+    # Two equal minima: the one nearer the field wins; equally near, the lower k.
+    cost[:, 20], cost[:, 7] = 0.25, 0.25  # d_20 = (1, 0, -1), d_7 = (-1, 1, 0)
     assert (gradreg_fast.coupled_argmin(cost, zero, 0.0) == 7).all()
+    toward_20 = zero.clone()
+    toward_20[:, 0] = 0.5
+    assert (gradreg_fast.coupled_argmin(cost, toward_20, 0.0) == 20).all()
+    # Uniform costs follow any field to its nearest displacement, as the reference does.
+    flat = torch.full((2, 27, 3, 4, 5), 0.5, dtype=torch.float64)
+    field = (torch.rand((2, 3, 3, 4, 5), generator=gen, dtype=torch.float64) - 0.5) * 3
+    expected = ((field.round().clamp(-1, 1) + 1) * torch.tensor([9.0, 3.0, 1.0]).view(1, 3, 1, 1, 1)).sum(1).long()
+    for mirrored in (False, True):
+        index = gradreg_fast.coupled_argmin(flat, field, 0.0, mirrored)
+        assert torch.equal(index, expected)
+        assert torch.equal(index, reference.coupled_argmin(flat, field, 0.0, mirrored))
 
 
 def test_nan_never_wins(gen):
     cost, field = _inputs((2, 3, 4, 5), 1, torch.float64, gen)
     cost[:, ::2] = float("nan")  # half the displacements everywhere
-    cost[0, :, 1, 2, 3] = float("nan")  # one point with nothing but NaN: index 0
+    cost[0, :, 1, 2, 3] = float("nan")  # one point with nothing but NaN: all +inf, the nearest the field
     for mirrored in (False, True):
         index = gradreg_fast.coupled_argmin(cost, field, 0.3, mirrored)
         assert torch.equal(index, reference.coupled_argmin(cost, field, 0.3, mirrored))
     index = gradreg_fast.coupled_argmin(cost, field, 0.3)
-    assert index[0, 1, 2, 3] == 0
+    nearest = ((field[0, :, 1, 2, 3].round().clamp(-1, 1) + 1) * torch.tensor([9.0, 3.0, 1.0])).sum().long()
+    assert index[0, 1, 2, 3] == nearest
     others = torch.ones_like(index, dtype=torch.bool)
     others[0, 1, 2, 3] = False
     assert (index[others] % 2 == 1).all()  # only the displacements with a value
@@ -278,14 +290,14 @@ def test_cuda_core_largest_radius(cuda_core, gen):
         assert torch.equal(index.cpu(), reference.coupled_argmin(cost, field, coupling))
 
 
-def test_cuda_core_ties_go_to_the_lowest_displacement(cuda_core):
+def test_cuda_core_ties_go_to_the_displacement_nearest_the_field(cuda_core):
     module, device = cuda_core
     cost = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64, device=device)
     zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64, device=device)
     index = torch.full((1, 3, 4, 5), -1, dtype=torch.int64, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device == "cuda" else 0
     for mirrored in (False, True):
-        for coupling, expected in ((0.0, 0), (0.5, 13)):
+        for coupling, expected in ((0.0, 13), (0.5, 13)):
             assert module.coupled_argmin_forward(True, cost.data_ptr(), zero.data_ptr(), coupling, index.data_ptr(),
                                                  1, 3, 4, 5, 1, mirrored, stream) == ""
             assert (index == expected).all()
@@ -349,7 +361,7 @@ def triton_checks(device):
     flat = torch.full((1, 27, 3, 4, 5), 0.75, dtype=torch.float64, device=device)
     zero = torch.zeros((1, 3, 3, 4, 5), dtype=torch.float64, device=device)
     for mirrored in (False, True):
-        assert (gradreg_fast.coupled_argmin(flat, zero, 0.0, mirrored, backend="triton") == 0).all()
+        assert (gradreg_fast.coupled_argmin(flat, zero, 0.0, mirrored, backend="triton") == 13).all()
         assert (gradreg_fast.coupled_argmin(flat, zero, 0.5, mirrored, backend="triton") == 13).all()
     half_cost, half_field = (t.to(torch.float16) for t in _inputs((1, 2, 3, 4), 1, torch.float32, gen))
     index = gradreg_fast.coupled_argmin(half_cost.to(device), half_field.to(device), 0.2, backend="triton")

@@ -13,7 +13,7 @@ import gradreg_fast as g
 from gradreg_fast import metrics
 from gradreg_fast.io import Grid, Scan
 from gradreg_fast.register import (FieldSettings, Settings, body_mask, integrate, moments_init, optimize_affine,
-                                   optimize_field, optimize_network, register, save_result)
+                                   optimize_field, optimize_network, quick_settings, register, save_result)
 from gradreg_fast.register.affine import affine_flow
 
 
@@ -439,3 +439,20 @@ def test_inputs_read_together_fail_on_the_first_bad_file_in_order(synthetic_pair
     with pytest.raises(NiftiError, match="fixed labels"):
         _read_inputs(((files["fixed"], "fixed image"), (files["moving"], "moving image"), (corrupt, "fixed labels"),
                       (missing, "moving labels")))
+
+
+@pytest.mark.parametrize("preset", ["default", "quick"])
+def test_an_image_registered_to_itself_does_not_move(tmp_path, preset):
+    # A uniform background (air clipped by the CT window, or a blank scan) has the same cost for every
+    # displacement: the search must keep such points where they are, not send them to its first candidate.
+    z, y, x = np.mgrid[:40, :36, :24]
+    body = ((z - 20) / 12.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 12) / 8.0) ** 2 < 1
+    organ = ((z - 24) / 4.0) ** 2 + ((y - 15) / 4.0) ** 2 + ((x - 12) / 3.0) ** 2 < 1
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    for name, volume in (("blob", 100.0 * body + 50.0 * organ), ("blank", np.zeros((20, 20, 16)))):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), path)
+        settings = quick_settings() if preset == "quick" else Settings()
+        settings.init, settings.affine_model = "none", "none"
+        result = register(path, path, settings=settings, device="cpu", progress=False)
+        assert torch.count_nonzero(result.flow) == 0, name

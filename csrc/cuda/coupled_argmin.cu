@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const T* u = field + n * 3 * DHW + p;
     const T uz = u[0], uy = u[DHW], ux = u[2 * DHW];
     const T* c = cost + n * s.K * DHW;
-    T best = static_cast<T>(INFINITY);
+    T best = static_cast<T>(INFINITY), nearest = static_cast<T>(INFINITY);
     int64_t arg = 0;
     int64_t k = 0;
     GRADREG_NO_UNROLL
@@ -48,9 +48,11 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int dx = -r; dx <= r; ++dx, ++k) {
           const T value = kMirrored ? c[mirrored_channel(k, s.K) * DHW + row + clamp_index(x + dx, s.W)]
                                     : c[k * DHW + p];
-          const T v = coupled_cost(value, coupling, T(dz), T(dy), T(dx), uz, uy, ux);
-          if (coupled_better(v, best)) {
+          const T distance = coupled_distance(T(dz), T(dy), T(dx), uz, uy, ux);
+          const T v = coupled_cost(value, coupling, distance);
+          if (coupled_better(v, distance, best, nearest)) {
             best = v;
+            nearest = distance;
             arg = k;
           }
         }

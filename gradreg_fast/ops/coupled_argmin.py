@@ -73,8 +73,9 @@ def coupled_argmin(cost: torch.Tensor, field: torch.Tensor, coupling: float = 0.
       displacement k lands: ``C[n, k, p] = cost[n, K-1-k, clamp(p + d_k)]`` (``d_{K-1-k} = -d_k``). For a
       cost volume of fixed -> moving matching on one control grid, that is the moving -> fixed cost
       volume (exactly, away from the borders, where the landing point is clamped), at no extra cost.
-    * Ties go to the lowest k (as ``torch.argmin``); a NaN never wins; a point with nothing below +inf
-      gets index 0.
+    * A NaN coupled cost counts as +inf. Of equal coupled costs, the displacement nearest ``field`` wins,
+      then the lowest k: without coupling, a point whose costs are all equal (a uniform region) keeps the
+      displacement nearest ``field`` instead of the first one, (-r, -r, -r).
 
     Args:
         cost: (N, K, D, H, W), K = (2r+1)^3, float32 or float64 (float16/bfloat16 computed in float32).

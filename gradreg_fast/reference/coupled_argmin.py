@@ -5,7 +5,8 @@ import torch
 
 def coupled_argmin(cost: torch.Tensor, field: torch.Tensor, coupling: float, mirrored: bool = False) -> torch.Tensor:
     """Reference for :func:`gradreg_fast.coupled_argmin`: the coupled costs of every displacement
-    materialised, NaN made +inf, then ``argmin`` over the displacements (ties: the first)."""
+    materialised, NaN made +inf; of the displacements at their minimum, ``argmin`` of the distance to
+    ``field`` (ties: the first)."""
     n, k, d, h, w = cost.shape
     radius = (round(k ** (1 / 3)) - 1) // 2
     steps = range(-radius, radius + 1)
@@ -20,5 +21,7 @@ def coupled_argmin(cost: torch.Tensor, field: torch.Tensor, coupling: float, mir
         cost = torch.stack(planes, 1)
     distance = ((table.view(1, k, 3, 1, 1, 1) - field.unsqueeze(1)) ** 2).sum(2)
     coupled = cost + coupling * distance
-    coupled = torch.where(torch.isnan(coupled), torch.full_like(coupled, float("inf")), coupled)
-    return coupled.argmin(1)
+    inf = torch.full_like(coupled, float("inf"))
+    coupled = torch.where(torch.isnan(coupled), inf, coupled)
+    at_minimum = coupled == coupled.amin(1, keepdim=True)
+    return torch.where(at_minimum & ~torch.isnan(distance), distance, inf).argmin(1)

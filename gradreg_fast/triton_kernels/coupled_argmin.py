@@ -5,8 +5,9 @@ A program takes ``BLOCK`` consecutive points of one item and loops over the K di
 each lane's best value and index in registers: every step loads one coalesced row of the cost volume
 (mirrored: channel K-1-k read at the clamped point p + d_k, still contiguous along x away from the
 borders). The coupled cost is rounded term by term (LAUNCH_OPTIONS: no FMA), as the reference rounds it,
-so near-equal costs order the same way. Ties keep the lower k and a NaN never wins (a strict ``<``
-against a best that starts at +inf); a lane with nothing below +inf keeps index 0.
+so near-equal costs order the same way. A NaN coupled cost counts as +inf; of equal coupled costs the
+displacement nearest the field wins, then the lower k (strict comparisons against a best that starts at
+(+inf, +inf) with index 0).
 
 Displacement k is (dz, dy, dx) with dx fastest.
 """
@@ -40,6 +41,7 @@ def _kernel(cost_ptr, field_ptr, coupling_ptr, index_ptr, D, H, W, K, radius, bl
     dtype = uz.dtype
     coupling = tl.load(coupling_ptr)
     best = tl.full((BLOCK,), float("inf"), dtype)
+    nearest = tl.full((BLOCK,), float("inf"), dtype)
     arg = tl.zeros((BLOCK,), dtype=tl.int32)  # K <= 65^3 fits; widened to int64 at the store
     side = 2 * radius + 1
     for k in range(0, K):
@@ -54,9 +56,12 @@ def _kernel(cost_ptr, field_ptr, coupling_ptr, index_ptr, D, H, W, K, radius, bl
         ez = dz.to(dtype) - uz
         ey = dy.to(dtype) - uy
         ex = dx.to(dtype) - ux
-        value = c + coupling * (ez * ez + ey * ey + ex * ex)
-        better = value < best
+        distance = ez * ez + ey * ey + ex * ex
+        value = c + coupling * distance
+        value = tl.where(value != value, float("inf"), value)
+        better = (value < best) | ((value == best) & (distance < nearest))
         best = tl.where(better, value, best)
+        nearest = tl.where(better, distance, nearest)
         arg = tl.where(better, k, arg)
     tl.store(index_ptr + n * voxels + p, arg.to(tl.int64), mask=mask)
 

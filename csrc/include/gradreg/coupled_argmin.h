@@ -5,9 +5,14 @@
 // over the K = (2r+1)^3 displacements d_k of a cost volume (cost_volume.h's order, dx fastest), with u a
 // smooth field in the same steps. C is the cost volume itself or, `mirrored`, the cost of the opposite
 // search read where displacement k lands: C[n, k, p] = cost[n, K-1-k, clamp(p + d_k)] (d_{K-1-k} = -d_k,
-// so a moving -> fixed search costs nothing more than the fixed -> moving one it mirrors). The first
-// (lowest) k of the minimum wins; a NaN never wins, and a point with no value below +inf gets index 0.
+// so a moving -> fixed search costs nothing more than the fixed -> moving one it mirrors).
+//
+// A NaN coupled cost counts as +inf. Of equal coupled costs, the displacement nearest u wins, then the lowest
+// k: without a coupling (the first search of the convex stage) a flat cost (uniform regions, points outside
+// the loss box) then keeps u instead of jumping to d_0 = (-r, -r, -r), which the smoothing would spread.
 #pragma once
+
+#include <cmath>
 
 #include "cost_volume.h"
 
@@ -24,20 +29,31 @@ __device__ __forceinline__ double coupled_add(double a, double b) { return __dad
 #endif
 
 template <typename T>
-GR_HD T coupled_cost(T cost, T coupling, T dz, T dy, T dx, T uz, T uy, T ux) {
+GR_HD T coupled_distance(T dz, T dy, T dx, T uz, T uy, T ux) {
   const T ez = dz - uz, ey = dy - uy, ex = dx - ux;
 #if defined(__CUDA_ARCH__)
-  const T distance = coupled_add(coupled_add(coupled_mul(ez, ez), coupled_mul(ey, ey)), coupled_mul(ex, ex));
-  return coupled_add(cost, coupled_mul(coupling, distance));
+  return coupled_add(coupled_add(coupled_mul(ez, ez), coupled_mul(ey, ey)), coupled_mul(ex, ex));
 #else
-  return cost + coupling * (ez * ez + ey * ey + ex * ex);
+  return ez * ez + ey * ey + ex * ex;
 #endif
 }
 
-// Whether `value` replaces the best so far (strictly below: ties keep the lower k; NaN compares false).
+// cost + coupling * distance, NaN made +inf (so a NaN never beats a number and ties with +inf).
 template <typename T>
-GR_HD bool coupled_better(T value, T best) {
-  return value < best;
+GR_HD T coupled_cost(T cost, T coupling, T distance) {
+#if defined(__CUDA_ARCH__)
+  const T value = coupled_add(cost, coupled_mul(coupling, distance));
+#else
+  const T value = cost + coupling * distance;
+#endif
+  return value != value ? T(INFINITY) : value;
+}
+
+// Whether (value, distance) replaces the best so far: a lower coupled cost, or an equal one nearer u (k runs
+// upwards and strict comparisons keep the earlier k). Start from (+inf, +inf) and index 0.
+template <typename T>
+GR_HD bool coupled_better(T value, T distance, T best, T best_distance) {
+  return value < best || (value == best && distance < best_distance);
 }
 
 // The channel and the clamped coordinate that displacement k of a mirrored search reads.
