@@ -40,7 +40,8 @@ class FieldSettings:
     The defaults were chosen on the validation set of benchmarks/validation.py (six same-subject CT/MR-like
     cases with known deformations, built from the bundled scans, and inter-subject cases with a third
     person's CT; sweep 10 of benchmarks/results/engine_sweeps.md, confirmed on twelve inter-subject cases by
-    sweep 12), never on the bundled pair, which
+    sweep 12; ``cost_smoothing`` and ``smoothness`` chosen again by sweep 16, after ties in the first search
+    stopped going to the corner displacement), never on the bundled pair, which
     benchmarks/RESULTS.md reports. Units: ``convex_grid`` and ``adam_grid`` in voxels of
     the working grid; ``search_radius`` in convex control cells; ``lr`` in Adam-grid voxels per step.
     """
@@ -54,7 +55,7 @@ class FieldSettings:
     convex_grid: int = 2  # control-point spacing of the discrete search
     search_radius: int = 2  # displacements of -r..r control cells per axis, (2r+1)^3 of them
     coupling: tuple = COUPLING
-    cost_smoothing: int = 2  # 3x3x3 box passes over the cost volume (a point's cost reflects its neighbourhood)
+    cost_smoothing: int = 3  # 3x3x3 box passes over the cost volume (a point's cost reflects its neighbourhood)
     symmetric: bool = True  # inverse-consistent forward and backward searches
     ic_iterations: int = 5  # inverse-consistency iterations of the symmetric search
     # stage 2: Adam on a finer control grid, stationary velocity integrated by scaling and squaring
@@ -62,7 +63,7 @@ class FieldSettings:
     iterations: tuple = (15,)  # Adam steps of each level
     lr: float = 1.0
     warmup: int = 5  # steps over which the learning rate ramps up (Adam's first steps are the largest)
-    smoothness: float = 1.5  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
+    smoothness: float = 2.0  # weight of the squared spatial gradient of the (smoothed) velocity on its own grid
     squarings: int = 3  # scaling-and-squaring steps (0: the velocity is used as a displacement)
     smoothing_passes: int = 2  # 3x3x3 box passes applied to the velocity parameters (a B-spline-like basis)
     # The Adam stage's objective also holds the inverse map exp(-v) to the images (fixed descriptors warped by it
