@@ -146,8 +146,15 @@ def moments_init(fixed, moving, scale: bool = False) -> np.ndarray:
     anterior-posterior axes, one factor each. The superior-inferior spread is not used: it mostly
     measures the field of view, which differs between scans.
     """
-    fixed_centre, fixed_cov = mask_moments(body_mask(fixed.data, fixed.affine), fixed.affine)
-    moving_centre, moving_cov = mask_moments(body_mask(moving.data, moving.affine), moving.affine)
+    moments = []
+    for scan, name in ((fixed, "fixed"), (moving, "moving")):
+        try:
+            mask = body_mask(scan.data, scan.affine)
+        except ValueError as exc:  # which image is blank matters to whoever passed two
+            source = f" ({scan.path})" if getattr(scan, "path", None) else ""
+            raise ValueError(f"the {name} image{source}: {exc}") from None
+        moments.append(mask_moments(mask, scan.affine))
+    (fixed_centre, fixed_cov), (moving_centre, moving_cov) = moments
     linear = np.eye(3)
     if scale:
         ratio = np.sqrt(np.clip(np.diag(moving_cov), 1e-6, None) / np.clip(np.diag(fixed_cov), 1e-6, None))

@@ -32,6 +32,10 @@ def _numpy(array, name: str) -> np.ndarray:
     array = np.asarray(array)
     if array.size == 0:
         raise ValueError(f"`{name}` must not be empty")
+    if array.ndim == 0:
+        raise ValueError(f"`{name}` must be an array with at least one axis, got a single value")
+    if np.iscomplexobj(array):
+        raise ValueError(f"`{name}` must hold real numbers, got {array.dtype}")
     return array
 
 
@@ -115,7 +119,8 @@ def dice(a, b, labels=None) -> dict:
 
 def check_spacing(spacing, ndim: int = 3) -> np.ndarray:
     """Voxel sizes in mm as a float64 array of ``ndim`` (one value is every axis's); a ValueError naming
-    ``spacing`` unless they are positive finite numbers, one or one per axis."""
+    ``spacing`` unless they are numbers in [1e-100, 1e100], one or one per axis (beyond those, squared
+    distances overflow or vanish in float64)."""
     try:
         values = np.asarray(spacing, dtype=np.float64)
     except (TypeError, ValueError):
@@ -123,8 +128,8 @@ def check_spacing(spacing, ndim: int = 3) -> np.ndarray:
     if values.size not in (1, ndim):
         raise ValueError(f"`spacing` must be one value or {ndim} (one per axis), got {spacing!r}")
     spacing = np.broadcast_to(values.reshape(-1), (ndim,)).copy()
-    if not np.all(spacing > 0) or not np.all(np.isfinite(spacing)):
-        raise ValueError(f"`spacing` must be positive and finite, got {spacing.tolist()}")
+    if not np.all((spacing >= 1e-100) & (spacing <= 1e100)):
+        raise ValueError(f"`spacing` must be positive voxel sizes in [1e-100, 1e100] mm, got {spacing.tolist()}")
     return spacing
 
 
@@ -185,6 +190,8 @@ def _whole_offsets(values, name: str) -> np.ndarray:
         raise ValueError(f"`{name}` must hold whole voxel offsets, got {values!r}") from None
     if not np.all(np.isfinite(offsets)) or np.any(offsets != np.rint(offsets)):
         raise ValueError(f"`{name}` must hold whole voxel offsets, got {values!r}")
+    if np.any(np.abs(offsets) > _LARGEST_ID):  # int64 would wrap, and float64 no longer holds every whole number
+        raise ValueError(f"`{name}` must hold offsets of at most 2**53 voxels, got {values!r}")
     return offsets.astype(np.int64)
 
 

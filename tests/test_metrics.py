@@ -561,6 +561,16 @@ def test_label_metrics_name_their_placement_and_spacing_arguments():
         metrics.label_metrics(a, b, b_origin=(0, 0))
     with pytest.raises(ValueError, match="`spacing` must be one value or 3"):
         metrics.label_metrics(a, b, spacing=(1.0, 2.0))
+    for spacing in (1e200, 1e-200, 0.0, np.inf):  # squared distances would overflow or vanish
+        with pytest.raises(ValueError, match=r"`spacing` must be positive voxel sizes in \[1e-100, 1e100\]"):
+            metrics.label_metrics(a, b, spacing=spacing)
+    for origin in ((1e19, 0, 0), (2 ** 63 - 1, 0, 0)):  # would wrap in int64
+        with pytest.raises(ValueError, match="`b_origin` must hold offsets of at most 2\\*\\*53 voxels"):
+            metrics.label_metrics(a, b, b_origin=origin)
+    with pytest.raises(ValueError, match="`a` must be an array with at least one axis"):
+        metrics.label_metrics(np.array(1), np.array(1))
+    with pytest.raises(ValueError, match="`flow` must hold real numbers"):
+        metrics.jacobian_determinant(np.zeros((3, 4, 4, 4), np.complex128))
     assert metrics.label_metrics(a, b, b_origin=np.array([0.0, 0.0, 0.0])) == metrics.label_metrics(a, b)
     # a 2D pair is scored as 2D (no 3D origin is assumed)
     flat_a, flat_b = a[:, :, 0], b[:, :, 0]

@@ -456,3 +456,50 @@ def test_an_image_registered_to_itself_does_not_move(tmp_path, preset):
         settings.init, settings.affine_model = "none", "none"
         result = register(path, path, settings=settings, device="cpu", progress=False)
         assert torch.count_nonzero(result.flow) == 0, name
+
+
+def _blob_files(folder):
+    z, y, x = np.mgrid[:24, :20, :16]
+    body = ((z - 12) / 8.0) ** 2 + ((y - 10) / 7.0) ** 2 + ((x - 8) / 6.0) ** 2 < 1
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    image, labels = folder / "image.nii.gz", folder / "labels.nii.gz"
+    nib.save(nib.Nifti1Image((100.0 * body).astype(np.float32), affine), image)
+    nib.save(nib.Nifti1Image(body.astype(np.int16), affine), labels)
+    return image, labels, affine, body
+
+
+def test_save_result_never_overwrites_the_registrations_inputs(tmp_path):
+    image, _, _, _ = _blob_files(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    fixed = out / "warped.nii.gz"  # the fixed image lives where an output would go
+    fixed.write_bytes(image.read_bytes())
+    before = fixed.read_bytes()
+    result = register(fixed, image, settings=quick_settings(), device="cpu", progress=False)
+    for force in (False, True):  # no `inputs` given: the paths the result records are protected all the same
+        with pytest.raises(FileExistsError, match="one of the inputs"):
+            save_result(result, out, force=force, figure=False)
+    assert fixed.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["warped.nii.gz"]
+
+
+def test_label_ids_beyond_int32_are_refused_before_the_work(tmp_path, monkeypatch):
+    image, _, affine, body = _blob_files(tmp_path)
+    big = tmp_path / "big_labels.nii.gz"
+    nib.save(nib.Nifti1Image(body.astype(np.int64) * 2 ** 40, affine, dtype=np.int64), big)
+    small = tmp_path / "labels.nii.gz"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the registration started")
+
+    monkeypatch.setattr("gradreg_fast.register.pipeline.optimize_affine", no_work)
+    with pytest.raises(ValueError, match=r"moving labels .*big_labels.*beyond int32"):
+        register(image, image, small, big, settings=quick_settings(), device="cpu", progress=False)
+
+
+def test_a_blank_image_is_named(tmp_path):
+    image, _, affine, _ = _blob_files(tmp_path)
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 16), np.float32), affine), blank)
+    for fixed, moving, name in ((image, blank, "moving"), (blank, image, "fixed")):
+        with pytest.raises(ValueError, match=f"the {name} image .*blank.nii.gz.*no voxel above the threshold"):
+            register(fixed, moving, settings=quick_settings(), device="cpu", progress=False)

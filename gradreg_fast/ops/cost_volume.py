@@ -37,7 +37,7 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
 
 def _check_geometry(radius, spacing, grid) -> tuple[int, int, int]:
     radius = _check_int("radius", radius, 0, MAX_RADIUS)
-    spacing = _check_int("spacing", spacing, 1)
+    spacing = _check_int("spacing", spacing, 1, MAX_REACH)
     grid = _check_int("grid", grid, 1, MAX_GRID)
     if spacing * radius > MAX_REACH:
         raise ValueError(

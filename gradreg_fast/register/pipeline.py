@@ -420,6 +420,9 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         check_same_space(moving_raw, moving_seg, "moving labels")
         fixed_ids = _compact(keep_labels(fixed_seg, label_ids, "fixed labels"))  # non-integer maps fail here
         moving_ids = _compact(keep_labels(moving_seg, label_ids, "moving labels"))
+        if moving_ids.dtype == np.int64:  # refused now rather than after the work, when the warped map is written
+            raise ValueError(f"moving labels ({moving_labels_path}): label ids {moving_ids.min()}..{moving_ids.max()} "
+                             "go beyond int32, which the warped label map (NIfTI-1) cannot store; renumber them")
     windows = {"ct_window": settings.ct_window, "mr_percentiles": settings.mr_percentiles}
     fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality, **windows), fixed_raw.affine,
                  fixed_raw.path)
@@ -654,7 +657,10 @@ def save_result(result: Result, out_dir, inputs=(), force: bool = False, figure:
     as one set (see :class:`gradreg_fast._atomic.FileSet`): metrics.json comes last and names every
     file of the run with its SHA-256 (``"files"``); with ``force`` the files of an earlier run in the
     folder are replaced as a whole, and those the new run does not write are removed. Other files in
-    the folder are never touched. Returns {name: path}."""
+    the folder are never touched, nor are the registration's own input files (those ``result.metrics``
+    names) or any of ``inputs``, with or without ``force``. Returns {name: path}."""
+    recorded = (result.metrics.get(key) for key in ("fixed", "moving", "fixed_labels", "moving_labels"))
+    inputs = tuple(inputs) + tuple(path for path in recorded if path)
     paths = check_outputs(out_dir, inputs, result.warped_labels is not None, force)
     out_dir = Path(out_dir)
     files = FileSet(out_dir, previous=previous_outputs(out_dir), protect=inputs)
