@@ -89,12 +89,12 @@ def working_multiples(shape, settings: Settings) -> tuple:
 
 
 def quick_settings() -> Settings:
-    """About 1.25 times faster than the defaults (benchmarks/RESULTS.md, 2026-11-30 22:37; 1.45 before the fused
-    box_mean sped the defaults up more): no gradient-map terms, a one-way search of +-1 cell, 20 Adam steps at lr 1.0.
+    """About 1.35 times faster than the defaults (benchmarks/RESULTS.md, 2026-12-02 03:41): no gradient-map terms, a
+    one-way search of +-1 cell, 20 Adam steps at lr 1.0.
 
-    On the validation set it keeps the defaults' Dice on the same-subject cases (0.938 against 0.938) and loses
-    on the inter-subject ones (0.596 against 0.614) and the bundled pair (0.622 against 0.632;
-    benchmarks/RESULTS.md, 2026-11-30 22:37), and its capture range is +-2 voxels: where the affine stage leaves
+    On the validation set it keeps the defaults' Dice on the same-subject cases (0.940 against 0.937) and loses
+    on the twelve inter-subject ones (0.570 against 0.584) and the bundled pair (0.613 against 0.624;
+    benchmarks/RESULTS.md, 2026-12-02 03:41), and its capture range is +-2 voxels: where the affine stage leaves
     larger differences (the two-organ phantom of tests/test_register.py) it falls well short of the defaults
     (Dice 0.68 against 0.87).
     """
