@@ -119,7 +119,7 @@ def dice(a, b, labels=None) -> dict:
 
 def check_spacing(spacing, ndim: int = 3) -> np.ndarray:
     """Voxel sizes in mm as a float64 array of ``ndim`` (one value is every axis's); a ValueError naming
-    ``spacing`` unless they are numbers in [1e-100, 1e100], one or one per axis (beyond those, squared
+    ``spacing`` unless they are numbers in [1e-150, 1e100], one or one per axis (beyond those, squared
     distances overflow or vanish in float64)."""
     try:
         values = np.asarray(spacing, dtype=np.float64)
@@ -128,8 +128,8 @@ def check_spacing(spacing, ndim: int = 3) -> np.ndarray:
     if values.size not in (1, ndim):
         raise ValueError(f"`spacing` must be one value or {ndim} (one per axis), got {spacing!r}")
     spacing = np.broadcast_to(values.reshape(-1), (ndim,)).copy()
-    if not np.all((spacing >= 1e-100) & (spacing <= 1e100)):
-        raise ValueError(f"`spacing` must be positive voxel sizes in [1e-100, 1e100] mm, got {spacing.tolist()}")
+    if not np.all((spacing >= 1e-150) & (spacing <= 1e100)):
+        raise ValueError(f"`spacing` must be positive voxel sizes in [1e-150, 1e100] mm, got {spacing.tolist()}")
     return spacing
 
 

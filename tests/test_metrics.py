@@ -562,7 +562,7 @@ def test_label_metrics_name_their_placement_and_spacing_arguments():
     with pytest.raises(ValueError, match="`spacing` must be one value or 3"):
         metrics.label_metrics(a, b, spacing=(1.0, 2.0))
     for spacing in (1e200, 1e-200, 0.0, np.inf):  # squared distances would overflow or vanish
-        with pytest.raises(ValueError, match=r"`spacing` must be positive voxel sizes in \[1e-100, 1e100\]"):
+        with pytest.raises(ValueError, match=r"`spacing` must be positive voxel sizes in \[1e-150, 1e100\]"):
             metrics.label_metrics(a, b, spacing=spacing)
     for origin in ((1e19, 0, 0), (2 ** 63 - 1, 0, 0)):  # would wrap in int64
         with pytest.raises(ValueError, match="`b_origin` must hold offsets of at most 2\\*\\*53 voxels"):
