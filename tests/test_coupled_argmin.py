@@ -171,6 +171,22 @@ def test_both_isa_copies(isa, dtype, gen):
     test_matches_reference((1, 3, 7, 9), 1, dtype, False, True, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_isa_copies_break_exact_ties_as_the_reference(isa, dtype, gen):
+    # Ties built on purpose, which random costs almost never give: a fused multiply-add (the AVX2+FMA copy's
+    # compiler may contract a * b + c) rounds once and breaks them another way than the reference.
+    t = torch.rand(4000, generator=gen, dtype=torch.float64).to(dtype)
+    field = torch.stack([t, t, t / 2]).view(1, 3, 1, 1, 4000)  # d_16 = (0, 1, 0), d_22 = (1, 0, 0): equally near
+    cost = torch.full((1, 27, 1, 1, 4000), 100.0, dtype=dtype)
+    cost[:, 16], cost[:, 22] = 0.0, 0.0
+    assert torch.equal(gradreg_fast.coupled_argmin(cost, field, 0.0), reference.coupled_argmin(cost, field, 0.0))
+    # Two coupled costs equal in the reference's rounding: 0.70025 + 0.1 * 3 and 1.0002501 + 0.1 * 0 in float32.
+    cost = torch.full((1, 27, 1, 1, 1), 100.0, dtype=dtype)
+    cost[0, 26], cost[0, 13] = 0.70025, 1.0002501
+    zero = torch.zeros((1, 3, 1, 1, 1), dtype=dtype)
+    assert torch.equal(gradreg_fast.coupled_argmin(cost, zero, 0.1), reference.coupled_argmin(cost, zero, 0.1))
+
+
 def test_compile_fullgraph(gen):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -367,7 +383,7 @@ def triton_checks(device):
     index = gradreg_fast.coupled_argmin(half_cost.to(device), half_field.to(device), 0.2, backend="triton")
     assert torch.equal(index.cpu(), reference.coupled_argmin(half_cost.float(), half_field.float(), 0.2))
     # A float64 coupling reaches the kernel unrounded: with c = 1 + 2^-40, displacement 13 (d = 0, cost c)
-    # ties with displacement 14 (|d - u|^2 = 1, cost 0) and wins as the lower k; a coupling rounded to
+    # ties with displacement 14 (|d - u|^2 = 1, cost 0) and wins as the nearer one; a coupling rounded to
     # float32 (1.0) would make 14 cheaper.
     coupling = 1.0 + 2.0 ** -40
     cost = torch.full((1, 27, 1, 1, 1), 100.0, dtype=torch.float64)

@@ -27,7 +27,11 @@
 namespace gradreg_avx2 {
 #include "box_mean.cpp"
 #include "cost_volume.cpp"
+// coupled_argmin breaks exact ties as the reference does only if no a * b + c is fused (coupled_argmin.h).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 #include "coupled_argmin.cpp"
+#pragma GCC pop_options
 #include "gradient_magnitude.cpp"
 #include "mind.cpp"
 #include "warp.cpp"

@@ -18,21 +18,15 @@
 
 namespace gradreg {
 
-#if defined(__CUDA_ARCH__)
-// On the GPU, products and sums rounded one by one, as the reference rounds them: nvcc contracts
-// a * b + c into an FMA by default, and its single rounding can reorder two near-equal coupled costs, so
-// the CUDA kernel would pick another displacement than the reference.
-__device__ __forceinline__ float coupled_mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double coupled_mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float coupled_add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double coupled_add(double a, double b) { return __dadd_rn(a, b); }
-#endif
-
+// Every product is rounded alone, as the reference rounds it: a fused multiply-add rounds once and can turn two
+// equal coupled costs or distances into unequal ones, so a kernel would break a tie another way than the
+// reference. On the GPU by product_rounded (nvcc contracts by default); on the CPU the AVX2+FMA copy is compiled
+// without contraction (isa_avx2.cpp), since product_rounded's barrier would stop these loops vectorising.
 template <typename T>
 GR_HD T coupled_distance(T dz, T dy, T dx, T uz, T uy, T ux) {
   const T ez = dz - uz, ey = dy - uy, ex = dx - ux;
 #if defined(__CUDA_ARCH__)
-  return coupled_add(coupled_add(coupled_mul(ez, ez), coupled_mul(ey, ey)), coupled_mul(ex, ex));
+  return product_rounded(ez, ez) + product_rounded(ey, ey) + product_rounded(ex, ex);
 #else
   return ez * ez + ey * ey + ex * ex;
 #endif
@@ -42,7 +36,7 @@ GR_HD T coupled_distance(T dz, T dy, T dx, T uz, T uy, T ux) {
 template <typename T>
 GR_HD T coupled_cost(T cost, T coupling, T distance) {
 #if defined(__CUDA_ARCH__)
-  const T value = coupled_add(cost, coupled_mul(coupling, distance));
+  const T value = cost + product_rounded(coupling, distance);
 #else
   const T value = cost + coupling * distance;
 #endif
