@@ -422,7 +422,7 @@ def register(fixed_path, moving_path, fixed_labels_path=None, moving_labels_path
         moving_ids = _compact(keep_labels(moving_seg, label_ids, "moving labels"))
         if moving_ids.dtype == np.int64:  # refused now rather than after the work, when the warped map is written
             raise ValueError(f"moving labels ({moving_labels_path}): label ids {moving_ids.min()}..{moving_ids.max()} "
-                             "go beyond int32, which the warped label map (NIfTI-1) cannot store; renumber them")
+                             "go beyond int32, the widest type the warped label map is written with; renumber them")
     windows = {"ct_window": settings.ct_window, "mr_percentiles": settings.mr_percentiles}
     fixed = Scan(normalize_intensity(fixed_raw.data, settings.fixed_modality, **windows), fixed_raw.affine,
                  fixed_raw.path)
