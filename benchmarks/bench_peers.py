@@ -1,4 +1,4 @@
-"""gradreg against ConvexAdam and ANTs SyN on every validation case, in one run, on one machine.
+"""gradreg against ConvexAdam, ANTs SyN and elastix on every validation case, in one run, on one machine.
 
 Cases: the six same-subject cases of benchmarks/validation.py (known deformation: endpoint error), its
 twelve inter-subject cases and the bundled inter-subject CT/MR pair; with ``--held-out``, its fourteen held-out
@@ -11,7 +11,10 @@ the centre-of-mass alignment of the body masks (:func:`gradreg_fast.body.moments
   6-voxel grid, search half-width 4, lambda 1.25, 80 Adam steps on a 2-voxel grid, inverse consistency)
   on the two images after the centre-of-mass alignment, float32 on the CPU;
 * ANTs SyN: ``antspyx`` (its own venv: it pins old numpy/scipy) with ``type_of_transform="SyN"`` (its
-  affine stage, then SyN), Mattes mutual information, iterations 100/70/50, on the same images.
+  affine stage, then SyN), Mattes mutual information, iterations 100/70/50, on the same images;
+* elastix: ``itk-elastix`` (its own venv, like ANTs) with its default "affine" then "bspline" parameter maps
+  (advanced Mattes mutual information, four resolutions, a B-spline grid of 10 mm at the finest), on the same
+  images: the B-spline registration the issue measured on the pair.
 
 Scoring is the same for all: each method's map from the fixed image's grid to the moving world is
 composed with the centre-of-mass transform, the moving labels are sampled there (nearest) and scored with
@@ -24,7 +27,9 @@ Usage::
 
     pip install ".[peers]"                                   # convexadam
     python -m venv /tmp/ants-env && /tmp/ants-env/bin/pip install antspyx nibabel
-    python benchmarks/bench_peers.py --ants-python /tmp/ants-env/bin/python [--cases ...] [--markdown FILE]
+    python -m venv /tmp/elastix-env && /tmp/elastix-env/bin/pip install itk-elastix nibabel
+    python benchmarks/bench_peers.py --ants-python /tmp/ants-env/bin/python \
+        --elastix-python /tmp/elastix-env/bin/python [--cases ...] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -63,6 +68,27 @@ field = ants.image_read(composed).numpy()  # (X, Y, Z, 3) physical (LPS) displac
 matrix = np.asarray(fixed.direction) * np.asarray(fixed.spacing)[None, :]
 voxels = np.einsum("ij,...j->...i", np.linalg.inv(matrix), field)
 np.save(sys.argv[3] + ".npy", np.moveaxis(voxels, -1, 0).astype(np.float32))
+print(json.dumps({"core_s": core}))
+"""
+
+# The same output as ANTS_SCRIPT's: a (3, X, Y, Z) voxel displacement from the fixed grid into the moving image.
+# ITK arrays are (Z, Y, X) with components along (x, y, z); the field is physical (LPS), as ANTs' is.
+ELASTIX_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import itk
+fixed = itk.imread(sys.argv[1], itk.F); moving = itk.imread(sys.argv[2], itk.F)
+itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(sys.argv[4]))  # its number_of_threads argument crashes
+parameters = itk.ParameterObject.New()
+parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+tick = time.perf_counter()
+_, transform = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
+core = time.perf_counter() - tick
+field = itk.array_from_image(itk.transformix_deformation_field(moving, transform)).astype(np.float64)
+matrix = np.asarray(fixed.GetDirection()) * np.asarray(fixed.GetSpacing())[None, :]
+voxels = np.einsum("ij,...j->...i", np.linalg.inv(matrix), field)  # (Z, Y, X, 3), components along (x, y, z)
+np.save(sys.argv[3] + ".npy", np.ascontiguousarray(voxels.transpose(3, 2, 1, 0)).astype(np.float32))
 print(json.dumps({"core_s": core}))
 """
 
@@ -133,22 +159,35 @@ def run_convexadam(prep: dict) -> tuple[np.ndarray, float]:
     return np.moveaxis(np.asarray(disp, dtype=np.float32), -1, 0), core  # channel k along axis k, voxels
 
 
-def run_ants(prep: dict, python: str) -> tuple[np.ndarray, float]:
+def _run_script(prep: dict, python: str, script: str, name: str, *extra: str) -> tuple[np.ndarray, float]:
+    """Run a peer's script in its own venv's python on the prepared pair (written as NIfTI with the working
+    grid's spacing): the (3, D, H, W) voxel flow it saves and its core seconds."""
     import nibabel as nib
 
     spacing = prep["grid_fit"].grid.spacing
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for name in ("fixed", "moving"):
-            path = Path(tmp) / f"{name}.nii.gz"
-            nib.save(nib.Nifti1Image(prep[name].astype(np.float32), np.diag([*spacing, 1.0])), str(path))
+        for image in ("fixed", "moving"):
+            path = Path(tmp) / f"{image}.nii.gz"
+            nib.save(nib.Nifti1Image(prep[image].astype(np.float32), np.diag([*spacing, 1.0])), str(path))
             paths.append(str(path))
-        out = subprocess.run([python, "-c", ANTS_SCRIPT, *paths, str(Path(tmp) / "warp")], capture_output=True,
+        out = subprocess.run([python, "-c", script, *paths, str(Path(tmp) / "warp"), *extra], capture_output=True,
                              text=True, timeout=1800)
         if out.returncode != 0:
-            raise RuntimeError(f"ANTs failed: {out.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{name} failed: {out.stderr.strip().splitlines()[-1:]}")
         core = json.loads(out.stdout.strip().splitlines()[-1])["core_s"]
-        return np.load(Path(tmp) / "warp.npy"), core
+        flow = np.load(Path(tmp) / "warp.npy")
+        if flow.shape != (3,) + prep["fixed"].shape:
+            raise RuntimeError(f"{name} returned a field of shape {flow.shape}, expected {(3,) + prep['fixed'].shape}")
+        return flow, core
+
+
+def run_ants(prep: dict, python: str) -> tuple[np.ndarray, float]:
+    return _run_script(prep, python, ANTS_SCRIPT, "ANTs")
+
+
+def run_elastix(prep: dict, python: str, threads: int) -> tuple[np.ndarray, float]:
+    return _run_script(prep, python, ELASTIX_SCRIPT, "elastix", str(threads))
 
 
 PRESETS = ("default", "quick", "thorough")
@@ -233,6 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--held-out", action="store_true",
                         help="the held-out cases (validation.HELD_OUT: never used to choose anything) instead")
     parser.add_argument("--ants-python", default=None, help="the python of a venv with antspyx (skipped without)")
+    parser.add_argument("--elastix-python", default=None,
+                        help="the python of a venv with itk-elastix (skipped without)")
     parser.add_argument("--skip-convexadam", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--presets", default="default",
@@ -276,6 +317,8 @@ def main(argv=None) -> int:
             peers.append(("ConvexAdam", run_convexadam))
         if args.ants_python:
             peers.append(("ANTs SyN", lambda prep: run_ants(prep, args.ants_python)))
+        if args.elastix_python:
+            peers.append(("elastix B-spline", lambda prep: run_elastix(prep, args.elastix_python, args.threads)))
         if peers:  # read, normalise and align once per case; every peer's wall time includes it
             tick = time.perf_counter()
             prep = prepare(files, args.peer_grid)
