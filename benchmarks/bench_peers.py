@@ -171,8 +171,9 @@ def _run_script(prep: dict, python: str, script: str, name: str, *extra: str) ->
             path = Path(tmp) / f"{image}.nii.gz"
             nib.save(nib.Nifti1Image(prep[image].astype(np.float32), np.diag([*spacing, 1.0])), str(path))
             paths.append(str(path))
+        # In the temporary folder: transformix writes its deformationField.nii into the working directory.
         out = subprocess.run([python, "-c", script, *paths, str(Path(tmp) / "warp"), *extra], capture_output=True,
-                             text=True, timeout=1800)
+                             text=True, timeout=1800, cwd=tmp)
         if out.returncode != 0:
             raise RuntimeError(f"{name} failed: {out.stderr.strip().splitlines()[-1:]}")
         core = json.loads(out.stdout.strip().splitlines()[-1])["core_s"]

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cases = validation.all_cases(validation.HELD_OUT if args.held_out else args.cases.split(",") if args.cases else None)
+    names = validation.HELD_OUT if args.held_out else args.cases.split(",") if args.cases else None
+    cases = validation.all_cases(names)
     first = next(iter(cases.values()))  # warm-up, untimed, as in bench_peers.py
     bench_peers.run_gradreg(first)
     bench_peers.run_convexadam(bench_peers.prepare(first, "working"))

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -355,3 +357,39 @@ def test_many_label_benchmark_times_and_scores_its_case(tmp_path, capsys):
     assert set(scores["gradreg"]) >= {"before", "initial", "affine", "after"}
     for row in (scores["gradreg"], scores["gradreg_convex_only"], scores["convexadam_own_grid"]):
         assert 0 < row.get("after", row.get("dice")) <= 1 and row["folding_percent"] >= 0
+
+
+PEER_PYTHONS = {"ANTs": os.environ.get("GRADREG_ANTS_PYTHON", "/tmp/ants-env/bin/python"),
+                "elastix": os.environ.get("GRADREG_ELASTIX_PYTHON", "/tmp/elastix-env/bin/python")}
+
+
+@pytest.mark.parametrize("peer", sorted(PEER_PYTHONS))
+def test_a_peers_field_comes_back_in_gradregs_voxel_convention(peer, tmp_path, monkeypatch):
+    """bench_peers reads each peer's map back as a (3, D, H, W) voxel displacement from the fixed grid into the moving
+    image, channel k along array axis k. A blob pair on an anisotropic, non-cubic grid moved by (3, -2, 1) voxels
+    must come back as that shift: a swapped axis, a sign or a millimetre left unconverted would show. Nothing is
+    left in the working directory (transformix writes a deformationField.nii there unless told otherwise)."""
+    python = PEER_PYTHONS[peer]
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {peer} venv at {python} (optional peer of benchmarks/bench_peers.py; "
+                    f"GRADREG_{peer.upper()}_PYTHON names another)")
+    spec = importlib.util.spec_from_file_location("gradreg_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape, shift = (40, 48, 36), np.array([3.0, -2.0, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+
+    def blobs(offset):
+        at = grid - offset[:, None, None, None]
+        main = np.exp(-((at[0] - 20) ** 2 / 64 + (at[1] - 24) ** 2 / 100 + (at[2] - 18) ** 2 / 36))
+        return (main + 0.5 * np.exp(-((at[0] - 10) ** 2 + (at[1] - 30) ** 2) / 20)).astype(np.float32)
+
+    prep = {"fixed": blobs(np.zeros(3)), "moving": blobs(shift),
+            "grid_fit": types.SimpleNamespace(grid=types.SimpleNamespace(spacing=np.array([1.5, 1.0, 2.0])))}
+    run = module.run_ants if peer == "ANTs" else lambda p, py: module.run_elastix(p, py, 2)
+    monkeypatch.chdir(tmp_path)
+    flow, core = run(prep, python)
+    assert not list(tmp_path.iterdir())
+    assert flow.shape == (3, *shape) and core > 0
+    centre = flow[:, 15:25, 19:29, 13:23].reshape(3, -1)
+    np.testing.assert_allclose(np.median(centre, axis=1), shift, atol=0.5)
