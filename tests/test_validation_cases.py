@@ -264,10 +264,15 @@ def test_held_out_cases_share_no_seed_or_name_with_any_other_case_and_come_only_
     assert all(pairs.count(pair) == 2 for pair in pairs) and all(s.offset for s in validation.HELD_OUT_INTER)
 
 
-def test_peer_table_leaves_the_sdlogj_of_an_orientation_reversing_map_out(validation):
+def _bench_peers():
     spec = importlib.util.spec_from_file_location("gradreg_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_table_leaves_the_sdlogj_of_an_orientation_reversing_map_out(validation):
+    module = _bench_peers()
     row = lambda dice, folding, sd: {"dice": dice, "folding_percent": folding, "sd_log_jacobian": sd,  # noqa: E731
                                      "core_s": 1.0, "wall_s": 2.0}
     inter = sorted(validation.INTER_NAMES)[:3]
@@ -373,9 +378,7 @@ def test_a_peers_field_comes_back_in_gradregs_voxel_convention(peer, tmp_path, m
     if not os.access(python, os.X_OK):
         pytest.skip(f"no {peer} venv at {python} (optional peer of benchmarks/bench_peers.py; "
                     f"GRADREG_{peer.upper()}_PYTHON names another)")
-    spec = importlib.util.spec_from_file_location("gradreg_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_peers()
     shape, shift = (40, 48, 36), np.array([3.0, -2.0, 1.0])
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
 
