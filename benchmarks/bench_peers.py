@@ -99,12 +99,12 @@ PEER_GRIDS = ("working", "native")  # --peer-grid
 def prepare(files: dict, peer_grid: str = "working") -> dict:
     """Both images on one grid after the centre-of-mass alignment, as every peer gets them.
 
-    ``peer_grid`` "working" is gradreg's working grid (``register.pipeline.working_multiples``: the fixed grid
-    padded to a multiple of 16 along its thinnest axis and of 4 along the others, which hands every method
+    ``peer_grid`` "working" is gradreg's working grid (``register.pipeline.working_fit``: the fixed grid
+    padded by at least a voxel on each side of its thinnest axis and to multiples of 4, which hands every method
     the moving content just beyond a thin slab); "native" is the fixed image's own grid."""
     from gradreg_fast.body import moments_init
     from gradreg_fast.io import Grid, Scan, normalize_intensity, pair_on_grid, read_nifti
-    from gradreg_fast.register.pipeline import Settings, working_multiples
+    from gradreg_fast.register.pipeline import Settings, working_fit
 
     fixed_raw, moving_raw = read_nifti(files["fixed"], "fixed"), read_nifti(files["moving"], "moving")
     fixed = Scan(normalize_intensity(fixed_raw.data, "auto"), fixed_raw.affine, fixed_raw.path)
@@ -113,8 +113,7 @@ def prepare(files: dict, peer_grid: str = "working") -> dict:
     initial = moments_init(fixed, moving)
     init_s = time.perf_counter() - tick
     fixed_grid = Grid.of_scan(fixed)
-    multiples = working_multiples(fixed_grid.shape, Settings()) if peer_grid == "working" else 1
-    grid_fit = fixed_grid.fit(multiples, "pad")
+    grid_fit = working_fit(fixed_grid, Settings()) if peer_grid == "working" else fixed_grid.fit(1, "pad")
     pair = pair_on_grid(fixed, moving, grid_fit=grid_fit, moving_to_fixed=initial)
     return {"fixed": pair["fixed"][0].numpy(), "moving": pair["moving"][0].numpy(), "box": pair["fixed_fov"],
             "grid_fit": grid_fit, "initial": initial, "init_s": init_s,

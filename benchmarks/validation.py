@@ -451,7 +451,7 @@ def settings_with(overrides: dict):
             settings.affine_model = value
         elif key in ("affine_iterations", "ct_window", "mr_percentiles"):
             setattr(settings, key, tuple(value))
-        elif key in ("affine_objective", "affine_rigidity", "init"):
+        elif key in ("affine_objective", "affine_rigidity", "init", "slab_margin"):
             setattr(settings, key, value)
         else:
             setattr(settings.field, key, tuple(value) if isinstance(value, list) else value)

@@ -230,19 +230,26 @@ class Grid:
         affine[:3, 3] = center - linear @ ((shape - 1) / 2.0)
         return cls(tuple(shape), affine)
 
-    def fit(self, multiple=16, how: str = "pad") -> "Fit":
+    def fit(self, multiple=16, how: str = "pad", margin=0) -> "Fit":
         """A grid whose sizes are multiples of ``multiple`` (one int, or one per axis), by padding (or
-        cropping) each axis evenly."""
+        cropping) each axis evenly; padding adds at least ``margin`` voxels (one int, or one per axis) on
+        each side first."""
         if how not in ("pad", "crop"):
             raise ValueError(f"`how` must be 'pad' or 'crop', got {how!r}")
         multiples = tuple(multiple) if isinstance(multiple, (tuple, list)) else (multiple,) * 3
         if len(multiples) != 3 or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
                                       for m in multiples):
             raise ValueError(f"`multiple` must be a positive int or three of them, got {multiple!r}")
+        margins = tuple(margin) if isinstance(margin, (tuple, list)) else (margin,) * 3
+        if len(margins) != 3 or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0
+                                    for m in margins):
+            raise ValueError(f"`margin` must be a non-negative int or three of them, got {margin!r}")
+        if how == "crop" and any(margins):
+            raise ValueError("`margin` applies to padding only: pass how='pad' or margin=0")
         multiple = np.asarray(multiples, dtype=int)
         old = np.asarray(self.shape)
         if how == "pad":
-            new = np.ceil(old / multiple).astype(int) * multiple
+            new = np.ceil((old + 2 * np.asarray(margins)) / multiple).astype(int) * multiple
         else:
             new = np.maximum(multiple, np.floor(old / multiple).astype(int) * multiple)
         # Offset of the new grid's voxel 0 in old voxel units: negative when padding.

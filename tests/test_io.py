@@ -152,6 +152,21 @@ def test_fit_to_a_multiple_per_axis():
             grid.fit(bad, "pad")
 
 
+def test_fit_with_a_margin_pads_at_least_that_much_on_each_side():
+    grid = io.Grid((37, 18, 20), ras_affine())
+    fit = grid.fit(4, "pad", margin=(0, 0, 1))
+    assert fit.grid.shape == (40, 20, 24) and fit.offset == (-1, -1, -2)  # 20 + 2 rounded up to 24, centred
+    assert grid.fit(4, "pad", margin=(0, 0, 2)).grid.shape == (40, 20, 24)
+    assert grid.fit(4, "pad", margin=(0, 0, 3)).grid.shape == (40, 20, 28)
+    assert grid.fit(4, "pad", margin=1).grid.shape == (40, 20, 24)
+    assert grid.fit(4, "pad", margin=0).grid.shape == grid.fit(4, "pad").grid.shape
+    with pytest.raises(ValueError, match="margin"):
+        grid.fit(4, "crop", margin=1)
+    for bad in ((0, 1), -1, (0, 0, 1.5), True):
+        with pytest.raises(ValueError, match="margin"):
+            grid.fit(4, "pad", margin=bad)
+
+
 def test_resample_nearest_keeps_border_voxels():
     """Round-off must never drop the last voxel of a label map (nearest sampling of voxel extents)."""
     labels = np.ones((5, 4, 3), np.int64)

@@ -410,15 +410,27 @@ def test_resize_flow_keeps_the_physical_displacement():
     assert torch.allclose(resize_flow(ramp, (4, 5, 2))[0, 0, :, 0, 0], torch.tensor([0.25, 1.25, 2.25, 3.25]))
 
 
-def test_working_grid_multiples():
-    """The field engine pads its thinnest axis to 16 (a thin slab needs the moving content beyond it) and the
-    others to 4; the network needs 16 everywhere."""
-    from gradreg_fast.register.pipeline import Settings, working_multiples
+def test_working_grid():
+    """The field engine pads to multiples of 4 (its velocity grid) after adding ``slab_margin`` voxels on each side
+    of the thinnest axis (a thin slab needs the moving content just beyond it); the network needs multiples of 16
+    and no margin."""
+    from gradreg_fast.io import Grid
+    from gradreg_fast.register.pipeline import Settings, check_settings, working_fit
 
-    assert working_multiples((117, 91, 20), Settings()) == (4, 4, 16)
-    assert working_multiples((20, 91, 117), Settings()) == (16, 4, 4)
-    assert working_multiples((64, 64, 64), Settings()) == (16, 4, 4)  # a tie: the first axis
-    assert working_multiples((117, 91, 20), Settings(method="network")) == (16, 16, 16)
+    def shape(size, **settings):
+        return working_fit(Grid(size, np.eye(4)), Settings(**settings)).grid.shape
+
+    assert shape((117, 91, 20)) == (120, 92, 24)  # 20 + 2 * 1, then a multiple of 4
+    assert shape((20, 91, 117)) == (24, 92, 120)
+    assert shape((122, 101, 30)) == (124, 104, 32)
+    assert shape((64, 64, 64)) == (68, 64, 64)  # a tie: the first axis
+    assert shape((117, 91, 20), slab_margin=0) == (120, 92, 20)
+    assert shape((117, 91, 20), slab_margin=6) == (120, 92, 32)
+    assert shape((117, 91, 20), fit="crop") == (116, 88, 20)
+    assert shape((117, 91, 20), method="network") == (128, 96, 32)
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="slab_margin"):
+            check_settings(Settings(slab_margin=bad))
 
 
 def test_inputs_read_together_fail_on_the_first_bad_file_in_order(synthetic_pair, tmp_path):
